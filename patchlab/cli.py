@@ -111,6 +111,91 @@ def evaluate(
     _written(result.save(out))
 
 
+def _gap_for(m, ps, gap_path: Optional[Path]):
+    """A saved GapResult (must cover the items), or a fresh gap evaluation."""
+    from .evaluate import GapResult, evaluate_gap
+
+    if gap_path is None:
+        return evaluate_gap(m, ps)
+    gap = GapResult.from_json(gap_path)
+    if gap.model != getattr(m, "patchlab_name", gap.model):
+        raise PatchlabError(f"gap result was made on '{gap.model}', not this model", where=f"--gap {gap_path}")
+    return gap
+
+
+def _lens_table(result) -> Table:
+    table = Table(title="Logit lens: first layer where the geometric-mean rank is <= 10")
+    table.add_column("group")
+    for t in next(iter(result.first_top10.values()), {}):
+        table.add_column(t, justify="right")
+    for group, firsts in result.first_top10.items():
+        n = result.summary[group][next(iter(firsts))]["n"][0]
+        table.add_row(f"{group} (n={n})", *[result.layers[v] if v is not None else "never" for v in firsts.values()])
+    return table
+
+
+@app.command()
+def lens(
+    model: str = ModelOpt,
+    prompt_set: Optional[str] = PromptSetOpt,
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="One prompt: top-k per layer and position."),
+    track: Optional[str] = typer.Option(None, "--track", help="Comma-separated words to track (e.g. France,Paris)."),
+    ids: Optional[str] = typer.Option(None, "--ids", help="Comma-separated item ids."),
+    kinds: Optional[str] = KindsOpt,
+    limit: Optional[int] = LimitOpt,
+    per_kind: Optional[int] = PerKindOpt,
+    positions: str = typer.Option("last", "--positions", help="last | all (all: a layer x position view per item)."),
+    gap: Optional[Path] = typer.Option(None, "--gap", help="result.json of `patchlab evaluate` (else evaluated now)."),
+    intervene: bool = typer.Option(True, "--intervene/--no-intervene", help="Run the bridge-entity intervention."),
+    intervene_layers: str = typer.Option("all", "--intervene-layers", help="e.g. all, 0-29:2, 20,25"),
+    intervene_items: int = typer.Option(24, "--intervene-items", help="Composed-correct items to intervene on."),
+    controls: int = typer.Option(3, "--controls", help="Control tokens per item."),
+    orthogonal: bool = typer.Option(False, "--orthogonal", help="Remove only the bridge part orthogonal to the answer."),
+    top_k: int = typer.Option(5, "--top-k"),
+    out: Path = typer.Option(Path("patchlab-out/lens"), "--out", "-o"),
+    device: Optional[str] = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Logit lens (bridge vs answer, correct vs failed) and the bridge-entity intervention."""
+    from . import lens as L
+    from .spec import parse_layers
+
+    out = _out_dir(out)
+    if positions not in ("last", "all"):
+        raise PatchlabError(f"must be 'last' or 'all', got '{positions}'", where="--positions")
+    words = [w.strip() for w in track.split(",") if w.strip()] if track else []
+    if prompt is not None:
+        m = _load(model, device, dtype)
+        result = L.top_tokens(m, prompt, k=top_k, track_words=words)
+        for word, v in result.tracked.items():
+            console.print(f"{word}: rank at the last position per layer: {[r[-1] for r in v['rank']]}")
+        _written(result.save(out))
+        return
+    ps = _prompt_set(prompt_set, kinds, limit, per_kind)
+    if ids:
+        ps = ps.filter(ids=ids.split(","))
+    m = _load(model, device, dtype)
+    layers = parse_layers(intervene_layers, m.cfg.n_layers, "--intervene-layers") if intervene else []
+    gap_result = _gap_for(m, ps, gap)
+    result = L.lens_items(m, list(ps), gap=gap_result, extra=words)
+    console.print(_lens_table(result))
+    _written(result.save(out))
+    if positions == "all":
+        for it in list(ps)[:50]:
+            _written(L.top_tokens(m, it.composed, k=top_k, track_words=[it.bridge, it.answer]).save(out / "positions", name=it.id))
+    if intervene:
+        correct = [it for it in ps if it.id in set(gap_result.composed_correct)][:intervene_items]
+        if not correct:
+            raise PatchlabError("no composed-correct items to intervene on", where="--prompt-set")
+        iv = L.bridge_intervention(m, correct, layers=layers, n_controls=controls, orthogonal=orthogonal)
+        best = min(range(len(layers)), key=lambda i: iv.summary["bridge_mean"][i])
+        console.print(
+            f"bridge intervention on {len(correct)} correct items: strongest at layer {layers[best]}: "
+            f"Δp(answer) {iv.summary['bridge_mean'][best]:+.4f} (control {iv.summary['control_mean'][best]:+.4f})"
+        )
+        _written(iv.save(out, name="intervention"))
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("patchlab-demo"), "--out", "-o"),

@@ -41,3 +41,70 @@ def gap_figure(result: GapResult) -> go.Figure:
         template="plotly_white",
     )
     return fig
+
+
+GROUP_DASH = {"correct": "solid", "failed": "dash", "other": "dot", "all": "solid"}
+TRACK_COLOR = {"bridge": "#1f77b4", "answer": "#d62728"}
+
+
+def _color(name: str, i: int) -> str:
+    palette = ["#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+    return TRACK_COLOR.get(name, palette[i % len(palette)])
+
+
+def lens_figure(result) -> go.Figure:
+    """Per-layer curves of each tracked token: geometric-mean rank (log axis, quartile band) and mean prob."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("rank (geometric mean, quartile band)", "probability (mean ± std)"))
+    x = result.layers
+    for gi, (group, tracks) in enumerate(result.summary.items()):
+        for ti, (name, s) in enumerate(tracks.items()):
+            color, dash = _color(name, ti), GROUP_DASH.get(group, "dashdot")
+            label = f"{esc(name)} — {esc(group)} (n={s['n'][0]})"
+            fig.add_scatter(x=x + x[::-1], y=s["rank_q75"] + s["rank_q25"][::-1], fill="toself", line=dict(width=0),
+                            fillcolor=color, opacity=0.08, showlegend=False, hoverinfo="skip", row=1, col=1)
+            fig.add_scatter(x=x, y=s["geo_rank"], name=label, legendgroup=label, line=dict(color=color, dash=dash),
+                            hovertemplate="%{x}: rank %{y:.1f}<extra>" + label + "</extra>", row=1, col=1)
+            fig.add_scatter(x=x, y=s["mean_prob"], name=label, legendgroup=label, showlegend=False,
+                            error_y=dict(array=s["std_prob"], thickness=0.6), line=dict(color=color, dash=dash),
+                            hovertemplate="%{x}: p %{y:.3f}<extra>" + label + "</extra>", row=1, col=2)
+    fig.update_yaxes(type="log", autorange="reversed", title="rank (1 = top)", row=1, col=1)
+    fig.update_yaxes(title="probability", rangemode="tozero", row=1, col=2)
+    fig.update_xaxes(title="residual stream entering layer")
+    fig.update_layout(title=f"Logit lens at the last position — {esc(result.model)}", template="plotly_white",
+                      legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+def topk_figure(result) -> go.Figure:
+    """Layer × position heatmap of the lens's top-1 probability, top token written in each cell, top-k on hover."""
+    z = [[pos[0] for pos in layer] for layer in result.top_probs]
+    text = [[esc(pos[0]) for pos in layer] for layer in result.top_tokens]
+    hover = [
+        ["<br>".join(f"{esc(t)!s}: {p:.3f}" for t, p in zip(toks, ps)) for toks, ps in zip(lt, lp)]
+        for lt, lp in zip(result.top_tokens, result.top_probs)
+    ]
+    cols = [f"{i}:{esc(t)}" for i, t in enumerate(result.positions)]
+    fig = go.Figure(go.Heatmap(z=z, x=cols, y=result.layers, text=text, texttemplate="%{text}", customdata=hover,
+                               hovertemplate="%{y} @ %{x}<br>%{customdata}<extra></extra>", colorscale="Blues",
+                               zmin=0, zmax=1, colorbar=dict(title="top-1 p")))
+    fig.update_layout(title=f"Logit lens, top token per layer and position — {esc(result.prompt)}",
+                      xaxis_title="position: token", yaxis_title="residual stream entering layer",
+                      template="plotly_white", height=max(500, 22 * len(result.layers)))
+    return fig
+
+
+def intervention_figure(result) -> go.Figure:
+    """Change of the answer's probability per layer: bridge direction removed vs control tokens."""
+    s = result.summary
+    fig = go.Figure()
+    for key, label, color in (("bridge", "bridge direction removed", "#1f77b4"), ("control", "control token removed", "#7f7f7f")):
+        fig.add_scatter(x=result.layers, y=s[f"{key}_mean"], name=label, line=dict(color=color),
+                        error_y=dict(array=s[f"{key}_sem"], thickness=0.8),
+                        hovertemplate="layer %{x}: Δp %{y:.4f}<extra>" + label + "</extra>")
+    fig.add_hline(y=0, line=dict(color="black", width=0.5))
+    fig.update_layout(title=f"Bridge-entity intervention (last position, n={len(result.ids)}) — {esc(result.model)}",
+                      xaxis_title="layer (residual stream entering the block)",
+                      yaxis_title="Δ p(answer), mean ± s.e.m.", template="plotly_white")
+    return fig

@@ -70,10 +70,11 @@ class Result:
     def figure(self):  # pragma: no cover - every subclass overrides
         raise NotImplementedError
 
-    def save(self, out: str | Path) -> dict[str, Path]:
-        """Write result.json and figure.html into `out` (each file atomically)."""
+    def save(self, out: str | Path, name: str | None = None) -> dict[str, Path]:
+        """Write result.json and figure.html (or NAME.json and NAME.html) into `out`, each atomically."""
         out = Path(out)
         html = self.figure().to_html(include_plotlyjs=True, full_html=True)
-        paths = {"result": atomic_write_json(out / "result.json", self.to_json())}
-        paths["figure"] = atomic_write_text(out / "figure.html", html)
+        json_name, html_name = (f"{name}.json", f"{name}.html") if name else ("result.json", "figure.html")
+        paths = {json_name: atomic_write_json(out / json_name, self.to_json())}
+        paths[html_name] = atomic_write_text(out / html_name, html)
         return paths

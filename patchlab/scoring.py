@@ -55,7 +55,8 @@ def answer_token_id(model, answer: str, where: str = "answer") -> int:
     return answer_token_ids(model, answer, where)[0]
 
 
-def _pad_id(model) -> int:
+def pad_id(model) -> int:
+    """The id used for padding (pad, else eos, else 0); padded positions are never read."""
     tok = model.tokenizer
     return int(tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
 
@@ -100,7 +101,7 @@ def map_last_logits(
     With fn=None the full last-position logits come back ([n, vocab]).
     """
     seqs = [encode(model, p, where=f"prompt[{i}]") for i, p in enumerate(prompts)]
-    pad = _pad_id(model)
+    pad = pad_id(model)
     out: list[Tensor | None] = [None] * len(seqs)
     with torch.inference_mode(), hooked(model, fwd_hooks):
         for rows in length_batches([len(s) for s in seqs], batch_size):
@@ -133,7 +134,7 @@ def answer_logprob(
         ids, ans = encode(model, p, where=f"prompt[{i}]"), answer_token_ids(model, a, where=f"answer[{i}]")
         spans.append((len(ids), len(ans)))
         seqs.append(ids + ans)
-    pad = _pad_id(model)
+    pad = pad_id(model)
     out = torch.zeros(len(seqs), dtype=torch.float64)
     with torch.inference_mode(), hooked(model, fwd_hooks):
         for rows in length_batches([len(s) for s in seqs], batch_size):
@@ -156,7 +157,7 @@ def greedy_continuations(
 ) -> list[str]:
     """The greedy continuation text of each prompt (left padding + attention mask + KV cache)."""
     seqs = [encode(model, p, where=f"prompt[{i}]") for i, p in enumerate(prompts)]
-    pad = _pad_id(model)
+    pad = pad_id(model)
     hf = hf_module(model)
     texts: list[str] = [""] * len(seqs)
     batches = list(length_batches([len(s) for s in seqs], batch_size))

@@ -30,6 +30,6 @@ def test_gap_on_real_slice_is_consistent(smol, shipped, tmp_path):
         if row["id"] in result.failures:
             assert row["hop1"] and row["hop2"] and not row["composed"]
     paths = result.save(tmp_path / "out")
-    again = GapResult.from_json(paths["result"])
+    again = GapResult.from_json(paths["result.json"])
     assert again.summary == result.summary and again.failures == result.failures
-    assert "plotly" in paths["figure"].read_text()[:5000].lower()
+    assert "plotly" in paths["figure.html"].read_text()[:5000].lower()

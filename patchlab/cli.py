@@ -196,6 +196,61 @@ def lens(
         _written(iv.save(out, name="intervention"))
 
 
+def _locate_table(result, top: int) -> Table:
+    unit = "head" if result.site == "z" else "layer"
+    table = Table(title=f"Top {unit}s by mean normalised effect ({result.setup}, {result.method}, n={result.n})")
+    for col in (unit, "mean", "std", f"share in item top-{result.top_k}"):
+        table.add_column(col, justify="right")
+    for r in result.ranking[:top]:
+        table.add_row(r["unit"], f"{r['mean']:+.3f}", f"{r['std']:.3f}", f"{r['share_top_k']:.2f}")
+    return table
+
+
+@app.command()
+def locate(
+    model: str = ModelOpt,
+    prompt_set: Optional[str] = PromptSetOpt,
+    setup: str = typer.Option("guide", "--setup", help="guide (failing composed <- guide prompt) | template (correct <- other subject)."),
+    method: str = typer.Option("both", "--method", help="attribution | exact | both (screen, then verify exactly)."),
+    site: str = typer.Option("z", "--site", help="z (per head) | attn_out | mlp_out (whole layers, CREME's granularity)."),
+    positions: str = typer.Option("last", "--positions", help="last | all | each (each: per position)."),
+    top: int = typer.Option(10, "--top", help="Heads shown, and k of the per-item top-k share."),
+    verify: int = typer.Option(20, "--verify", help="With --method both: heads verified exactly."),
+    max_items: int = typer.Option(40, "--max-items", help="Patch at most this many items."),
+    ids: Optional[str] = typer.Option(None, "--ids", help="Comma-separated item ids (default: all eligible)."),
+    kinds: Optional[str] = KindsOpt,
+    gap: Optional[Path] = typer.Option(None, "--gap", help="result.json of `patchlab evaluate` (else evaluated now)."),
+    out: Path = typer.Option(Path("patchlab-out/locate"), "--out", "-o"),
+    device: Optional[str] = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Find the heads that carry the composition by activation patching (exact and attribution)."""
+    from .locate import locate as run_locate
+
+    out = _out_dir(out)
+    for name, value in (("--top", top), ("--verify", verify), ("--max-items", max_items)):
+        if value < 1:
+            raise PatchlabError(f"must be >= 1, got {value}", where=name)
+    ps = _prompt_set(prompt_set, kinds, None, None)
+    m = _load(model, device, dtype)
+    if ids:
+        items = list(ps.filter(ids=ids.split(",")))
+    else:
+        g = _gap_for(m, ps, gap)
+        wanted = set(g.failures if setup == "guide" else g.composed_correct)
+        items = [it for it in ps if it.id in wanted]
+    items = items[:max_items]
+    if not items:
+        raise PatchlabError(f"no items for --setup {setup} (guide needs composed failures with both hops right, "
+                            "template needs composed-correct items)", where="--prompt-set")
+    result = run_locate(m, items, setup=setup, pool=list(ps), method=method, site=site, positions=positions,
+                        top_k=top, verify=verify)
+    console.print(_locate_table(result, top))
+    console.print(f"[dim]{result.n} items patched in {result.seconds:.1f} s; "
+                  f"{sum(r['flagged'] for r in result.items)} flagged[/dim]")
+    _written(result.save(out))
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("patchlab-demo"), "--out", "-o"),

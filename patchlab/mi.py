@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Union
 
@@ -120,12 +121,13 @@ def fit_whitener(a: Float[Tensor, "n d"], dim: int | None) -> tuple[Float[Tensor
     c = a - mu
     if dim is None or dim >= d:
         basis = torch.eye(d, dtype=a.dtype)
-    elif n < d:
-        basis = torch.linalg.svd(c, full_matrices=False).Vh[:dim].T
+    elif n <= d:
+        basis = torch.linalg.svd(c, full_matrices=False).Vh[: min(dim, n - 1)].T  # centred rank <= n - 1
     else:
         basis = torch.linalg.eigh(c.T @ c).eigenvectors[:, -dim:].flip(1)
     sd = (c @ basis).std(0)
-    return mu, basis / torch.where(sd > 0, sd, torch.ones_like(sd))[None, :]
+    live = sd > 1e-12 * sd.max().clamp_min(1e-300)  # constant directions stay 0 instead of blowing up
+    return mu, basis / torch.where(live, sd, torch.ones_like(sd))[None, :] * live[None, :]
 
 
 def whiten(a: Float[Tensor, "n d"], dim: int | None) -> Float[Tensor, "n k"]:
@@ -155,6 +157,8 @@ def _gaussian(
     logdet = lambda m: torch.linalg.slogdet(m)[1]  # noqa: E731
     nats = 0.5 * float(logdet(cov[:px, :px]) + logdet(cov[px:, px:]) - logdet(cov))
     corrected = bias_correct and dof > px + py
+    if dof <= px + py:
+        warnings.warn(f"gaussian MI: n={dof + 1} samples for {px}+{py} dims; the value is ridge-dominated, pass dim", stacklevel=4)
     if corrected:
         nats -= 0.5 * (logdet_bias(px, dof) + logdet_bias(py, dof) - logdet_bias(px + py, dof))
     info = {"dim": dim, "proj_dims": (px, py), "ridge": ridge, "bias_corrected": corrected}
@@ -171,7 +175,9 @@ def gaussian_mi(
     to every covariance diagonal (unit-variance scale) so it stays finite when n is small against the
     dimension. `bias_correct` removes the exact Wishart bias of the plug-in log-dets (about
     dx*dy / (2n) nats) when n - 1 > dx + dy, so independent data give ~0 (and can give slightly < 0).
-    With n not far above dx + dy the estimate is dominated by the ridge: project with `dim` first.
+    The ridge biases the value down by about ridge/2 * (tr Sx^-1 + tr Sy^-1 - tr Sxy^-1) nats: nothing
+    when n >> dx + dy, but about -0.8 bits for 576 + 576 dims at n = 2000; with n <= dx + dy the value is
+    ridge-dominated and meaningless (a warning says so). For hidden states, project with `dim` first.
     `seed` is unused (the estimate is deterministic) and accepted so every estimator takes one.
     """
     return _gaussian_checked(x, y, dim, ridge, bias_correct)[0]
@@ -288,10 +294,12 @@ def _train(
 ) -> dict[str, Any]:
     """Adam on the fit rows; every EVAL_EVERY steps score the stop rows and keep the best weights.
 
-    Stops after `patience` evaluations without a new best (None: run all `steps`); restores the best.
+    The baseline is the constant critic (score 0 for both bounds: "no dependence"); best_step 0 in the
+    returned log means no trained state beat it. Stops after `patience` checks without a new best
+    (None: run all `steps`) and loads the best state.
     """
     opt = torch.optim.Adam(critic.parameters(), lr=lr)
-    best, best_step, best_state, since, step = -math.inf, 0, copy.deepcopy(critic.state_dict()), 0, 0
+    best, best_step, best_state, since, step = 0.0, 0, copy.deepcopy(critic.state_dict()), 0, 0
     for step, idx in enumerate(_batches(s.fit[0].shape[0], batch, steps, gen), 1):
         loss = loss_fn(s.fit[0][idx], s.fit[1][idx])
         opt.zero_grad(set_to_none=True)
@@ -311,8 +319,10 @@ def _train(
     return {"steps_run": step, "best_step": best_step, "stop_bits": best / LN2}
 
 
-def _check_neural(hidden: int, steps: int, batch: int, lr: float, patience: int | None) -> None:
+def _check_neural(hidden: int, steps: int, batch: int, lr: float, patience: int | None, seed: int) -> None:
     """Shared hyper-parameter checks."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise PatchlabError(f"must be an int >= 0, got {seed!r}", where="seed")
     for name, v in (("hidden", hidden), ("steps", steps), ("batch", batch)):
         _check_positive(v, name, integer=True)
     _check_positive(lr, "lr")
@@ -364,12 +374,14 @@ def infonce_mi(
     `batch` pairs, keeping the weights that score best on the stop rows (stopping after `patience`
     checks without gain), then read on the held-out rows in blocks of k = min(batch, n_held_out).
     The bound can never exceed log2(k) bits (params["cap_bits"]) and is loose as the truth nears it:
-    a value near the cap means "at least this much", not an estimate. An undertrained critic only
-    lowers it; a value slightly below 0 means no detectable dependence.
+    a value near the cap means "at least this much", not an estimate. It is exactly 0.0 when no trained
+    critic beats the constant one on the stop rows (params["best_step"] == 0). An undertrained or
+    overfitted critic only lowers it: with a couple of thousand rows the critic cannot learn weak
+    dependence spread over many dimensions (d = 64: about 0.3 of 1.9 true bits), so reduce with `dim`.
     """
     X, Y = check_pair(x, y)
     _check_dim(dim)
-    _check_neural(hidden, steps, batch, lr, patience)
+    _check_neural(hidden, steps, batch, lr, patience, seed)
     embed = hidden if embed is None else embed
     _check_positive(embed, "embed", integer=True)
     gen = torch.Generator().manual_seed(seed)
@@ -386,7 +398,7 @@ def infonce_mi(
         s, steps, b, lr, patience, gen,
     )  # fmt: skip
     with torch.no_grad():
-        value = blocked_infonce(critic(*s.val), k, seed + 1) / LN2
+        value = blocked_infonce(critic(*s.val), k, seed + 1) / LN2 if log["best_step"] else 0.0
     params = dict(hidden=hidden, embed=embed, steps=steps, batch=b, eval_k=k, lr=lr, seed=seed,
                   val_fraction=val_fraction, n_val=s.val[0].shape[0], dim=dim, patience=patience,
                   cap_bits=math.log2(k), **log)  # fmt: skip
@@ -442,10 +454,12 @@ def mine_mi(
     term divided by a moving average (rate `ema`) of mean e^T instead of the batch value (Belghazi et
     al. 2018). The held-out value is not capped by the batch size but is noisier than InfoNCE, needs
     more steps as MI grows, and can overshoot at high MI (the log-mean-exp term is estimated from data).
+    Like InfoNCE it is 0.0 when no trained critic beats the constant one, and it badly underestimates
+    weak dependence spread over many dimensions at n of a few thousand.
     """
     X, Y = check_pair(x, y)
     _check_dim(dim)
-    _check_neural(hidden, steps, batch, lr, patience)
+    _check_neural(hidden, steps, batch, lr, patience, seed)
     if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 < ema <= 1:
         raise PatchlabError(f"must be in (0, 1], got {ema!r}", where="ema")
     gen = torch.Generator().manual_seed(seed)
@@ -459,7 +473,7 @@ def mine_mi(
         s, steps, b, lr, patience, gen,
     )  # fmt: skip
     with torch.no_grad():
-        value = dv_nats(critic, *s.val, seed + 1) / LN2
+        value = dv_nats(critic, *s.val, seed + 1) / LN2 if log["best_step"] else 0.0
     params = dict(hidden=hidden, steps=steps, batch=b, lr=lr, seed=seed, val_fraction=val_fraction,
                   n_val=s.val[0].shape[0], dim=dim, ema=ema, patience=patience, **log)  # fmt: skip
     return MIEstimate(value, "mine", X.shape[0], (X.shape[1], Y.shape[1]), params)

@@ -108,3 +108,32 @@ def intervention_figure(result) -> go.Figure:
                       xaxis_title="layer (residual stream entering the block)",
                       yaxis_title="Δ p(answer), mean ± s.e.m.", template="plotly_white")
     return fig
+
+
+def locate_figure(result) -> go.Figure:
+    """Layer × head heatmap of the mean normalised effect (hover: mean, std, n); a position × layer view
+    of the first item when positions were patched one by one."""
+    from plotly.subplots import make_subplots
+
+    by_pos = next((r for r in result.items if r.get("by_pos")), None)
+    cols = 2 if by_pos else 1
+    fig = make_subplots(rows=1, cols=cols, column_widths=[0.5, 0.5] if by_pos else None,
+                        subplot_titles=("mean normalised effect", f"item {esc(by_pos['id'])}: sum over heads" if by_pos else ""))
+    units = [str(h) for h in range(result.n_heads)] if result.site == "z" else [result.site]
+    hover = [[f"mean {m if m is not None else float('nan'):.3f}<br>std {s if s is not None else float('nan'):.3f}<br>n {result.n}"
+              for m, s in zip(mr, sr)] for mr, sr in zip(result.mean, result.std)]
+    top = max((abs(v) for row in result.mean for v in row if v is not None), default=1.0) or 1.0
+    fig.add_heatmap(z=result.mean, x=units, y=list(range(result.n_layers)), customdata=hover, colorscale="RdBu",
+                    zmid=0, zmin=-top, zmax=top, hovertemplate="layer %{y}, head %{x}<br>%{customdata}<extra></extra>",
+                    colorbar=dict(title="effect", x=0.46 if by_pos else 1.0), row=1, col=1)
+    if by_pos:
+        z = [[sum(v for v in pos) for pos in layer] for layer in by_pos["by_pos"]]
+        fig.add_heatmap(z=z, y=list(range(result.n_layers)), colorscale="RdBu", zmid=0, showscale=False,
+                        hovertemplate="layer %{y}, position %{x}: %{z:.3f}<extra></extra>", row=1, col=2)
+        fig.update_xaxes(title="position", row=1, col=2)
+    fig.update_xaxes(title="head" if result.site == "z" else "", row=1, col=1)
+    fig.update_yaxes(title="layer", row=1, col=1)
+    fig.update_layout(title=f"Activation patching ({esc(result.setup)}, {esc(result.method)}, {esc(result.site)}, "
+                            f"positions {esc(result.positions)}, n={result.n}) — {esc(result.model)}",
+                      template="plotly_white", height=max(500, 18 * result.n_layers))
+    return fig

@@ -1,0 +1,553 @@
+"""Locate: causal mediation over attention heads (and whole MHSA / MLP layers), exact and by attribution.
+
+A *pair* is a clean and a corrupted prompt with an answer and a contrast token; the metric is
+logit(answer) − logit(contrast) at the last position. Exact patching copies a clean activation into
+the corrupted run and reruns the model: one generic loop (`exact_patch`) does every variant. It is
+fast because
+  * many patched copies run in one batch (one per head, or per head × position);
+  * the corrupted run's residual stream is reused: a patch at layer L starts at layer L, never
+    recomputing layers < L (`run_from_layer`; self-checked against a full forward per model);
+  * only the last position is unembedded.
+Attribution patching approximates every patch at once from one forward and one backward pass:
+effect ≈ (a_clean − a_corrupted) · ∂metric/∂a.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .errors import PatchlabError
+from .models import hf_module, model_name
+from .progress import track
+from .prompts import TwoHopItem
+from .results import Result, provenance
+from .scoring import answer_token_id, encode
+from .spec import Head
+
+SITES = {"z": "blocks.{}.attn.hook_z", "attn_out": "blocks.{}.hook_attn_out", "mlp_out": "blocks.{}.hook_mlp_out"}
+POSITIONS = ("all", "each", "last")
+DIVIDE_EPS = 1e-3  # |clean − corrupted| metric below this: the normalised effect is undefined
+
+
+# --- pairs -------------------------------------------------------------------------------------
+
+
+@dataclass
+class PatchPair:
+    """A clean and a corrupted prompt (token ids), the answer and contrast tokens, and what is aligned."""
+
+    id: str
+    clean: list[int]
+    corrupted: list[int]
+    answer: int
+    contrast: int
+    setup: str = "custom"
+
+    @property
+    def same_length(self) -> bool:
+        return len(self.clean) == len(self.corrupted)
+
+    def check(self) -> None:
+        if self.answer == self.contrast:
+            raise PatchlabError("answer and contrast share their first token: the logit difference is always 0",
+                                where=f"item {self.id}")
+
+
+def _top_other(logits: Tensor, answer: int) -> int:
+    """The highest-scoring token that is not the answer: the model's own wrong answer."""
+    top2 = logits.topk(2).indices.tolist()
+    return top2[0] if top2[0] != answer else top2[1]
+
+
+def guide_pairs(model, items: Sequence[TwoHopItem]) -> list[PatchPair]:
+    """CREME's setup: clean = the guide (hop2, bridge written in), corrupted = the failing composed query.
+
+    The contrast is the composed query's own top token (its wrong answer). The prompts differ in
+    length, so only the last positions are aligned (positions="last").
+    """
+    pairs = []
+    for it in items:
+        composed = encode(model, it.composed, where=f"{it.id}: composed")
+        answer = answer_token_id(model, it.answer, where=f"{it.id}: answer")
+        with torch.inference_mode():
+            logits = model(torch.tensor([composed], device=model.cfg.device))[0, -1].float().cpu()
+        pair = PatchPair(it.id, encode(model, it.hop2, where=f"{it.id}: hop2"), composed, answer,
+                         _top_other(logits, answer), "guide")
+        pairs.append(pair)
+    return pairs
+
+
+def _template(it: TwoHopItem) -> str:
+    return it.composed.replace(it.subject, "\x00")
+
+
+def template_pairs(model, items: Sequence[TwoHopItem], pool: Sequence[TwoHopItem] | None = None) -> list[PatchPair]:
+    """The classic setup: clean = an item's composed query, corrupted = the same template with another
+    subject (same kind, same token length) whose answer differs; contrast = that subject's answer."""
+    pool = list(pool if pool is not None else items)
+    pairs = []
+    for it in items:
+        clean = encode(model, it.composed, where=f"{it.id}: composed")
+        answer = answer_token_id(model, it.answer, where=f"{it.id}: answer")
+        for other in pool:
+            if other.id == it.id or other.kind != it.kind or _template(other) != _template(it) or "\x00" not in _template(it):
+                continue
+            corrupted = encode(model, other.composed, where=f"{other.id}: composed")
+            contrast = answer_token_id(model, other.answer, where=f"{other.id}: answer")
+            if len(corrupted) == len(clean) and contrast != answer:
+                pairs.append(PatchPair(it.id, clean, corrupted, answer, contrast, "template"))
+                break
+    return pairs
+
+
+# --- running from a layer ------------------------------------------------------------------------
+
+
+class _Skip(torch.nn.Module):
+    """Stands in for a decoder layer below the patch: passes the residual stream through unchanged."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def _decoder(model) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
+    """The HF base model (accepts inputs_embeds) and its list of decoder layers (the bridge's blocks)."""
+    hf = hf_module(model)
+    first = model.blocks[0]
+    for module in hf.modules():
+        for child in module.children():
+            if isinstance(child, torch.nn.ModuleList) and len(child) == model.cfg.n_layers and child[0] is first:
+                return module, child
+    raise PatchlabError("cannot find the decoder layers of this model")
+
+
+@contextlib.contextmanager
+def _skipping(layers: torch.nn.ModuleList, start: int) -> Iterator[None]:
+    saved = [layers[i] for i in range(start)]
+    try:
+        for i in range(start):
+            layers[i] = _Skip()
+        yield
+    finally:
+        for i, layer in enumerate(saved):
+            layers[i] = layer
+
+
+def run_from_layer(model, resid: Float[Tensor, "b pos d"], start: int, last: Int[Tensor, " b"]) -> Float[Tensor, "b vocab"]:
+    """Logits at positions `last` when `resid` enters block `start` (blocks < start are not run)."""
+    base, layers = _decoder(model)
+    hf = hf_module(model)
+    with _skipping(layers, start):
+        hidden = base(inputs_embeds=resid, use_cache=False).last_hidden_state
+    logits = hf.get_output_embeddings()(hidden[torch.arange(hidden.shape[0]), last])
+    cap = getattr(hf.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def _full_logits(model, tokens: Tensor, hooks: Sequence = ()) -> Tensor:
+    with model.hooks(fwd_hooks=list(hooks)):
+        return model(tokens)
+
+
+def check_run_from_layer(model, tokens: Tensor, resid: Sequence[Tensor], atol: float = 1e-4) -> bool:
+    """Does starting at a layer reproduce the full forward on this model? (cached per model)"""
+    cached = getattr(model, "_patchlab_skip_ok", None)
+    if cached is not None:
+        return cached
+    full = _full_logits(model, tokens)[0, -1]
+    last = torch.tensor([tokens.shape[1] - 1], device=tokens.device)
+    ok = all(
+        (run_from_layer(model, resid[l][None], l, last)[0] - full).abs().max().item() <= atol
+        for l in sorted({0, model.cfg.n_layers // 2, model.cfg.n_layers - 1})
+    )
+    model._patchlab_skip_ok = ok
+    return ok
+
+
+# --- exact patching: one generic loop -------------------------------------------------------------
+
+
+@dataclass
+class RunCache:
+    """What one prompt's run leaves behind for patching: logits at the last position, resid_pre and site acts."""
+
+    tokens: Tensor
+    last_logits: Tensor
+    resid: list[Tensor]  # per layer [pos, d_model]
+    acts: dict[str, list[Tensor]]  # site -> per layer [pos, ...]
+
+
+def run_cache(model, ids: Sequence[int], sites: Sequence[str] = ("z",)) -> RunCache:
+    """One forward that records resid_pre and the given sites at every layer."""
+    n = model.cfg.n_layers
+    tokens = torch.tensor([list(ids)], device=model.cfg.device)
+    store: dict[str, Tensor] = {}
+
+    def keeper(name: str):
+        def keep(act, hook):
+            store[name] = act[0].detach().clone()
+            return act
+
+        return keep
+
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(n)] + [SITES[s].format(l) for s in sites for l in range(n)]
+    with torch.inference_mode():
+        logits = _full_logits(model, tokens, [(nm, keeper(nm)) for nm in names])
+    return RunCache(
+        tokens=tokens, last_logits=logits[0, -1].float(),
+        resid=[store[f"blocks.{l}.hook_resid_pre"] for l in range(n)],
+        acts={s: [store[SITES[s].format(l)] for l in range(n)] for s in sites},
+    )
+
+
+def patch_masks(site: str, positions: str, n_pos: int, n_heads: int, heads: Sequence[int] | None = None) -> tuple[Tensor, list[tuple]]:
+    """One boolean mask per patched copy over the site's [pos, (head)] axes, and each copy's index.
+
+    z: per head (all positions, each position, or the last); attn_out / mlp_out: the whole layer.
+    """
+    heads = list(range(n_heads)) if heads is None else list(heads)
+    pos_sets = {"all": [None], "last": [n_pos - 1], "each": list(range(n_pos))}[positions]
+    masks, index = [], []
+    for p in pos_sets:
+        units = heads if site == "z" else [None]
+        for h in units:
+            shape = (n_pos, n_heads) if site == "z" else (n_pos,)
+            m = torch.zeros(shape, dtype=torch.bool)
+            sel_p = slice(None) if p is None else p
+            if site == "z":
+                m[sel_p, h] = True
+            else:
+                m[sel_p] = True
+            masks.append(m)
+            index.append((p, h))
+    return torch.stack(masks), index
+
+
+def _patch_hook(masks: Tensor, clean: Tensor):
+    """Replace the masked entries of every copy's activation with the clean activation."""
+
+    def hook(act, hook):
+        m = masks.to(act.device).reshape(*masks.shape, *([1] * (act.dim() - masks.dim())))
+        return torch.where(m, clean.to(act.dtype)[None], act)
+
+    return hook
+
+
+def exact_patch(
+    model,
+    clean: RunCache,
+    corrupted: RunCache,
+    metric: Callable[[Tensor], Tensor],
+    site: str = "z",
+    positions: str = "all",
+    layers: Sequence[int] | None = None,
+    heads: dict[int, list[int]] | None = None,
+    max_batch: int = 256,
+    fast: bool = True,
+) -> dict[tuple, float]:
+    """Patch clean → corrupted at every (layer, position, head) and return {(layer, pos, head): metric}.
+
+    positions: "all" (TransformerLens' *_all_pos), "each" (*_by_pos) or "last" (aligned last
+    positions; prompts may differ in length). `heads` restricts each layer to some heads.
+    """
+    if positions not in POSITIONS:
+        raise PatchlabError(f"positions must be one of {POSITIONS}, got '{positions}'")
+    n_pos = corrupted.tokens.shape[1]
+    if positions != "last" and clean.tokens.shape[1] != n_pos:
+        raise PatchlabError(f"clean and corrupted differ in length ({clean.tokens.shape[1]} vs {n_pos}); "
+                            "only positions='last' aligns them")
+    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    fast = fast and check_run_from_layer(model, corrupted.tokens, corrupted.resid)
+    out: dict[tuple, float] = {}
+    for layer in layers:
+        clean_act = _aligned(clean.acts[site][layer], n_pos, positions)
+        masks, index = patch_masks(site, positions, n_pos, model.cfg.n_heads, (heads or {}).get(layer))
+        for start in range(0, len(index), max_batch):
+            m = masks[start : start + max_batch]
+            hook = (SITES[site].format(layer), _patch_hook(m, clean_act))
+            with torch.inference_mode():
+                logits = _patched_logits(model, corrupted, layer, len(m), hook, fast)
+            values = metric(logits.float()).tolist()
+            for (p, h), v in zip(index[start : start + max_batch], values):
+                out[(layer, p if positions == "each" else None, h)] = v
+    return out
+
+
+def _aligned(act: Tensor, n_pos: int, positions: str) -> Tensor:
+    """The clean activation placed on the corrupted prompt's positions (last aligned with last)."""
+    if act.shape[0] == n_pos:
+        return act
+    placed = torch.zeros((n_pos, *act.shape[1:]), dtype=act.dtype, device=act.device)
+    placed[-1] = act[-1]
+    return placed
+
+
+def _patched_logits(model, corrupted: RunCache, layer: int, copies: int, hook, fast: bool) -> Tensor:
+    """Last-position logits of `copies` corrupted runs with `hook` active, starting at `layer` if fast."""
+    n_pos = corrupted.tokens.shape[1]
+    last = torch.full((copies,), n_pos - 1, device=corrupted.tokens.device)
+    with model.hooks(fwd_hooks=[hook]):
+        if fast:
+            return run_from_layer(model, corrupted.resid[layer][None].expand(copies, -1, -1).clone(), layer, last)
+        return model(corrupted.tokens.expand(copies, -1))[:, -1]
+
+
+def logit_diff_metric(answer: int, contrast: int) -> Callable[[Tensor], Tensor]:
+    """logit(answer) − logit(contrast) for a batch of last-position logits [b, vocab]."""
+    return lambda logits: logits[:, answer] - logits[:, contrast]
+
+
+# --- attribution patching ------------------------------------------------------------------------
+
+
+def attribution_patch(model, clean: RunCache, pair: PatchPair, site: str = "z", positions: str = "all") -> dict[tuple, float]:
+    """(a_clean − a_corrupted) · ∂metric/∂a at the corrupted run, for every layer × (position) × head."""
+    n, n_pos = model.cfg.n_layers, len(pair.corrupted)
+    tokens = torch.tensor([pair.corrupted], device=model.cfg.device)
+    acts: dict[int, Tensor] = {}
+
+    def start_graph(act, hook):
+        return act.detach().requires_grad_(True)
+
+    def keeper(layer: int):
+        def keep(act, hook):
+            act.retain_grad()
+            acts[layer] = act
+            return act
+
+        return keep
+
+    hooks = [("blocks.0.hook_resid_pre", start_graph)] + [(SITES[site].format(l), keeper(l)) for l in range(n)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+            logits = model(tokens)[0, -1]
+            (logits[pair.answer] - logits[pair.contrast]).backward()
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    out: dict[tuple, float] = {}
+    for layer in range(n):
+        a = acts[layer]
+        diff = _aligned(clean.acts[site][layer], n_pos, positions) - a.detach()[0]
+        contrib = (diff * a.grad[0]).float()  # [pos, heads, d_head] or [pos, d]
+        per = contrib.sum(-1)  # [pos, heads] or [pos]
+        if positions == "each":
+            for p in range(n_pos):
+                _put(out, layer, p, per[p])
+        else:
+            _put(out, layer, None, per[-1] if positions == "last" else per.sum(0))
+    return out
+
+
+def _put(out: dict, layer: int, pos, values: Tensor) -> None:
+    if values.dim() == 0:
+        out[(layer, pos, None)] = values.item()
+    else:
+        for h, v in enumerate(values.tolist()):
+            out[(layer, pos, h)] = v
+
+
+# --- over a prompt set ---------------------------------------------------------------------------
+
+
+@dataclass
+class LocateResult(Result):
+    """Normalised patching effects per item and their aggregate per head (or per layer for attn_out/mlp_out)."""
+
+    kind = "locate"
+    model: str
+    setup: str
+    method: str
+    site: str
+    positions: str
+    n_layers: int
+    n_heads: int
+    items: list[dict[str, Any]]  # id, clean, corrupted, flagged, effect [layer][unit] (+ by_pos [layer][pos][unit])
+    mean: list[list[float]]  # [layer][unit] over unflagged items
+    std: list[list[float]]
+    n: int
+    ranking: list[dict[str, Any]]  # unit, mean, std, share_top_k; best first (by |mean|)
+    top_k: int
+    attribution_mean: list[list[float]] | None = None
+    seconds: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def heads(self, top: int) -> list[str]:
+        """The `top` heads whose patch restores the answer most (largest positive mean), as `L.H` strings."""
+        if self.site != "z":
+            raise PatchlabError(f"this result ranks whole layers ({self.site}), not heads")
+        if top < 1:
+            raise PatchlabError(f"--top must be >= 1, got {top}")
+        restoring = sorted((r for r in self.ranking if r["mean"] > 0), key=lambda r: -r["mean"])
+        return [r["unit"] for r in restoring[:top]]
+
+    def figure(self):
+        from .plots import locate_figure
+
+        return locate_figure(self)
+
+
+def _units(site: str, n_heads: int) -> list:
+    return list(range(n_heads)) if site == "z" else [None]
+
+
+def _grid(values: dict[tuple, float], n_layers: int, units: list, pos=None) -> np.ndarray:
+    return np.array([[values.get((l, pos, u), np.nan) for u in units] for l in range(n_layers)])
+
+
+def _unit_name(layer: int, unit) -> str:
+    return f"{layer}.{unit}" if unit is not None else str(layer)
+
+
+def locate_pairs(
+    model,
+    pairs: Sequence[PatchPair],
+    method: str = "both",
+    site: str = "z",
+    positions: str = "last",
+    top_k: int = 10,
+    verify: int = 20,
+    progress: bool = True,
+) -> LocateResult:
+    """Patch every pair and aggregate normalised effects per head (or layer)."""
+    import time
+
+    if method not in ("exact", "attribution", "both"):
+        raise PatchlabError(f"method must be exact, attribution or both, got '{method}'", where="--method")
+    if site not in SITES:
+        raise PatchlabError(f"site must be one of {', '.join(SITES)}, got '{site}'", where="--site")
+    if not pairs:
+        raise PatchlabError("no prompt pairs to patch (see --setup: guide needs failures, template needs "
+                            "correct items with a same-template partner)", where="--prompt-set")
+    if top_k < 1:
+        raise PatchlabError(f"must be >= 1, got {top_k}", where="--top")
+    for p in pairs:
+        p.check()
+        if positions != "last" and not p.same_length:
+            raise PatchlabError(f"clean and corrupted differ in length; use --positions last", where=f"item {p.id}")
+    start = time.perf_counter()
+    n_layers, units = model.cfg.n_layers, _units(site, model.cfg.n_heads)
+    caches = []
+    attribution: list[np.ndarray] = []
+    for p in track(pairs, "caching runs" if progress else None):
+        clean, corrupted = run_cache(model, p.clean, [site]), run_cache(model, p.corrupted, [site])
+        caches.append((clean, corrupted))
+        if method != "exact":
+            att = attribution_patch(model, clean, p, site, positions)
+            attribution.append(_reduce_positions(att, n_layers, units, positions, len(p.corrupted)))
+    att_mean = np.mean(attribution, axis=0) if attribution else None
+    heads = None
+    if method == "both":
+        order = np.argsort(-np.abs(np.nan_to_num(att_mean)).ravel())[: max(verify, top_k)]
+        heads = {}
+        for flat in order:
+            l, u = divmod(int(flat), len(units))
+            heads.setdefault(l, []).append(units[u])
+    rows = []
+    for p, (clean, corrupted) in zip(track(pairs, "patching" if progress else None), caches) if method != "attribution" else []:
+        metric = logit_diff_metric(p.answer, p.contrast)
+        c, k = metric(clean.last_logits[None]).item(), metric(corrupted.last_logits[None]).item()
+        raw = exact_patch(model, clean, corrupted, metric, site, positions,
+                          layers=sorted(heads) if heads is not None else None, heads=heads)
+        rows.append(_item_row(p, c, k, {key: v - k for key, v in raw.items()}, n_layers, units, positions))
+    if method == "attribution":
+        for p, (clean, corrupted), att in zip(pairs, caches, attribution):
+            metric = logit_diff_metric(p.answer, p.contrast)
+            c, k = metric(clean.last_logits[None]).item(), metric(corrupted.last_logits[None]).item()
+            rows.append(_item_row(p, c, k, None, n_layers, units, positions, delta_grid=att))
+    return _aggregate(model, rows, pairs[0].setup, method, site, positions, units, top_k, att_mean,
+                      time.perf_counter() - start)
+
+
+def _reduce_positions(values: dict[tuple, float], n_layers: int, units: list, positions: str, n_pos: int) -> np.ndarray:
+    """[layer][unit] grid; for positions='each' the position with the largest |value| speaks for the unit."""
+    if positions != "each":
+        return _grid(values, n_layers, units)
+    stack = np.stack([_grid(values, n_layers, units, p) for p in range(n_pos)])  # [pos, layer, unit]
+    idx = np.nanargmax(np.abs(np.nan_to_num(stack, nan=0.0)), axis=0)
+    return np.take_along_axis(stack, idx[None], 0)[0]
+
+
+def _item_row(p: PatchPair, clean: float, corrupted: float, deltas, n_layers, units, positions, delta_grid=None) -> dict:
+    """One item's normalised effects; flagged (and left out of the mean) when clean ≈ corrupted."""
+    denom = clean - corrupted
+    flagged = not math.isfinite(denom) or abs(denom) < DIVIDE_EPS
+    if delta_grid is None:
+        delta_grid = _reduce_positions(deltas, n_layers, units, positions, len(p.corrupted))
+    effect = np.full_like(delta_grid, np.nan) if flagged else delta_grid / denom
+    row = {"id": p.id, "clean": clean, "corrupted": corrupted, "flagged": flagged,
+           "effect": np.where(np.isnan(effect), None, effect).tolist()}
+    if positions == "each" and deltas is not None and not flagged:
+        row["by_pos"] = [[[deltas.get((l, q, u), 0.0) / denom for u in units] for q in range(len(p.corrupted))]
+                         for l in range(n_layers)]
+    return row
+
+
+def _aggregate(model, rows, setup, method, site, positions, units, top_k, att_mean, seconds) -> LocateResult:
+    n_layers = model.cfg.n_layers
+    good = [np.array(r["effect"], dtype=float) for r in rows if not r["flagged"]]
+    if not good:
+        raise PatchlabError("every item was flagged (clean and corrupted metrics are equal): nothing to aggregate")
+    stack = np.stack(good)
+    with warnings.catch_warnings():  # heads that were never patched (method='both') stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean, std = np.nanmean(stack, 0), np.nanstd(stack, 0)
+    # how often each unit is among an item's top-k (by |effect|)
+    top_counts = np.zeros_like(mean)
+    for e in good:
+        flat = np.argsort(-np.abs(np.nan_to_num(e)).ravel())[:top_k]
+        top_counts.ravel()[flat] += 1
+    order = [i for i in np.argsort(-np.abs(np.nan_to_num(mean)).ravel()) if not np.isnan(mean.ravel()[i])]
+    ranking = []
+    for flat in order:
+        l, u = divmod(int(flat), len(units))
+        ranking.append({"unit": _unit_name(l, units[u]), "mean": float(mean[l, u]), "std": float(std[l, u]),
+                        "share_top_k": float(top_counts[l, u] / len(good))})
+    clean_nan = lambda a: np.where(np.isnan(a), None, a).tolist()  # noqa: E731
+    return LocateResult(
+        model=model_name(model), setup=setup, method=method, site=site, positions=positions, n_layers=n_layers,
+        n_heads=len(units), items=rows, mean=clean_nan(mean), std=clean_nan(std), n=len(good), ranking=ranking,
+        top_k=top_k, attribution_mean=clean_nan(att_mean) if att_mean is not None else None, seconds=seconds,
+        meta=provenance(model, metric="logit(answer) - logit(contrast), last position, normalised"),
+    )
+
+
+def locate(
+    model,
+    items: Sequence[TwoHopItem],
+    setup: str = "guide",
+    pool: Sequence[TwoHopItem] | None = None,
+    **kw,
+) -> LocateResult:
+    """Build the pairs of a setup ('guide': failing composed ← guide; 'template': correct ← other subject) and patch."""
+    if setup == "guide":
+        pairs = guide_pairs(model, items)
+        kw.setdefault("positions", "last")
+    elif setup == "template":
+        pairs = template_pairs(model, items, pool)
+    else:
+        raise PatchlabError(f"setup must be 'guide' or 'template', got '{setup}'", where="--setup")
+    return locate_pairs(model, pairs, **kw)
+
+
+def heads_from(path, model, top: int) -> list[Head]:
+    """The best `top` heads of a saved locate result, refusing a result made on another model."""
+    from .spec import parse_heads
+
+    result = LocateResult.from_json(path)
+    if result.model != model_name(model) or (result.n_layers, result.n_heads) != (model.cfg.n_layers, model.cfg.n_heads):
+        raise PatchlabError(f"result was made on '{result.model}' ({result.n_layers}x{result.n_heads}), not on "
+                            f"'{model_name(model)}'", where=f"--heads-from {path}")
+    return parse_heads(",".join(result.heads(top)), model.cfg.n_layers, model.cfg.n_heads, "--heads-from")

@@ -251,13 +251,16 @@ def exact_patch(
     positions: str = "all",
     layers: Sequence[int] | None = None,
     heads: dict[int, list[int]] | None = None,
-    max_batch: int = 256,
+    max_batch: int = 64,
+    span: int = 4,
     fast: bool = True,
 ) -> dict[tuple, float]:
     """Patch clean → corrupted at every (layer, position, head) and return {(layer, pos, head): metric}.
 
     positions: "all" (TransformerLens' *_all_pos), "each" (*_by_pos) or "last" (aligned last
-    positions; prompts may differ in length). `heads` restricts each layer to some heads.
+    positions; prompts may differ in length). `heads` restricts each layer to some heads. Copies of
+    up to `span` consecutive layers share one batch of at most `max_batch` rows, started at the
+    lowest of those layers (a few layers recomputed, far fewer small forward passes).
     """
     if positions not in POSITIONS:
         raise PatchlabError(f"positions must be one of {POSITIONS}, got '{positions}'")
@@ -265,21 +268,36 @@ def exact_patch(
     if positions != "last" and clean.tokens.shape[1] != n_pos:
         raise PatchlabError(f"clean and corrupted differ in length ({clean.tokens.shape[1]} vs {n_pos}); "
                             "only positions='last' aligns them")
-    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    layers = sorted(range(model.cfg.n_layers) if layers is None else layers)
     fast = fast and check_run_from_layer(model, corrupted.tokens, corrupted.resid)
-    out: dict[tuple, float] = {}
+    jobs = []  # (layer, mask, key)
     for layer in layers:
-        clean_act = _aligned(clean.acts[site][layer], n_pos, positions)
         masks, index = patch_masks(site, positions, n_pos, model.cfg.n_heads, (heads or {}).get(layer))
-        for start in range(0, len(index), max_batch):
-            m = masks[start : start + max_batch]
-            hook = (SITES[site].format(layer), _patch_hook(m, clean_act))
-            with torch.inference_mode():
-                logits = _patched_logits(model, corrupted, layer, len(m), hook, fast)
-            values = metric(logits.float()).tolist()
-            for (p, h), v in zip(index[start : start + max_batch], values):
-                out[(layer, p if positions == "each" else None, h)] = v
+        jobs += [(layer, m, (layer, p if positions == "each" else None, h)) for m, (p, h) in zip(masks, index)]
+    out: dict[tuple, float] = {}
+    for chunk in _chunks(jobs, max_batch, span):
+        hooks = []
+        for layer in sorted({j[0] for j in chunk}):
+            masks = torch.stack([m if l == layer else torch.zeros_like(m) for l, m, _ in chunk])
+            clean_act = _aligned(clean.acts[site][layer], n_pos, positions)
+            hooks.append((SITES[site].format(layer), _patch_hook(masks, clean_act)))
+        with torch.inference_mode():
+            logits = _patched_logits(model, corrupted, chunk[0][0], len(chunk), hooks, fast)
+        for (_, _, key), v in zip(chunk, metric(logits.float()).tolist()):
+            out[key] = v
     return out
+
+
+def _chunks(jobs: list, max_batch: int, span: int) -> Iterator[list]:
+    """Consecutive jobs (sorted by layer) in chunks of <= max_batch rows spanning < span layers."""
+    chunk: list = []
+    for job in jobs:
+        if chunk and (len(chunk) >= max_batch or job[0] - chunk[0][0] >= span):
+            yield chunk
+            chunk = []
+        chunk.append(job)
+    if chunk:
+        yield chunk
 
 
 def _aligned(act: Tensor, n_pos: int, positions: str) -> Tensor:
@@ -291,11 +309,11 @@ def _aligned(act: Tensor, n_pos: int, positions: str) -> Tensor:
     return placed
 
 
-def _patched_logits(model, corrupted: RunCache, layer: int, copies: int, hook, fast: bool) -> Tensor:
-    """Last-position logits of `copies` corrupted runs with `hook` active, starting at `layer` if fast."""
+def _patched_logits(model, corrupted: RunCache, layer: int, copies: int, hooks: list, fast: bool) -> Tensor:
+    """Last-position logits of `copies` corrupted runs with `hooks` active, starting at `layer` if fast."""
     n_pos = corrupted.tokens.shape[1]
     last = torch.full((copies,), n_pos - 1, device=corrupted.tokens.device)
-    with model.hooks(fwd_hooks=[hook]):
+    with model.hooks(fwd_hooks=hooks):
         if fast:
             return run_from_layer(model, corrupted.resid[layer][None].expand(copies, -1, -1).clone(), layer, last)
         return model(corrupted.tokens.expand(copies, -1))[:, -1]

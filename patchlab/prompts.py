@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -49,7 +49,9 @@ class TwoHopItem:
         return tuple(dict.fromkeys((self.bridge, *self.bridge_aliases)))
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "extra"}
+        # not dataclasses.asdict: it deep-copies `extra` too (unused here), recursing once per level of
+        # nesting, so an extra field nested ~500 deep that `load` accepted made `save` hit RecursionError
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
         for k in OPTIONAL_LIST:
             d[k] = list(d[k])
         return {**self.extra, **d}
@@ -65,6 +67,8 @@ class TwoHopItem:
                 if key in REQUIRED:
                     raise PatchlabError(f"missing required field '{key}'", where=where)
                 continue
+            if key in OPTIONAL_STR and obj[key] == "":
+                continue  # `save` writes "kind": "" for an item without a kind; read it back as absent
             kwargs[key] = _check_str(obj[key], where, key)
         for key in OPTIONAL_LIST:
             value = obj.get(key, [])
@@ -73,6 +77,14 @@ class TwoHopItem:
             kwargs[key] = tuple(_check_str(v, where, f"{key}[{i}]") for i, v in enumerate(value))
         known = set(REQUIRED + OPTIONAL_STR + OPTIONAL_LIST)
         kwargs["extra"] = {k: v for k, v in obj.items() if k not in known}
+        for k, v in kwargs["extra"].items():
+            # an unknown field is kept as is, but must be writable again by `save` (UTF-8)
+            try:
+                json.dumps({k: v}, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise PatchlabError(f"field {k!r} holds a lone surrogate (not valid Unicode)", where=where) from None
+            except RecursionError:
+                raise PatchlabError(f"field {k!r} is nested too deeply", where=where) from None
         return cls(**kwargs)
 
 
@@ -115,7 +127,7 @@ class PromptSet:
     def __post_init__(self) -> None:
         dupes = [k for k, n in Counter(it.id for it in self.items).items() if n > 1]
         if dupes:
-            raise PatchlabError(f"duplicate id '{dupes[0]}'", where=self.source)
+            raise PatchlabError(f"duplicate id {dupes[0]!r}", where=self.source)  # repr: one line
 
     def __len__(self) -> int:
         return len(self.items)
@@ -147,9 +159,12 @@ class PromptSet:
                 obj = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise PatchlabError(f"bad JSON ({exc.msg} at column {exc.colno})", where=where) from None
+            except (ValueError, RecursionError) as exc:  # an int of > 4300 digits; nesting too deep
+                raise PatchlabError(f"bad JSON ({str(exc).splitlines()[0][:120]})", where=where) from None
             item = TwoHopItem.from_dict(obj, where=where)
             if item.id in seen:
-                raise PatchlabError(f"duplicate id '{item.id}' (first on line {seen[item.id]})", where=where)
+                # repr, so an id holding a newline / U+2028 still gives a one-line message
+                raise PatchlabError(f"duplicate id {item.id!r} (first on line {seen[item.id]})", where=where)
             seen[item.id] = number
             items.append(item)
         if not items:

@@ -7,8 +7,25 @@ from typing import NamedTuple
 
 from .errors import PatchlabError
 
-_HEAD = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)")
-_RANGE = re.compile(r"(\d+)-(\d+)(?::(\d+))?")
+# ASCII digits only: `\d` and str.isdigit() also accept e.g. Arabic-Indic '١' or '²' (which int()
+# then reads as 1 or rejects with a ValueError), so "1١.2" used to parse as head 11.2.
+_HEAD = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)", re.ASCII)
+_RANGE = re.compile(r"([0-9]+)-([0-9]+)(?::([0-9]+))?", re.ASCII)
+_INT = re.compile(r"[0-9]+", re.ASCII)
+_MAX_DIGITS = 9  # no model has a billion layers or heads; int() refuses > 4300 digits outright
+
+
+def _show(part: str) -> str:
+    """`part` quoted for a one-line message: repr escapes newlines / U+2028 etc.; long input is cut."""
+    return repr(part if len(part) <= 40 else part[:40] + "...")
+
+
+def _int(digits: str, arg: str) -> int:
+    """An ASCII digit string as an int, refusing absurdly long numbers before int() sees them."""
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > _MAX_DIGITS:
+        raise PatchlabError(f"number {_show(digits)} is too large", where=arg)
+    return int(significant)
 
 
 class Head(NamedTuple):
@@ -31,14 +48,17 @@ def parse_layers(spec: str, n_layers: int, arg: str = "--layers") -> list[int]:
         part = part.strip()
         m = _RANGE.fullmatch(part)
         if m:
-            lo, hi, step = int(m[1]), int(m[2]), int(m[3] or 1)
+            lo, hi, step = _int(m[1], arg), _int(m[2], arg), _int(m[3] or "1", arg)
             if step < 1 or hi < lo:
-                raise PatchlabError(f"bad range '{part}'", where=arg)
+                raise PatchlabError(f"bad range {_show(part)}", where=arg)
+            # check the end before expanding, so "0-999999999" cannot build a huge list
+            if hi >= n_layers:
+                raise PatchlabError(f"layer {hi} does not exist (model has layers 0..{n_layers - 1})", where=arg)
             layers.extend(range(lo, hi + 1, step))
-        elif part.isdigit():
-            layers.append(int(part))
+        elif _INT.fullmatch(part):  # not str.isdigit(): that is True for '١' and '²'
+            layers.append(_int(part, arg))
         else:
-            raise PatchlabError(f"'{part}' is not a layer number or range a-b[:step]", where=arg)
+            raise PatchlabError(f"{_show(part)} is not a layer number or range a-b[:step]", where=arg)
     for layer in layers:
         if not 0 <= layer < n_layers:
             raise PatchlabError(f"layer {layer} does not exist (model has layers 0..{n_layers - 1})", where=arg)
@@ -56,8 +76,8 @@ def parse_heads(spec: str, n_layers: int, n_heads: int, arg: str = "--heads") ->
     for part in parts:
         m = _HEAD.fullmatch(part)
         if not m:
-            raise PatchlabError(f"'{part}' is not a head (expected layer.head, e.g. 14.3)", where=arg)
-        head = Head(int(m[1]), int(m[2]))
+            raise PatchlabError(f"{_show(part)} is not a head (expected layer.head, e.g. 14.3)", where=arg)
+        head = Head(_int(m[1], arg), _int(m[2], arg))
         if head.layer >= n_layers:
             raise PatchlabError(f"head {part}: layer {head.layer} does not exist (model has 0..{n_layers - 1})", where=arg)
         if head.head >= n_heads:

@@ -1,0 +1,84 @@
+"""Head patching on the default model: TransformerLens' loop vs patchlab exact vs patchlab attribution.
+
+Same prompt pairs, same process, side by side. Prints seconds and ratios, the max abs difference of
+exact vs TransformerLens, the top-10 overlap and Spearman correlation of attribution vs exact, and the
+peak memory of a `locate` run; ends with machine-readable key=value lines.
+Usage: python benchmarks/bench_locate.py [--pairs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import numpy as np
+import torch
+from transformer_lens import patching
+
+from patchlab import locate as L
+from patchlab.models import load_model
+from patchlab.prompts import PromptSet
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def grid(values: dict, n_layers: int, n_heads: int) -> torch.Tensor:
+    return torch.tensor([[values[(l, None, h)] for h in range(n_heads)] for l in range(n_layers)])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    model = load_model("smollm2-135m")
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    items = list(PromptSet.shipped())
+    pairs = L.template_pairs(model, items[:80], items)[: args.pairs]
+    t_tl = t_ex = t_at = 0.0
+    diffs, overlaps, rhos = [], [], []
+    for pair in pairs:
+        clean, corrupted = L.run_cache(model, pair.clean), L.run_cache(model, pair.corrupted)
+        metric = L.logit_diff_metric(pair.answer, pair.contrast)
+        _, tl_cache = model.run_with_cache(clean.tokens)
+        tl_metric = lambda logits: logits[0, -1, pair.answer] - logits[0, -1, pair.contrast]  # noqa: E731
+        start = time.perf_counter()
+        tl = patching.get_act_patch_attn_head_out_all_pos(model, corrupted.tokens, tl_cache, tl_metric)
+        t_tl += time.perf_counter() - start
+        start = time.perf_counter()
+        exact = grid(L.exact_patch(model, clean, corrupted, metric, positions="all"), n_layers, n_heads)
+        t_ex += time.perf_counter() - start
+        start = time.perf_counter()
+        attr = grid(L.attribution_patch(model, clean, pair, positions="all"), n_layers, n_heads)
+        t_at += time.perf_counter() - start
+        diffs.append((exact - tl).abs().max().item())
+        effect = (exact - metric(corrupted.last_logits[None]).item()).flatten().numpy()
+        a = attr.flatten().numpy()
+        top_e, top_a = set(np.argsort(-np.abs(effect))[:10]), set(np.argsort(-np.abs(a))[:10])
+        overlaps.append(len(top_e & top_a) / 10)
+        rhos.append(spearman(effect, a))
+        print(f"{pair.id}: {len(pair.clean)} tokens; TL {t_tl:.1f}s cumulative, max|diff| {diffs[-1]:.2e}, "
+              f"top-10 overlap {overlaps[-1]:.1f}, spearman {rhos[-1]:.2f}")
+    n = len(pairs)
+    print(f"\nper pair (270 heads, all positions): TransformerLens {t_tl / n:.2f} s | patchlab exact "
+          f"{t_ex / n:.2f} s ({t_tl / t_ex:.1f}x) | patchlab attribution {t_at / n:.3f} s ({t_tl / t_at:.0f}x)")
+    gap_items = items[:60]
+    start = time.perf_counter()
+    result = L.locate(model, gap_items[:8], setup="guide", method="both", progress=False)
+    print(f"locate (guide, both, 8 items): {time.perf_counter() - start:.1f} s, top heads {result.heads(4)}")
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    print(f"exact_speedup={t_tl / t_ex:.2f}")
+    print(f"attribution_speedup={t_tl / t_at:.1f}")
+    print(f"exact_max_abs_diff={max(diffs):.3g}")
+    print(f"top10_overlap={np.mean(overlaps):.2f}")
+    print(f"spearman={np.mean(rhos):.3f}")
+    print(f"peak_rss_gb={peak_gb:.2f}")
+    print(f"threads={torch.get_num_threads()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,487 @@
+"""The rank-one head editor: CREME's update of the attention output projection, restricted to chosen heads.
+
+Notation for one layer L with chosen heads S (columns S of `o_proj.weight`, W: [d_model, n_heads*d_head]):
+  k   = the heads' concatenated output z at the last position of the composed query (mean over prefixes)
+  v*  = the target output of o_proj there: CREME's guide target W·z_guide (the same layer on the guide
+        prompt, bridge written in), or W·k + δ with δ optimised on the answer's log-probability
+  r   = v* − W·k
+  ΔW_S = R (K_Sᵀ C⁻¹ K_S + λ I)⁻¹ K_Sᵀ C⁻¹      (only columns S change; K_S: [|S|·d_head, n])
+For one item and λ = 0 this is ROME's ΔW_S = r (C⁻¹k_S)ᵀ / (k_Sᵀ C⁻¹ k_S), so W'k = v* exactly; with
+C = I and every head of the layer selected it is CREME's layer edit; with many items it is MEMIT's
+least-squares batch edit. Layers are edited in ascending order, each computed with the earlier
+layers' edits in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .errors import PatchlabError
+from .io import atomic_write_bytes
+from .models import cache_root, model_name, weights_hash
+from .prompts import TwoHopItem
+from .scoring import answer_token_id, encode, length_batches, pad_id, pad_right
+from .spec import Head
+
+FORMAT = "patchlab-edit/1"
+
+
+# --- where the weights are ---------------------------------------------------------------------
+
+
+def o_proj(model, layer: int) -> torch.nn.Linear:
+    """The attention output projection of `layer` (the real HF Linear under the bridge)."""
+    o = model.blocks[layer].attn.o
+    return getattr(o, "original_component", o)
+
+
+def head_columns(model, heads: Sequence[int]) -> torch.Tensor:
+    """Column indices of `o_proj.weight` that belong to `heads` (head h = columns h*d_head:(h+1)*d_head)."""
+    d = model.cfg.d_head
+    return torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads])
+
+
+def by_layer(heads: Sequence[Head]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for h in heads:
+        out.setdefault(h.layer, []).append(h.head)
+    return {l: sorted(v) for l, v in sorted(out.items())}
+
+
+def prefixes(n: int) -> list[str]:
+    """The empty prefix plus `n` short neutral context prefixes shipped with patchlab."""
+    text = (resources.files("patchlab") / "data" / "prefixes.txt").read_text(encoding="utf-8")
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    return [""] + lines[:n]
+
+
+def with_prefixes(prompt: str, pre: Sequence[str]) -> list[str]:
+    return [f"{p} {prompt}" if p else prompt for p in pre]
+
+
+# --- reading z at the last position -----------------------------------------------------------
+
+
+def last_z(model, prompts: Sequence[str], layers: Sequence[int], batch_size: int = 64) -> dict[int, Tensor]:
+    """Each layer's concatenated head outputs z at each prompt's last token: {layer: [n, n_heads*d_head]}."""
+    seqs = [encode(model, p, where=f"prompt[{i}]") for i, p in enumerate(prompts)]
+    out = {l: torch.zeros(len(seqs), model.cfg.n_heads * model.cfg.d_head) for l in layers}
+    stop = max(layers) + 1
+    for rows in length_batches([len(s) for s in seqs], batch_size):
+        tokens, lengths = pad_right([seqs[i] for i in rows], pad_id(model))
+        store: dict[int, Tensor] = {}
+
+        def keeper(layer: int):
+            def keep(act, hook):
+                store[layer] = act[torch.arange(len(rows)), lengths - 1].reshape(len(rows), -1).float().cpu()
+                return act
+
+            return keep
+
+        kw = {"stop_at_layer": stop} if stop < model.cfg.n_layers else {}
+        with torch.inference_mode(), model.hooks(fwd_hooks=[(f"blocks.{l}.attn.hook_z", keeper(l)) for l in layers]):
+            model(tokens.to(model.cfg.device), **kw)
+        for l in layers:
+            out[l][rows] = store[l]
+    return out
+
+
+# --- covariance of z (ROME's C) ------------------------------------------------------------------
+
+
+def covariance(model, layer: int, max_tokens: int = 4000) -> Float[Tensor, "d d"]:
+    """Second moment E[z zᵀ] of a layer's head outputs over patchlab's neutral corpus, cached per model."""
+    key = f"{model_name(model).replace('/', '_')}-{weights_hash(model)[:16]}"
+    path = cache_root() / "covariance" / key / f"layer{layer}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    text = (resources.files("patchlab") / "data" / "corpus.txt").read_text(encoding="utf-8")
+    sentences = [l for l in text.splitlines() if l.strip()]
+    acc, count = None, 0
+    for rows in length_batches([len(s) for s in sentences], 32):
+        seqs = [encode(model, sentences[i]) for i in rows]
+        tokens, lengths = pad_right(seqs, pad_id(model))
+        got: dict[str, Tensor] = {}
+        with torch.inference_mode(), model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.hook_z",
+                                                             lambda a, hook: got.__setitem__("z", a) or a)]):
+            model(tokens.to(model.cfg.device), stop_at_layer=layer + 1)
+        z = got["z"].reshape(*got["z"].shape[:2], -1).float().cpu()
+        real = torch.arange(tokens.shape[1])[None] < lengths[:, None]
+        z = z[real]
+        acc = z.T @ z if acc is None else acc + z.T @ z
+        count += z.shape[0]
+        if count >= max_tokens:
+            break
+    cov = acc / count
+    atomic_write_bytes(path, _torch_bytes(cov))
+    return cov
+
+
+def _torch_bytes(t: Tensor) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    return buf.getvalue()
+
+
+# --- the update ------------------------------------------------------------------------------------
+
+
+def solve_delta(
+    R: Float[Tensor, "d_model n"], K: Float[Tensor, "s n"], C: Float[Tensor, "s s"] | None, ridge: float = 0.0
+) -> Float[Tensor, "d_model s"]:
+    """ΔW_S = R (Kᵀ C⁻¹ K + λI)⁻¹ Kᵀ C⁻¹: the minimum C-norm change with ΔW_S K = R (λ = 0)."""
+    R, K = R.double(), K.double()
+    CinvK = K if C is None else torch.linalg.solve(C.double(), K)
+    gram = K.T @ CinvK
+    gram = gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype) * gram.diagonal().mean()
+    return (R @ torch.linalg.solve(gram, CinvK.T)).float()
+
+
+@dataclass
+class EditConfig:
+    """How an edit is computed."""
+
+    target: str = "guide"  # guide | optimize
+    covariance: bool = True  # ROME's C over the heads' z (else C = I, CREME's code)
+    cov_ridge: float = 0.1  # C + ridge·mean(diag C)·I
+    n_prefixes: int = 20
+    batch_ridge: float = 0.0  # λ of the batch (MEMIT-style) solve, relative to the Gram diagonal
+    opt_steps: int = 25
+    opt_lr: float = 0.5
+    opt_prefixes: int = 6
+    kl_weight: float = 1.0
+    norm_weight: float = 0.05
+    target_prob: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.target not in ("guide", "optimize"):
+            raise PatchlabError(f"target must be 'guide' or 'optimize', got '{self.target}'", where="--target")
+        for name in ("cov_ridge", "batch_ridge", "opt_lr", "kl_weight", "norm_weight"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v == v and abs(v) != float("inf") and v >= 0):
+                raise PatchlabError(f"{name} must be a finite number >= 0, got {v}")
+        if self.opt_steps < 1 or self.n_prefixes < 0:
+            raise PatchlabError("opt_steps must be >= 1 and n_prefixes >= 0")
+
+
+def _regularised(C: Tensor, ridge: float) -> Tensor:
+    return C + ridge * C.diagonal().mean() * torch.eye(C.shape[0])
+
+
+@dataclass
+class Edit:
+    """Head-restricted deltas of W_O for one or more layers, with what they apply to.
+
+    `deltas[L]` is the change of the o_proj columns of `heads[L]` ([d_model, len(heads)*d_head]).
+    Apply / revert restore the exact original columns (bit-identical), never by subtraction.
+    """
+
+    model: str
+    weights_sha256: str
+    heads: dict[int, list[int]]
+    deltas: dict[int, Tensor]
+    item_ids: list[str]
+    method: dict[str, Any] = field(default_factory=dict)
+    _saved: dict[int, Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def head_list(self) -> list[str]:
+        return [f"{l}.{h}" for l, hs in self.heads.items() for h in hs]
+
+    def _check(self, model, verify_hash: bool) -> None:
+        for layer, hs in self.heads.items():
+            w = o_proj(model, layer).weight
+            want = (w.shape[0], len(hs) * model.cfg.d_head)
+            if layer >= model.cfg.n_layers or max(hs) >= model.cfg.n_heads or tuple(self.deltas[layer].shape) != want:
+                raise PatchlabError(f"edit does not fit this model (layer {layer}, heads {hs}, delta "
+                                    f"{tuple(self.deltas[layer].shape)} vs {want})")
+            if not torch.isfinite(self.deltas[layer]).all():
+                raise PatchlabError(f"edit has a non-finite delta at layer {layer}")
+        if verify_hash:
+            have = base_hash(model)
+            if have != self.weights_sha256:
+                raise PatchlabError(f"edit was made for weights {self.weights_sha256[:12]}… ('{self.model}'); "
+                                    f"this model's weights are {have[:12]}…")
+
+    def apply(self, model, verify_hash: bool = True) -> Edit:
+        """Add the deltas to the model's W_O columns (refuses a model with other weights, or a second apply)."""
+        if self._saved:
+            raise PatchlabError("edit is already applied")
+        self._check(model, verify_hash)
+        with torch.no_grad():
+            for layer, hs in self.heads.items():
+                w, cols = o_proj(model, layer).weight, head_columns(model, hs).to(o_proj(model, layer).weight.device)
+                self._saved[layer] = w[:, cols].clone()
+                w[:, cols] = (self._saved[layer].float() + self.deltas[layer].to(w.device)).to(w.dtype)
+        _applied(model).append(self)
+        return self
+
+    def revert(self, model) -> None:
+        """Put back the exact original columns."""
+        if not self._saved:
+            raise PatchlabError("edit is not applied")
+        stack = _applied(model)
+        if stack and stack[-1] is not self:
+            raise PatchlabError("revert edits in the reverse order of applying them")
+        with torch.no_grad():
+            for layer, hs in self.heads.items():
+                w = o_proj(model, layer).weight
+                w[:, head_columns(model, hs).to(w.device)] = self._saved[layer]
+        self._saved.clear()
+        stack.pop()
+
+    @contextlib.contextmanager
+    def applied(self, model, verify_hash: bool = True) -> Iterator[Edit]:
+        """`with edit.applied(model): ...` — the edit is reverted however the block exits."""
+        self.apply(model, verify_hash)
+        try:
+            yield self
+        finally:
+            self.revert(model)
+
+    # --- files: safetensors + JSON metadata, tensors hashed against tampering ---
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {f"layer.{l}.delta": d.contiguous().float() for l, d in self.deltas.items()}
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save
+
+        tensors = self.tensors()
+        meta = {"format": FORMAT, "model": self.model, "weights_sha256": self.weights_sha256,
+                "heads": json.dumps({str(k): v for k, v in self.heads.items()}), "item_ids": json.dumps(self.item_ids),
+                "method": json.dumps(self.method), "tensors_sha256": tensors_hash(tensors)}
+        return atomic_write_bytes(path, save(tensors, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Edit:
+        """Read an edit file; refuses a tampered, truncated or foreign file with one line naming it."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises several types for damaged files
+            raise PatchlabError(f"not a readable edit file ({type(exc).__name__}: {str(exc)[:120]})".replace("\n", " "),
+                                where=str(path)) from None
+        if meta.get("format") != FORMAT:
+            raise PatchlabError(f"not a patchlab edit file (format {meta.get('format')!r})", where=str(path))
+        if tensors_hash(tensors) != meta.get("tensors_sha256"):
+            raise PatchlabError("edit tensors do not match their recorded sha256 (file changed after saving)",
+                                where=str(path))
+        try:
+            heads = {int(k): [int(h) for h in v] for k, v in json.loads(meta["heads"]).items()}
+            deltas = {l: tensors[f"layer.{l}.delta"] for l in heads}
+            return cls(meta["model"], meta["weights_sha256"], heads, deltas, json.loads(meta["item_ids"]),
+                       json.loads(meta["method"]))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise PatchlabError(f"edit metadata is incomplete ({exc})", where=str(path)) from None
+
+
+def tensors_hash(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _applied(model) -> list:
+    if not hasattr(model, "_patchlab_edits"):
+        model._patchlab_edits = []
+    return model._patchlab_edits
+
+
+def base_hash(model) -> str:
+    """The weights hash of the model with no patchlab edit applied (cached on the model)."""
+    if _applied(model):
+        raise PatchlabError("another edit is applied: revert it first (edits are made against the base weights)")
+    cached = getattr(model, "_patchlab_hash", None)
+    if cached is None:
+        cached = model._patchlab_hash = weights_hash(model)
+    return cached
+
+
+# --- targets ------------------------------------------------------------------------------------------
+
+
+def _mean_last_z(model, prompts_per_item: list[list[str]], layer: int) -> Tensor:
+    flat = [p for ps in prompts_per_item for p in ps]
+    z = last_z(model, flat, [layer])[layer]
+    n = len(prompts_per_item[0])
+    return z.view(len(prompts_per_item), n, -1).mean(1)  # [items, H*dh]
+
+
+def optimize_delta(model, item: TwoHopItem, layer: int, k_full: Tensor, cfg: EditConfig, pre: Sequence[str],
+                   unrelated: Sequence[str] = (), key_S: Tensor | None = None, cols: Tensor | None = None,
+                   C_inv: Tensor | None = None) -> Tensor:
+    """δ added to o_proj's output at the last position that makes the answer likely (ROME-style).
+
+    Loss = −log p(answer) over prefixed composed queries + kl_weight · KL on unrelated prompts where δ is
+    added at every position in proportion to how strongly the edit would fire there (its key
+    similarity) + norm_weight · ‖δ‖²/‖W k‖².
+    """
+    from .locate import run_from_layer
+
+    W = o_proj(model, layer).weight
+    answer = answer_token_id(model, item.answer, where=f"{item.id}: answer")
+    prompts = with_prefixes(item.composed, pre)
+    seqs = [encode(model, p) for p in prompts]
+    tokens, lengths = pad_right(seqs, pad_id(model))
+    resid = _resid_at(model, tokens, layer)
+    scale = (W.float() @ k_full).norm().item()
+    delta = torch.zeros(W.shape[0], requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.opt_lr * scale / (W.shape[0] ** 0.5))
+    rows = torch.arange(len(seqs))
+    un = _unrelated_setup(model, unrelated, layer, key_S, cols, C_inv) if unrelated and cfg.kl_weight > 0 else None
+    with frozen(model):
+        _descend(model, layer, delta, opt, resid, rows, lengths, answer, scale, un, cfg)
+    return delta.detach()
+
+
+@contextlib.contextmanager
+def frozen(model) -> Iterator[None]:
+    """Parameters stop requiring grad for the block (gradients flow to activations only), then are restored."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _descend(model, layer, delta, opt, resid, rows, lengths, answer, scale, un, cfg) -> None:
+    from .locate import run_from_layer
+
+    for step in range(cfg.opt_steps):
+        def add(act, hook):
+            out = act.clone()
+            out[rows, lengths - 1] = out[rows, lengths - 1] + delta.to(act.dtype)
+            return out
+
+        with torch.enable_grad(), model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.o.hook_out", add)]):
+            logp = torch.log_softmax(run_from_layer(model, resid, layer, lengths - 1).float(), -1)[:, answer]
+        loss = -logp.mean() + cfg.norm_weight * (delta.norm() / scale) ** 2
+        if un is not None:
+            with torch.enable_grad():
+                loss = loss + cfg.kl_weight * _kl_preview(model, un, layer, delta)
+        if logp.exp().min().item() >= cfg.target_prob:
+            break
+        if not torch.isfinite(loss):
+            raise PatchlabError(f"target optimisation: non-finite loss at step {step}")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _resid_at(model, tokens: Tensor, layer: int) -> Tensor:
+    got: dict[str, Tensor] = {}
+    with torch.inference_mode(), model.hooks(fwd_hooks=[(f"blocks.{layer}.hook_resid_pre",
+                                                         lambda a, hook: got.__setitem__("r", a.clone()) or a)]):
+        model(tokens.to(model.cfg.device), stop_at_layer=layer + 1)
+    return got["r"].clone()
+
+
+def _unrelated_setup(model, prompts, layer, key_S, cols, C_inv) -> dict[str, Tensor]:
+    """For the KL preview: resid at `layer`, the original last-position log-probs, and how strongly the
+    edit fires at every position (α = z_Sᵀ C⁻¹ k_S / k_Sᵀ C⁻¹ k_S)."""
+    from .locate import run_from_layer
+
+    seqs = [encode(model, p) for p in prompts]
+    tokens, lengths = pad_right(seqs, pad_id(model))
+    got: dict[str, Tensor] = {}
+    hooks = [(f"blocks.{layer}.hook_resid_pre", lambda a, hook: got.__setitem__("r", a.clone()) or a),
+             (f"blocks.{layer}.attn.hook_z", lambda a, hook: got.__setitem__("z", a.clone()) or a)]
+    with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
+        model(tokens.to(model.cfg.device), stop_at_layer=layer + 1)
+    got = {k: v.clone() for k, v in got.items()}  # out of inference mode: usable under autograd
+    z = got["z"].reshape(*got["z"].shape[:2], -1)[..., cols].float()
+    u = key_S if C_inv is None else C_inv @ key_S
+    alpha = (z @ u) / (key_S @ u)
+    alpha = alpha * (torch.arange(tokens.shape[1])[None] < lengths[:, None])
+    with torch.inference_mode():
+        base = torch.log_softmax(run_from_layer(model, got["r"], layer, lengths - 1).float(), -1)
+    return {"resid": got["r"], "lengths": lengths, "alpha": alpha, "base": base}
+
+
+def _kl_preview(model, un: dict[str, Tensor], layer: int, delta: Tensor) -> Tensor:
+    from .locate import run_from_layer
+
+    def add(act, hook):
+        return act + un["alpha"][..., None].to(act.dtype) * delta.to(act.dtype)
+
+    with model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.o.hook_out", add)]):
+        logp = torch.log_softmax(run_from_layer(model, un["resid"], layer, un["lengths"] - 1).float(), -1)
+    return (un["base"].exp() * (un["base"] - logp)).sum(-1).mean()
+
+
+# --- computing an edit -------------------------------------------------------------------------------
+
+
+def compute_edit(
+    model,
+    items: Sequence[TwoHopItem],
+    heads: Sequence[Head],
+    cfg: EditConfig | None = None,
+    unrelated: Sequence[str] = (),
+) -> Edit:
+    """Compute the head-restricted edit that makes the chosen heads output their targets on `items`.
+
+    One item: a rank-one edit per layer. Several items: one least-squares update per layer (batch).
+    """
+    cfg = cfg or EditConfig()
+    if not items:
+        raise PatchlabError("no items to edit")
+    if not heads:
+        raise PatchlabError("no heads to edit", where="--heads")
+    base = base_hash(model)
+    pre = prefixes(cfg.n_prefixes)
+    layer_heads = by_layer(heads)
+    deltas: dict[int, Tensor] = {}
+    staged: list[Edit] = []
+    try:
+        for layer, hs in layer_heads.items():
+            deltas[layer] = _layer_delta(model, items, layer, hs, cfg, pre, unrelated)
+            step = Edit(model_name(model), base, {layer: hs}, {layer: deltas[layer]}, [])
+            staged.append(step.apply(model, verify_hash=False))  # later layers see this one
+    finally:
+        for step in reversed(staged):
+            step.revert(model)
+    method = {"target": cfg.target, "covariance": cfg.covariance, "n_prefixes": cfg.n_prefixes,
+              "batch": len(items) > 1, "config": cfg.__dict__}
+    return Edit(model_name(model), base, layer_heads, deltas, [it.id for it in items], method)
+
+
+def _layer_delta(model, items, layer: int, hs: list[int], cfg: EditConfig, pre, unrelated) -> Tensor:
+    W = o_proj(model, layer).weight.detach().float().cpu()
+    cols = head_columns(model, hs)
+    K = _mean_last_z(model, [with_prefixes(it.composed, pre) for it in items], layer)  # [n, H*dh]
+    C = _regularised(covariance(model, layer)[cols][:, cols], cfg.cov_ridge) if cfg.covariance else None
+    if cfg.target == "guide":
+        V = _mean_last_z(model, [with_prefixes(it.hop2, pre) for it in items], layer) @ W.T
+    else:
+        C_inv = torch.linalg.inv(C) if C is not None else None
+        opt_pre = pre[: cfg.opt_prefixes + 1]
+        V = torch.stack([
+            W @ K[i] + optimize_delta(model, it, layer, K[i], cfg, opt_pre, unrelated, K[i, cols], cols, C_inv)
+            for i, it in enumerate(items)
+        ])
+    R = (V - K @ W.T).T  # [d_model, n]
+    return solve_delta(R, K[:, cols].T, C, cfg.batch_ridge)

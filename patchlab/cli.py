@@ -277,7 +277,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         app(args=argv, prog_name="patchlab", standalone_mode=True)
     except PatchlabError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        Console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -54,7 +54,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{path.name}-", dir=path.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the directory the usual mode
         yield tmp
@@ -74,13 +74,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def sweep_orphans(folder: str | Path) -> int:
+def sweep_orphans(folder: str | Path, name: str = "") -> int:
     """Remove temp files/dirs left by a killed writer in `folder`; returns how many were removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     n = 0
-    for p in folder.glob(f"{TMP_PREFIX}*"):
+    for p in folder.glob(f"{TMP_PREFIX}{name}*"):
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:

@@ -86,7 +86,8 @@ def _cache_is_complete(folder: Path) -> bool:
     if not marker.is_file():
         return False
     try:
-        return json.loads(marker.read_text()).get("format") == CACHE_FORMAT
+        info = json.loads(marker.read_text())
+        return isinstance(info, dict) and info.get("format") == CACHE_FORMAT
     except (OSError, ValueError):
         return False
 
@@ -133,7 +134,7 @@ def ensure_cached(key: str) -> Path:
         with FileLock(str(folder) + ".lock", timeout=LOCK_TIMEOUT_S):
             if _cache_is_complete(folder):
                 return folder
-            sweep_orphans(folder.parent)
+            sweep_orphans(folder.parent, f"{key}-")  # only this model's (we hold its lock)
             with atomic_dir(folder) as tmp:
                 _dequantize_into(spec, tmp)
     except Timeout:

@@ -215,12 +215,6 @@ def test_cli_bad_prompt_set_exits_2_with_one_line(tmp_path, name):
     assert not out.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in patchlab/cli.py main(): the error text is printed with rich markup on, so a '[/x]' in "
-           "it (an id, a path) raises MarkupError -> traceback and exit 1; escape it (rich.markup.escape) "
-           "or print it as Text. Remove this xfail once fixed.",
-)
 def test_cli_error_text_is_not_read_as_rich_markup(tmp_path):
     bad, out, proc = run_evaluate(tmp_path, "markup", rec(id="[/x]") + b"\n" + rec(id="[/x]") + b"\n")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -156,11 +156,7 @@ def test_complete_cache_is_used_even_while_the_lock_is_held(tmp_path, monkeypatc
     "content",
     [
         '{"format": 0}', '{"key": "fake"}', "not json", "", "\xff",
-        pytest.param("[1]", marks=pytest.mark.xfail(
-            strict=True, raises=AttributeError,
-            reason="BUG in patchlab/models.py _cache_is_complete(): a patchlab-cache.json that is valid JSON "
-                   "but not an object ([1], 1, null) raises AttributeError ('.get' on a list) instead of "
-                   "counting as incomplete. Remove this xfail once fixed.")),
+        "[1]",
     ],
 )
 def test_wrong_format_marker_is_rebuilt(tmp_path, monkeypatch, content):
@@ -176,13 +172,6 @@ def test_wrong_format_marker_is_rebuilt(tmp_path, monkeypatch, content):
     assert not (folder / "stale.bin").exists()  # replaced whole, not patched
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in patchlab/models.py ensure_cached(): sweep_orphans(folder.parent) runs under the lock "
-           "of ONE model but removes every .patchlab-tmp-* in models/, including the half-built folder "
-           "of another model that another process is building under its own lock. Remove this xfail "
-           "once the sweep only touches this model's orphans (or dead writers' ones).",
-)
 def test_building_one_model_does_not_sweep_another_models_build(tmp_path, monkeypatch):
     cache, marker = tmp_path / "cache", tmp_path / "marker.txt"
     proc, results = _start(cache, "fake-a", marker, 3.0)

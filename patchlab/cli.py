@@ -251,6 +251,113 @@ def locate(
     _written(result.save(out))
 
 
+def _edit_table(report) -> Table:
+    table = Table(title=f"Edit of {', '.join(report.heads)} ({report.target}{', batch' if report.batch else ''}), "
+                        f"{report.seconds_per_edit:.1f} s/edit")
+    for col in ("test set", "n", "before", "after", "C (rel. Δp)", "beats wrong"):
+        table.add_column(col, justify="left" if col == "test set" else "right")
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for name, s in report.summary.items():
+        if s.get("n"):
+            table.add_row(name, str(s["n"]), fmt(s["before"], ".2f"), fmt(s["after"], ".2f"), fmt(s["C"], "+.2f"),
+                          fmt(s["beats_wrong"], ".2f"))
+    return table
+
+
+def _heads(m, heads: Optional[str], heads_from: Optional[Path], top: int):
+    from .locate import heads_from as from_result
+    from .spec import parse_heads
+
+    if (heads is None) == (heads_from is None):
+        raise PatchlabError("give exactly one of --heads 14.3,17.9 or --heads-from locate/result.json", where="--heads")
+    if heads is not None:
+        return parse_heads(heads, m.cfg.n_layers, m.cfg.n_heads)
+    if top < 1:
+        raise PatchlabError(f"must be >= 1, got {top}", where="--top")
+    return from_result(heads_from, m, top)
+
+
+@app.command()
+def edit(
+    model: str = ModelOpt,
+    prompt_set: Optional[str] = PromptSetOpt,
+    ids: Optional[str] = typer.Option(None, "--ids", help="Comma-separated item ids to edit."),
+    failures: bool = typer.Option(False, "--failures", help="Edit every composed failure with both hops right."),
+    heads: Optional[str] = typer.Option(None, "--heads", help="Heads to edit, e.g. 23.4,23.5."),
+    heads_from: Optional[Path] = typer.Option(None, "--heads-from", help="A `patchlab locate` result.json."),
+    top: int = typer.Option(2, "--top", help="With --heads-from: how many heads."),
+    target: str = typer.Option("optimize", "--target", help="optimize (ROME-style v*) | guide (CREME's v*)."),
+    batch: bool = typer.Option(False, "--batch", help="One least-squares edit for all items (MEMIT-style)."),
+    held_out: float = typer.Option(0.0, "--held-out", help="With --batch: share of the failures kept out of the edit and tested."),
+    covariance: bool = typer.Option(True, "--covariance/--no-covariance", help="ROME's C over the heads' z (else C = I)."),
+    max_items: int = typer.Option(100, "--max-items"),
+    gap: Optional[Path] = typer.Option(None, "--gap", help="result.json of `patchlab evaluate` (else evaluated now)."),
+    out: Path = typer.Option(Path("patchlab-out/edit"), "--out", "-o"),
+    device: Optional[str] = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Fix failed compositions with a rank-one update of the chosen heads' W_O columns, and measure it."""
+    from .edit import EditConfig, edit_each
+    from .editeval import evaluate_edits, kl_prompts
+    from .io import atomic_dir
+
+    out = _out_dir(out)
+    if (ids is None) == (not failures):
+        raise PatchlabError("give exactly one of --ids ... or --failures", where="--ids")
+    if not 0.0 <= held_out < 1.0 or (held_out and not batch):
+        raise PatchlabError(f"must be in [0, 1) and needs --batch, got {held_out}", where="--held-out")
+    cfg = EditConfig(target=target, covariance=covariance)
+    ps = _prompt_set(prompt_set, None, None, None)
+    m = _load(model, device, dtype)
+    chosen = _heads(m, heads, heads_from, top)
+    g = _gap_for(m, ps, gap)
+    items = list(ps.filter(ids=ids.split(","))) if ids else [it for it in ps if it.id in set(g.failures)]
+    rows = {r["id"]: r for r in g.items}
+    already = [it.id for it in items if rows.get(it.id, {}).get("composed")]
+    if already:
+        raise PatchlabError(f"item '{already[0]}' is already answered right: nothing to fix", where="--ids")
+    items = items[:max_items]
+    if not items:
+        raise PatchlabError("no failures to edit in this prompt set", where="--prompt-set")
+    kept_out = items[len(items) - int(round(held_out * len(items))):] if held_out else []
+    items = items[: len(items) - len(kept_out)]
+    unrelated, exclude = kl_prompts(list(ps), g)
+    edits = edit_each(m, items, chosen, cfg, batch=batch, unrelated=unrelated)
+    report = evaluate_edits(m, edits, list(ps), g, held_out=kept_out, exclude=exclude)
+    console.print(_edit_table(report))
+    with atomic_dir(out / "edits") as tmp:
+        for group, e, _ in edits:
+            e.save(tmp / f"{'batch' if batch else group[0].id}.edit")
+    console.print(f"[green]wrote[/green] {len(edits)} edit file(s) under {out / 'edits'}")
+    _written(report.save(out))
+
+
+@app.command()
+def apply(
+    edit_file: Path = typer.Argument(..., help="An .edit file written by `patchlab edit`."),
+    model: str = ModelOpt,
+    prompt_set: Optional[str] = PromptSetOpt,
+    gap: Optional[Path] = typer.Option(None, "--gap"),
+    out: Path = typer.Option(Path("patchlab-out/apply"), "--out", "-o"),
+    device: Optional[str] = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Evaluate a saved edit on the items it was made for (refuses an edit made for other weights)."""
+    from .edit import Edit, base_hash
+    from .editeval import evaluate_edits
+
+    out = _out_dir(out)
+    e = Edit.load(edit_file)
+    ps = _prompt_set(prompt_set, None, None, None)
+    m = _load(model, device, dtype)
+    if base_hash(m) != e.weights_sha256:
+        raise PatchlabError(f"edit was made for '{e.model}' weights {e.weights_sha256[:12]}…, not these", where=str(edit_file))
+    items = list(ps.filter(ids=e.item_ids))
+    report = evaluate_edits(m, [(items, e, 0.0)], list(ps), _gap_for(m, ps, gap))
+    console.print(_edit_table(report))
+    _written(report.save(out))
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("patchlab-demo"), "--out", "-o"),

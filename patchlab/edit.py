@@ -155,7 +155,7 @@ class EditConfig:
 
     target: str = "guide"  # guide | optimize
     covariance: bool = True  # ROME's C over the heads' z (else C = I, CREME's code)
-    cov_ridge: float = 0.1  # C + ridge·mean(diag C)·I
+    cov_ridge: float = 0.01  # C + ridge·mean(diag C)·I
     n_prefixes: int = 20
     batch_ridge: float = 0.0  # λ of the batch (MEMIT-style) solve, relative to the Gram diagonal
     opt_steps: int = 25
@@ -485,3 +485,19 @@ def _layer_delta(model, items, layer: int, hs: list[int], cfg: EditConfig, pre, 
         ])
     R = (V - K @ W.T).T  # [d_model, n]
     return solve_delta(R, K[:, cols].T, C, cfg.batch_ridge)
+
+
+def edit_each(model, items: Sequence[TwoHopItem], heads: Sequence[Head], cfg: EditConfig | None = None,
+              batch: bool = False, unrelated: Sequence[str] = (), progress: bool = True) -> list[tuple[list[TwoHopItem], Edit, float]]:
+    """One edit per item (or one batch edit for all), each with the seconds it took to compute."""
+    import time
+
+    from .progress import track
+
+    groups = [list(items)] if batch else [[it] for it in items]
+    out = []
+    for group in track(groups, "computing edits" if progress else None):
+        start = time.perf_counter()
+        edit = compute_edit(model, group, heads, cfg, unrelated)
+        out.append((group, edit, time.perf_counter() - start))
+    return out

@@ -137,3 +137,17 @@ def locate_figure(result) -> go.Figure:
                             f"positions {esc(result.positions)}, n={result.n}) — {esc(result.model)}",
                       template="plotly_white", height=max(500, 18 * result.n_layers))
     return fig
+
+
+def edit_figure(report) -> go.Figure:
+    """Before / after event rate per test set (bars), with the relative probability increase C on hover."""
+    names = [n for n, s in report.summary.items() if s.get("n")]
+    fig = go.Figure()
+    for key, label, color in (("before", "before edit", "#9e9e9e"), ("after", "after edit", "#1f77b4")):
+        fig.add_bar(name=label, x=[esc(n) for n in names], y=[report.summary[n][key] for n in names], marker_color=color,
+                    customdata=[[report.summary[n]["n"], report.summary[n]["C"] or 0.0] for n in names],
+                    hovertemplate="%{x}: %{y:.2f} (n=%{customdata[0]}, C=%{customdata[1]:.2f})<extra>" + label + "</extra>")
+    fig.update_layout(barmode="group", template="plotly_white", yaxis=dict(title="event rate (greedy answer right)", range=[0, 1]),
+                      title=f"Edit of heads {esc(', '.join(report.heads))} ({esc(report.target)} target"
+                            f"{', batch' if report.batch else ''}; {report.seconds_per_edit:.1f} s/edit) — {esc(report.model)}")
+    return fig

@@ -361,22 +361,51 @@ def apply(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("patchlab-demo"), "--out", "-o"),
-    quick: bool = typer.Option(False, "--quick", help="A small slice (4 items per kind)."),
+    quick: bool = typer.Option(False, "--quick", help="A small slice (4 items per kind, 4 edits)."),
     model: str = ModelOpt,
 ) -> None:
-    """The whole chain on the offline default model and the shipped prompt set."""
+    """The whole chain on the offline default model and the shipped set: gap → lens → locate → edit."""
+    from . import lens as L
+    from .edit import EditConfig, edit_each
+    from .editeval import evaluate_edits, kl_prompts
     from .evaluate import evaluate_gap
+    from .locate import locate as run_locate
     from .prompts import PromptSet
+    from .spec import parse_heads
 
     out = _out_dir(out)
     ps = PromptSet.shipped()
     if quick:
         ps = ps.stratified(4)
     m = _load(model, None, "float32")
-    result = evaluate_gap(m, ps)
-    console.print(_gap_table(result))
-    _written(result.save(out / "evaluate"))
-    console.print(f"failures (both hops right, composed wrong): {len(result.failures)}")
+    timings = {}
+    start = time.perf_counter()
+    gap = evaluate_gap(m, ps)
+    timings["evaluate"] = time.perf_counter() - start
+    console.print(_gap_table(gap))
+    _written(gap.save(out / "evaluate"))
+    fails = [it for it in ps if it.id in set(gap.failures)]
+    if not fails:
+        raise PatchlabError("the model has no composition failures on this slice: nothing to locate or edit")
+    start = time.perf_counter()
+    lens_result = L.lens_items(m, list(ps), gap=gap)
+    timings["lens"] = time.perf_counter() - start
+    console.print(_lens_table(lens_result))
+    _written(lens_result.save(out / "lens"))
+    start = time.perf_counter()
+    loc = run_locate(m, fails[: 6 if quick else 12], setup="guide", method="both", verify=20)
+    timings["locate"] = time.perf_counter() - start
+    console.print(_locate_table(loc, 8))
+    _written(loc.save(out / "locate"))
+    heads = parse_heads(",".join(loc.heads(2)), m.cfg.n_layers, m.cfg.n_heads)
+    start = time.perf_counter()
+    unrelated, exclude = kl_prompts(list(ps), gap)
+    edits = edit_each(m, fails[: 4 if quick else 20], heads, EditConfig(target="optimize"), unrelated=unrelated)
+    report = evaluate_edits(m, edits, list(ps), gap, exclude=exclude)
+    timings["edit"] = time.perf_counter() - start
+    console.print(_edit_table(report))
+    _written(report.save(out / "edit"))
+    console.print("timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

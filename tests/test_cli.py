@@ -63,3 +63,42 @@ def test_evaluate_writes_result_and_figure(tmp_path, smol):
     assert (out / "figure.html").stat().st_size > 10_000
     assert "Compositionality gap" in stdout
     assert not list(out.glob(".patchlab-tmp-*"))
+
+
+def test_locate_top_zero_exits_2_before_loading(tmp_path):
+    code, _, err = run_cli("locate", "--top", "0", "--out", str(tmp_path / "o"))
+    assert code == 2 and "--top" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.real
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--failures", "--heads", "17.9"], "head 9 does not exist"),
+        (["--failures", "--heads", "30.0"], "layer 30 does not exist"),
+        (["--failures", "--heads", "-1.3"], "is not a head"),
+        (["--failures", "--heads", "14.3,14.3"], "listed twice"),
+        (["--heads", "14.3"], "exactly one of --ids"),
+        (["--failures", "--target", "magic", "--heads", "14.3"], "target"),
+    ],
+)
+def test_edit_bad_arguments_exit_2(tmp_path, smol, args, needle):
+    out = tmp_path / "e"
+    code, _, err = run_cli("edit", "--gap", str(gap_file(tmp_path, smol)), *args, "--out", str(out))
+    assert code == 2 and needle in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+_GAP: dict = {}
+
+
+def gap_file(tmp_path, smol):
+    """A small saved gap result, so CLI edit tests do not re-evaluate the whole shipped set."""
+    from patchlab.evaluate import evaluate_gap
+    from patchlab.prompts import PromptSet
+
+    if "path" not in _GAP:
+        result = evaluate_gap(smol, PromptSet.shipped().stratified(3), progress=False)
+        _GAP["path"] = result.save(tmp_path / "gap")["result.json"]
+    return _GAP["path"]

@@ -1,0 +1,117 @@
+"""Editing the default model's failures: layer-level CREME vs head-level patchlab vs fine-tuning the same
+W_O columns, with all test sets and the seconds per edit; then a batch edit with held-out failures.
+
+Usage: python benchmarks/bench_edit.py [--items N]   (default: every failure of the shipped set)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from patchlab import edit as E
+from patchlab import editeval as V
+from patchlab.evaluate import evaluate_gap
+from patchlab.locate import locate
+from patchlab.models import load_model
+from patchlab.prompts import PromptSet
+from patchlab.scoring import answer_token_id, encode, pad_id, pad_right
+from patchlab.spec import Head
+
+
+def finetune_columns(model, item, heads, steps: int = 25, lr: float = 1e-3) -> E.Edit:
+    """Plain gradient descent on −log p(answer) over the prefixed composed queries, only on the heads' W_O columns."""
+    layer_heads = E.by_layer(heads)
+    prompts = E.with_prefixes(item.composed, E.prefixes(6))
+    tokens, lengths = pad_right([encode(model, p) for p in prompts], pad_id(model))
+    answer = answer_token_id(model, item.answer)
+    deltas = {l: torch.zeros(model.cfg.d_model, len(hs) * model.cfg.d_head, requires_grad=True)
+              for l, hs in layer_heads.items()}
+    opt = torch.optim.Adam(list(deltas.values()), lr=lr)
+
+    def hook(layer):
+        cols = E.head_columns(model, layer_heads[layer])
+
+        def add(act, hook):  # o_proj output += ΔW_S z_S, i.e. the weight change, as a hook
+            return act + model._z[layer][..., cols] @ deltas[layer].T
+
+        return add
+
+    def keep(layer):
+        def k(act, hook):
+            model._z[layer] = act.reshape(*act.shape[:2], -1)
+            return act
+
+        return k
+
+    model._z = {}
+    hooks = [(f"blocks.{l}.attn.hook_z", keep(l)) for l in layer_heads] + \
+            [(f"blocks.{l}.attn.o.hook_out", hook(l)) for l in layer_heads]
+    with E.frozen(model):
+        for _ in range(steps):
+            with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+                logits = model(tokens)[torch.arange(len(prompts)), lengths - 1]
+                loss = -torch.log_softmax(logits.float(), -1)[:, answer].mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    del model._z
+    return E.Edit(E.model_name(model), E.base_hash(model), layer_heads,
+                  {l: d.detach() for l, d in deltas.items()}, [item.id], {"target": "finetune"})
+
+
+def row(name, report) -> str:
+    s = report.summary
+    cell = lambda k: f"{s[k]['before']:.2f}→{s[k]['after']:.2f}" if s[k].get("n") else "-"  # noqa: E731
+    return (f"| {name} | {cell('correction')} | {cell('paraphrase')} | {cell('generalization')} | "
+            f"{s['irrelevance']['after']:.3f} | {s['facts']['after']:.3f} | {report.seconds_per_edit:.1f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--items", type=int, default=None)
+    args = ap.parse_args()
+    model = load_model("smollm2-135m")
+    ps = PromptSet.shipped()
+    pool = list(ps)
+    gap = evaluate_gap(model, ps, progress=False)
+    fails = [it for it in pool if it.id in set(gap.failures)][: args.items]
+    unrelated, exclude = V.kl_prompts(pool, gap)
+    print(f"{len(fails)} failures (both hops right, composed wrong) of {len(pool)} items")
+    start = time.perf_counter()
+    loc = locate(model, fails[:10], setup="guide", method="both", progress=False)
+    heads = [Head(*map(int, h.split("."))) for h in loc.heads(2)]
+    print(f"located heads {[str(h) for h in heads]} in {time.perf_counter() - start:.0f} s")
+    print("\n| method | correction | paraphrase | generalization | irrelevance kept | facts kept | s/edit |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    variants = {
+        "layer-level CREME (layers 20-26, guide, C=I)": lambda: E.edit_each(
+            model, fails, [Head(l, h) for l in range(20, 27) for h in range(model.cfg.n_heads)],
+            E.EditConfig(target="guide", covariance=False), progress=False),
+        f"patchlab heads {'+'.join(map(str, heads))} (optimize, C)": lambda: E.edit_each(
+            model, fails, heads, E.EditConfig(target="optimize"), unrelated=unrelated, progress=False),
+        f"fine-tune W_O columns of {'+'.join(map(str, heads))} (25 Adam steps)": lambda: [
+            _timed_ft(model, it, heads) for it in fails],
+    }
+    for name, run in variants.items():
+        report = V.evaluate_edits(model, run(), pool, gap, exclude=exclude, progress=False)
+        print(row(name, report), flush=True)
+    half = len(fails) // 2
+    edits = E.edit_each(model, fails[:half], heads, E.EditConfig(target="optimize"), batch=True,
+                        unrelated=unrelated, progress=False)
+    report = V.evaluate_edits(model, edits, pool, gap, held_out=fails[half:], exclude=exclude, progress=False)
+    print(row(f"batch edit of {half} failures (heads {'+'.join(map(str, heads))})", report))
+    h = report.summary["held_out"]
+    print(f"held-out failures of the batch edit (not edited): {h['before']:.2f} → {h['after']:.2f} (n={h['n']})")
+
+
+def _timed_ft(model, it, heads):
+    start = time.perf_counter()
+    edit = finetune_columns(model, it, heads)
+    return [it], edit, time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    main()

@@ -21,7 +21,7 @@ def tiny_pair(tiny):
 def tl_reference(model, pair, fn, index_df=None):
     _, cache = model.run_with_cache(torch.tensor([pair.clean]))
     metric = lambda logits: logits[0, -1, pair.answer] - logits[0, -1, pair.contrast]  # noqa: E731
-    kw = {"index_df": index_df} if index_df is not None else {}
+    kw = {"index_df": index_df, "index_axis_names": None} if index_df is not None else {}
     return fn(model, torch.tensor([pair.corrupted]), cache, metric, **kw)
 
 

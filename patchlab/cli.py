@@ -13,8 +13,9 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Table  # noqa: F401  (commands build their own tables)
 
+from . import tables
 from .errors import PatchlabError
 
 app = typer.Typer(
@@ -70,19 +71,6 @@ def _load(model: str, device: Optional[str], dtype: str):
     return m
 
 
-def _gap_table(result) -> Table:
-    table = Table(title=f"Compositionality gap — {result.model}")
-    for col in ("kind", "n", "hop1", "hop2", "composed", "both hops", "gap", "gap share"):
-        table.add_column(col, justify="left" if col == "kind" else "right", no_wrap=col == "kind")
-    for kind, s in result.summary.items():
-        table.add_row(
-            kind, str(s["n"]), f"{s['hop1_acc']:.2f}", f"{s['hop2_acc']:.2f}", f"{s['composed_acc']:.2f}",
-            str(s["both_hops"]), str(s["gap_count"]), f"{s['gap_share']:.2f}",
-            style="bold" if kind == "all" else None,
-        )
-    return table
-
-
 def _written(paths: dict) -> None:
     for name, path in paths.items():
         console.print(f"[green]wrote[/green] {name}: {path}")
@@ -107,7 +95,7 @@ def evaluate(
     ps = _prompt_set(prompt_set, kinds, limit, per_kind)
     m = _load(model, device, dtype)
     result = evaluate_gap(m, ps, batch_size=batch_size)
-    console.print(_gap_table(result))
+    console.print(tables.gap_table(result).to_rich())
     _written(result.save(out))
 
 
@@ -121,17 +109,6 @@ def _gap_for(m, ps, gap_path: Optional[Path]):
     if gap.model != getattr(m, "patchlab_name", gap.model):
         raise PatchlabError(f"gap result was made on '{gap.model}', not this model", where=f"--gap {gap_path}")
     return gap
-
-
-def _lens_table(result) -> Table:
-    table = Table(title="Logit lens: first layer where the geometric-mean rank is <= 10")
-    table.add_column("group")
-    for t in next(iter(result.first_top10.values()), {}):
-        table.add_column(t, justify="right")
-    for group, firsts in result.first_top10.items():
-        n = result.summary[group][next(iter(firsts))]["n"][0]
-        table.add_row(f"{group} (n={n})", *[result.layers[v] if v is not None else "never" for v in firsts.values()])
-    return table
 
 
 @app.command()
@@ -178,7 +155,7 @@ def lens(
     layers = parse_layers(intervene_layers, m.cfg.n_layers, "--intervene-layers") if intervene else []
     gap_result = _gap_for(m, ps, gap)
     result = L.lens_items(m, list(ps), gap=gap_result, extra=words)
-    console.print(_lens_table(result))
+    console.print(tables.lens_table(result).to_rich())
     _written(result.save(out))
     if positions == "all":
         for it in list(ps)[:50]:
@@ -194,16 +171,6 @@ def lens(
             f"Δp(answer) {iv.summary['bridge_mean'][best]:+.4f} (control {iv.summary['control_mean'][best]:+.4f})"
         )
         _written(iv.save(out, name="intervention"))
-
-
-def _locate_table(result, top: int) -> Table:
-    unit = "head" if result.site == "z" else "layer"
-    table = Table(title=f"Top {unit}s by mean normalised effect ({result.setup}, {result.method}, n={result.n})")
-    for col in (unit, "mean", "std", f"share in item top-{result.top_k}"):
-        table.add_column(col, justify="right")
-    for r in result.ranking[:top]:
-        table.add_row(r["unit"], f"{r['mean']:+.3f}", f"{r['std']:.3f}", f"{r['share_top_k']:.2f}")
-    return table
 
 
 @app.command()
@@ -245,23 +212,10 @@ def locate(
                             "template needs composed-correct items)", where="--prompt-set")
     result = run_locate(m, items, setup=setup, pool=list(ps), method=method, site=site, positions=positions,
                         top_k=top, verify=verify)
-    console.print(_locate_table(result, top))
+    console.print(tables.locate_table(result, top).to_rich())
     console.print(f"[dim]{result.n} items patched in {result.seconds:.1f} s; "
                   f"{sum(r['flagged'] for r in result.items)} flagged[/dim]")
     _written(result.save(out))
-
-
-def _edit_table(report) -> Table:
-    table = Table(title=f"Edit of {', '.join(report.heads)} ({report.target}{', batch' if report.batch else ''}), "
-                        f"{report.seconds_per_edit:.1f} s/edit")
-    for col in ("test set", "n", "before", "after", "C (rel. Δp)", "beats wrong"):
-        table.add_column(col, justify="left" if col == "test set" else "right")
-    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    for name, s in report.summary.items():
-        if s.get("n"):
-            table.add_row(name, str(s["n"]), fmt(s["before"], ".2f"), fmt(s["after"], ".2f"), fmt(s["C"], "+.2f"),
-                          fmt(s["beats_wrong"], ".2f"))
-    return table
 
 
 def _heads(m, heads: Optional[str], heads_from: Optional[Path], top: int):
@@ -324,7 +278,7 @@ def edit(
     unrelated, exclude = kl_prompts(list(ps), g)
     edits = edit_each(m, items, chosen, cfg, batch=batch, unrelated=unrelated)
     report = evaluate_edits(m, edits, list(ps), g, held_out=kept_out, exclude=exclude)
-    console.print(_edit_table(report))
+    console.print(tables.edit_table(report).to_rich())
     with atomic_dir(out / "edits") as tmp:
         for group, e, _ in edits:
             e.save(tmp / f"{'batch' if batch else group[0].id}.edit")
@@ -354,7 +308,7 @@ def apply(
         raise PatchlabError(f"edit was made for '{e.model}' weights {e.weights_sha256[:12]}…, not these", where=str(edit_file))
     items = list(ps.filter(ids=e.item_ids))
     report = evaluate_edits(m, [(items, e, 0.0)], list(ps), _gap_for(m, ps, gap))
-    console.print(_edit_table(report))
+    console.print(tables.edit_table(report).to_rich())
     _written(report.save(out))
 
 
@@ -362,50 +316,35 @@ def apply(
 def demo(
     out: Path = typer.Option(Path("patchlab-demo"), "--out", "-o"),
     quick: bool = typer.Option(False, "--quick", help="A small slice (4 items per kind, 4 edits)."),
+    per_kind: Optional[int] = PerKindOpt,
     model: str = ModelOpt,
 ) -> None:
-    """The whole chain on the offline default model and the shipped set: gap → lens → locate → edit."""
-    from . import lens as L
-    from .edit import EditConfig, edit_each
-    from .editeval import evaluate_edits, kl_prompts
-    from .evaluate import evaluate_gap
-    from .locate import locate as run_locate
-    from .prompts import PromptSet
-    from .spec import parse_heads
+    """The whole chain on the offline default model and the shipped set: gap → lens → locate → edit → report."""
+    from .demo import run_demo
 
     out = _out_dir(out)
-    ps = PromptSet.shipped()
-    if quick:
-        ps = ps.stratified(4)
+    ps = _prompt_set(None, None, None, per_kind if per_kind is not None else (4 if quick else None))
+    quick = quick or per_kind is not None
     m = _load(model, None, "float32")
-    timings = {}
-    start = time.perf_counter()
-    gap = evaluate_gap(m, ps)
-    timings["evaluate"] = time.perf_counter() - start
-    console.print(_gap_table(gap))
-    _written(gap.save(out / "evaluate"))
-    fails = [it for it in ps if it.id in set(gap.failures)]
-    if not fails:
-        raise PatchlabError("the model has no composition failures on this slice: nothing to locate or edit")
-    start = time.perf_counter()
-    lens_result = L.lens_items(m, list(ps), gap=gap)
-    timings["lens"] = time.perf_counter() - start
-    console.print(_lens_table(lens_result))
-    _written(lens_result.save(out / "lens"))
-    start = time.perf_counter()
-    loc = run_locate(m, fails[: 6 if quick else 12], setup="guide", method="both", verify=20)
-    timings["locate"] = time.perf_counter() - start
-    console.print(_locate_table(loc, 8))
-    _written(loc.save(out / "locate"))
-    heads = parse_heads(",".join(loc.heads(2)), m.cfg.n_layers, m.cfg.n_heads)
-    start = time.perf_counter()
-    unrelated, exclude = kl_prompts(list(ps), gap)
-    edits = edit_each(m, fails[: 4 if quick else 20], heads, EditConfig(target="optimize"), unrelated=unrelated)
-    report = evaluate_edits(m, edits, list(ps), gap, exclude=exclude)
-    timings["edit"] = time.perf_counter() - start
-    console.print(_edit_table(report))
-    _written(report.save(out / "edit"))
-    console.print("timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    printers = {"gap": tables.gap_table, "lens": tables.lens_table, "intervention": tables.intervention_table,
+                "locate": lambda r: tables.locate_table(r, 8), "edit": tables.edit_table}
+    page = run_demo(m, ps, out, quick=quick, on_result=lambda name, r: console.print(printers[name](r).to_rich()))
+    console.print(f"[bold green]report:[/bold green] {page}")
+
+
+@app.command()
+def report(
+    folder: Path = typer.Argument(..., help="A folder holding results of evaluate / lens / locate / edit runs."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default FOLDER/report.html)."),
+    title: Optional[str] = typer.Option(None, "--title"),
+    png: Optional[Path] = typer.Option(None, "--png", help="Also write a PNG picture of the summary (needs patchlab[docs])."),
+) -> None:
+    """Build one self-contained HTML page from the JSON results found under FOLDER."""
+    from .report import build_report, find_results, summary_png
+
+    console.print(f"[bold green]report:[/bold green] {build_report(folder, out=out, title=title)}")
+    if png is not None:
+        console.print(f"[green]wrote[/green] {summary_png(find_results(folder), png)}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -191,10 +191,17 @@ def summary_figure(results: list[tuple[Path, Result]]):
     fig = make_subplots(rows=2, cols=2, subplot_titles=titles, horizontal_spacing=0.12, vertical_spacing=0.16)
     for i, result in enumerate(picked):
         row, col = divmod(i, 2)
-        for trace in result.figure().data:
+        source = result.figure()
+        for trace in source.data:
+            if trace.xaxis not in (None, "x"):  # a figure with its own subplots: keep the first panel only
+                continue
             if trace.type == "heatmap":
                 trace.update(colorbar=dict(len=0.4, x=0.45 + 0.55 * col, y=0.8 - 0.58 * row))
             fig.add_trace(trace, row=row + 1, col=col + 1)
+        for axis, update in (("xaxis", fig.update_xaxes), ("yaxis", fig.update_yaxes)):
+            src = source.layout[axis]
+            title = src.title.text if (axis == "yaxis" or row == 1) else None  # top-row x titles would hit the titles below
+            update(type=src.type, title_text=title, range=src.range, autorange=src.autorange, row=row + 1, col=col + 1)
     fig.update_layout(template="plotly_white", showlegend=False, width=1400, height=900,
                       title="patchlab report — " + html.escape(str(getattr(picked[0], "model", ""))))
     return fig

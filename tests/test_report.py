@@ -90,3 +90,15 @@ def test_every_section_kind_has_a_loadable_class():
         module, name = sec.cls.split(":")
         assert getattr(importlib.import_module(f"patchlab.{module}"), name).kind == kind
     assert find_results.__doc__
+
+
+@pytest.mark.real
+def test_summary_picture_has_the_four_panels(demo_dir, tmp_path):
+    from patchlab.report import summary_figure, summary_png
+
+    fig = summary_figure(find_results(demo_dir))
+    axes = {(t.xaxis or "x") for t in fig.data}
+    assert axes == {"x", "x2", "x3", "x4"}
+    pytest.importorskip("kaleido")
+    png = summary_png(find_results(demo_dir), tmp_path / "r.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000

@@ -67,6 +67,13 @@ def measure(model, queries: Sequence[Query]) -> list[dict[str, Any]]:
     return out
 
 
+def measure_before(model, queries: Sequence[Query], cache: dict[Query, dict[str, Any]]) -> list[dict[str, Any]]:
+    """`measure` on the unedited model, each query measured once across all edits (test sets overlap)."""
+    todo = list(dict.fromkeys(q for q in queries if q not in cache))
+    cache.update((q, {k: v for k, v in m.items() if k != "p_all"}) for q, m in zip(todo, measure(model, todo)))
+    return [cache[q] for q in queries]
+
+
 def _summarise(before: list[dict], after: list[dict]) -> dict[str, Any]:
     if not before:
         return {"n": 0, "before": None, "after": None, "C": None, "beats_wrong": None}
@@ -119,12 +126,12 @@ def evaluate_edits(
     """Measure every (items, edit, seconds) before and after; a batch edit may also be scored on held-out items."""
     right_composed = {r["id"] for r in gap.items if r["composed"]}
     right_hop2 = {r["id"] for r in gap.items if r["hop2"]}
-    rows = []
+    rows, seen = [], {}
     for items, edit, seconds in track(list(edits), "evaluating edits" if progress else None):
         for it in items:
             sets = test_sets(it, pool, right_composed, right_hop2, n_irrelevant, exclude=exclude)
             queries = [q for name in SETS for q in sets[name]]
-            before = measure(model, queries)
+            before = measure_before(model, queries, seen)
             with edit.applied(model, verify_hash=False):
                 after = measure(model, queries)
             i, per = 0, {}

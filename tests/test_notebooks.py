@@ -19,13 +19,13 @@ def test_notebooks_are_committed_without_outputs():
 
 
 @pytest.mark.real
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path, smol, monkeypatch):
     monkeypatch.setenv("PATCHLAB_NB_QUICK", "1")
     monkeypatch.setenv("PATCHLAB_QUIET", "1")
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(nb, timeout=1500, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert any(PLOTLY in o.get("data", {}) for o in outputs), "no interactive figure shown"

@@ -77,7 +77,7 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
                  "heads = parse_heads(','.join(screen.heads(2)), model.cfg.n_layers, model.cfg.n_heads)\nheads"),
         ("code", "from patchlab.edit import EditConfig, edit_each\nfrom patchlab.editeval import evaluate_edits, kl_prompts\n\n"
                  "unrelated, exclude = kl_prompts(list(prompts), gap)\n"
-                 "edits = edit_each(model, failures[:2 if QUICK else 10], heads, EditConfig(target='optimize'), unrelated=unrelated)\n"
+                 "edits = edit_each(model, failures[:1 if QUICK else 10], heads, EditConfig(target='optimize'), unrelated=unrelated)\n"
                  "report = evaluate_edits(model, edits, list(prompts), gap, exclude=exclude)\nreport.summary['correction']"),
         ("code", "report.figure()"),
         ("md", "Apply one edit, look at the answer, and revert: the weights are bit-identical again."),

@@ -53,6 +53,22 @@ SECTIONS: dict[str, Section] = {
                            "A rank-one update of the located heads' output columns (W_O) per failed item, measured "
                            "before and after on the corrected query, its paraphrases, other second hops of the same "
                            "subject, and items and facts the edit must leave alone."),
+    "retune": Section("retune:RetuneResult", "Re-tuning (CARMA)",
+                      "Fine-tuning a parameter subset with or without the CARMA regulariser (word-level mutual-information "
+                      "alignment + layer stability): the loss curves and the before/after evaluation."),
+    "emergence": Section("emergence:EmergenceResult", "Information emergence",
+                         "Per block: MI between the block's input and output at the last position of whole sequences, "
+                         "minus the mean MI of single tokens run on their own (Chen et al. 2024); estimator and sample "
+                         "size are stated in the figure."),
+    "emergence-experiment": Section("emergence:EmergenceExperiment", "Information emergence: experiment",
+                                    "Information emergence under a controlled change of the input (demonstrations, "
+                                    "shuffled tokens, right vs failed two-hop items)."),
+    "compare": Section("compose:CompareResult", "Compositionality across models",
+                       "Substitutivity, systematicity and over-generalisation probes (after Dhar & Søgaard 2024) and the "
+                       "two-hop gap, per model."),
+    "mechanisms": Section("mechanisms:MechanismsResult", "Routed edit mechanisms",
+                          "Many edits applied one after another, summed into W_O vs kept as gated, routed modules: "
+                          "retention, correction, paraphrase and irrelevance as edits accumulate."),
 }
 
 

@@ -246,6 +246,7 @@ def edit(
     covariance: bool = typer.Option(True, "--covariance/--no-covariance", help="ROME's C over the heads' z (else C = I)."),
     max_items: int = typer.Option(100, "--max-items"),
     gap: Optional[Path] = typer.Option(None, "--gap", help="result.json of `patchlab evaluate` (else evaluated now)."),
+    routed: bool = typer.Option(False, "--routed", help="Also store each edit as a routed module (key + gate calibration): NAME.module.safetensors."),
     out: Path = typer.Option(Path("patchlab-out/edit"), "--out", "-o"),
     device: Optional[str] = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -254,6 +255,7 @@ def edit(
     from .edit import EditConfig, edit_each
     from .editeval import evaluate_edits, kl_prompts
     from .io import atomic_dir
+    from .mechanisms import modules_for
 
     out = _out_dir(out)
     if (ids is None) == (not failures):
@@ -279,10 +281,13 @@ def edit(
     edits = edit_each(m, items, chosen, cfg, batch=batch, unrelated=unrelated)
     report = evaluate_edits(m, edits, list(ps), g, held_out=kept_out, exclude=exclude)
     console.print(tables.edit_table(report).to_rich())
+    modules = modules_for(m, [e for _, e, _ in edits], list(ps), g)[0] if routed else []
     with atomic_dir(out / "edits") as tmp:
         for group, e, _ in edits:
             e.save(tmp / f"{'batch' if batch else group[0].id}.edit")
-    console.print(f"[green]wrote[/green] {len(edits)} edit file(s) under {out / 'edits'}")
+        for (group, _, _), module in zip(edits, modules):
+            module.save(tmp / f"{'batch' if batch else group[0].id}.module.safetensors")
+    console.print(f"[green]wrote[/green] {len(edits)} edit file(s){' and routed modules' if routed else ''} under {out / 'edits'}")
     _written(report.save(out))
 
 
@@ -345,6 +350,284 @@ def report(
     console.print(f"[bold green]report:[/bold green] {build_report(folder, out=out, title=title)}")
     if png is not None:
         console.print(f"[green]wrote[/green] {summary_png(find_results(folder), png)}")
+
+
+def _retune_table(result) -> Table:
+    table = Table(title=f"Re-tuning ({'CARMA' if result.carma else 'plain'}, {result.task}, params "
+                        f"{result.config['params']}, {len(result.history)} steps, {result.seconds:.0f} s)")
+    for col in ("metric", "n", "before", "after"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    ev = result.evaluation
+    for name, acc in ev["before"]["accuracy"].items():
+        table.add_row(f"accuracy: {name}", str(ev["before"]["n"][name]), fmt(acc), fmt(ev["after"]["accuracy"][name]))
+    for name, rates in ev["before"]["synonyms"].items():
+        for rate, s in rates.items():
+            a = ev["after"]["synonyms"][name][rate]
+            table.add_row(f"synonym retention {rate}: {name}", f"{s['n']}/{a['n']}", fmt(s["retention"]), fmt(a["retention"]))
+    for name, s in result.edit.get("correction", {}).items():
+        table.add_row(f"edit correction: {name} (unedited {fmt(s['base'])})", str(s["n"]), fmt(s["before"]), fmt(s["after"]))
+    return table
+
+
+def _edit_queries(edit_file: Path, prompt_set: Optional[str]):
+    """The composed queries and paraphrases of the items an edit was made for."""
+    from .edit import Edit
+    from .editeval import Query
+    from .prompts import PromptSet
+
+    e = Edit.load(edit_file)
+    ps = PromptSet.resolve(prompt_set)
+    missing = [i for i in e.item_ids if i not in {it.id for it in ps}]
+    if missing:
+        raise PatchlabError(f"edit item '{missing[0]}' is not in the prompt set {ps.source}", where=f"--edit {edit_file}")
+    items = list(ps.filter(ids=e.item_ids))
+    return e, {"composed": [Query(it.composed, it.answers) for it in items],
+               "paraphrase": [Query(p, it.answers) for it in items for p in it.paraphrases]}
+
+
+def _correction(m, queries) -> dict:
+    from .editeval import measure
+
+    return {name: float(sum(r["correct"] for r in rows) / len(rows)) if rows else None
+            for name, rows in ((n, measure(m, q)) for n, q in queries.items())}
+
+
+@app.command("retune")
+def retune_cmd(
+    model: str = ModelOpt,
+    task: str = typer.Option("idm", "--task", help="idm (definition -> word) | twohop (hops + some composed queries)."),
+    edit_file: Optional[Path] = typer.Option(None, "--edit", help="An .edit file: applied first, then re-tuned around."),
+    carma: bool = typer.Option(True, "--carma/--no-carma", help="Add the CARMA regulariser (else plain fine-tuning)."),
+    lam: float = typer.Option(0.3, "--lambda", help="CARMA: weight of the regulariser vs the task loss, in [0, 1]."),
+    gamma: float = typer.Option(0.3, "--gamma", help="CARMA: weight of L_MI (word-level InfoNCE)."),
+    eta: float = typer.Option(0.2, "--eta", help="CARMA: weight of L_stab (layer-to-layer drift)."),
+    params: str = typer.Option("all", "--params", help="all | attn | edit-heads (only the edit's W_O columns)."),
+    steps: int = typer.Option(30, "--steps"),
+    lr: float = typer.Option(6e-5, "--lr"),
+    warmup: int = typer.Option(0, "--warmup", help="Steps of linear learning-rate warmup."),
+    clip: float = typer.Option(1.0, "--clip", help="Max global gradient norm (0: none)."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    seed: int = typer.Option(0, "--seed", help="Data order, train/test split and synonym draws."),
+    checkpoint_every: int = typer.Option(10, "--checkpoint-every", help="Steps between checkpoints (0: only the last)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint under OUT/checkpoints."),
+    eval_items: int = typer.Option(150, "--eval-items", help="At most N queries per evaluated set (seeded sample)."),
+    prompt_set: Optional[str] = PromptSetOpt,
+    out: Path = typer.Option(Path("patchlab-out/retune"), "--out", "-o"),
+    device: Optional[str] = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Fine-tune on a task, plain or with CARMA; measure accuracy, synonym robustness and an edit's correction."""
+    import math
+
+    from . import tasks as T
+    from .carma import CarmaConfig
+    from .prompts import PromptSet
+    from .retune import RetuneConfig, retune
+
+    out = _out_dir(out)
+    for name, value in (("--lambda", lam), ("--gamma", gamma), ("--eta", eta)):
+        if not math.isfinite(value) or value < 0 or (name == "--lambda" and value > 1):
+            raise PatchlabError(f"must be a finite number in {'[0, 1]' if name == '--lambda' else '[0, inf)'}, got {value}", where=name)
+    if eval_items < 1:
+        raise PatchlabError(f"must be >= 1, got {eval_items}", where="--eval-items")
+    if task not in T.TASKS:
+        raise PatchlabError(f"unknown task '{task}' (use {' | '.join(T.TASKS)})", where="--task")
+    if params == "edit-heads" and edit_file is None:
+        raise PatchlabError("params 'edit-heads' needs --edit", where="--params")
+    RetuneConfig(params, steps, lr, warmup, clip, batch_size, seed, 0.0, checkpoint_every)  # fail before loading
+    cfg = CarmaConfig(lam=lam, gamma=gamma, eta=eta, seed=seed) if carma else None
+    work = T.load(task, seed=seed, prompt_set=PromptSet.resolve(prompt_set) if task == "twohop" else None)
+    e, queries = _edit_queries(edit_file, prompt_set) if edit_file is not None else (None, {})
+    m = _load(model, device, dtype)
+    base = _correction(m, queries) if e is not None else {}
+    if e is not None:
+        e.apply(m)
+    before_edit = _correction(m, queries) if e is not None else {}
+    with console.status("evaluating before re-tuning ..."):
+        before = T.evaluate_task(m, work, seed=seed, limit=eval_items)
+    result = retune(m, work.train, carma=cfg, params=params, edit=e, steps=steps, lr=lr, warmup=warmup, clip=clip,
+                    batch_size=batch_size, seed=seed, checkpoint_dir=out / "checkpoints",
+                    checkpoint_every=checkpoint_every, resume=resume, task=task)
+    with console.status("evaluating after re-tuning ..."):
+        after = T.evaluate_task(m, work, seed=seed, limit=eval_items)
+    result.evaluation = {"before": before, "after": after, "eval_items": eval_items}
+    if e is not None:
+        after_edit = _correction(m, queries)
+        result.edit["correction"] = {n: {"n": len(queries[n]), "base": base[n], "before": before_edit[n],
+                                         "after": after_edit[n]} for n in queries if queries[n]}
+    console.print(_retune_table(result))
+    console.print(f"[green]wrote[/green] checkpoint: {result.checkpoint}")
+    _written(result.save(out))
+
+
+def _mechanisms_table(result) -> Table:
+    table = Table(title=f"Sequential edits of {', '.join(result.heads)}: after {result.stages[-1]} edits ({result.gate} gates)")
+    names = ("correction", "retention", "edited", "paraphrase", "irrelevance", "facts")
+    for col in ("variant", *names):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for variant, curve in result.curves.items():
+        table.add_row(variant, *["-" if not curve[k][-1]["n"] else f"{curve[k][-1]['after']:.3f}" for k in names])
+    return table
+
+
+@app.command()
+def mechanisms(
+    more: Optional[list[str]] = typer.Argument(None, help="More edit / module files (a shell glob after --edits lands here)."),
+    edits: Optional[str] = typer.Option(None, "--edits", help="Edits to stack, in order: .module.safetensors (routed) or .edit files; a file, a folder or a glob."),
+    model: str = ModelOpt,
+    prompt_set: Optional[str] = PromptSetOpt,
+    gap: Optional[Path] = typer.Option(None, "--gap", help="result.json of `patchlab evaluate` (else evaluated now)."),
+    stages: str = typer.Option("1,10,50,all", "--stages", help="Numbers of stacked edits to measure at."),
+    gate: str = typer.Option("hard", "--gate", help="hard (open above tau) | soft (ramp from lo to hi)."),
+    orthogonal: bool = typer.Option(True, "--orthogonal/--no-orthogonal", help="Keying .edit files: Gram-Schmidt each key against earlier ones."),
+    key_heads: str = typer.Option("layer", "--key-heads", help="Keying .edit files: gates read every head's z at the layer, or only the edited heads'."),
+    n_test: int = typer.Option(60, "--n-test", help="Irrelevance and facts queries."),
+    out: Path = typer.Option(Path("patchlab-out/mechanisms"), "--out", "-o"),
+    device: Optional[str] = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Stack edits one stage after another, plain (summed into W_O) vs routed modules: retention, correction, locality."""
+    from . import mechanisms as M
+
+    out = _out_dir(out)
+    if n_test < 1:
+        raise PatchlabError(f"must be >= 1, got {n_test}", where="--n-test")
+    if gate not in M.GATES:
+        raise PatchlabError(f"must be one of {', '.join(M.GATES)}, got '{gate}'", where="--gate")
+    cfg = M.RouteConfig(key_heads=key_heads, orthogonal=orthogonal)
+    stack = [M.load_any(p) for p in M.stack_paths(edits, more or [])]
+    M.parse_stages(stages, len(stack))
+    ps = _prompt_set(prompt_set, None, None, None)
+    m = _load(model, device, dtype)
+    result = M.run_stack(m, stack, list(ps), _gap_for(m, ps, gap), stages, gate, cfg, n_test)
+    console.print(_mechanisms_table(result))
+    for name, d in result.dependence.items():
+        console.print(f"dependence ({name}): HSIC {d['hsic']:.4f} (shuffled {d['hsic_null']:.4f}), mean |r| {d['abs_r']:.3f}"
+                      if d.get("hsic") is not None else f"dependence ({name}): one module")
+    console.print(f"routing costs {result.cost['ratio']:.2f}x a plain forward ({result.cost['modules']} modules)")
+    _written(result.save(out))
+
+
+def _emergence_table(result) -> Table:
+    first = next(iter(result.conditions.values()))
+    p = first["estimator_params"]
+    est = f"{first['estimator']}, dim {p.get('dim')}" + (f", ridge {p['ridge']}" if "ridge" in p else "")
+    table = Table(title=f"Information emergence ({result.experiment}) — {result.model} [{est}; bits, mean over blocks]")
+    extra = [k for k in ("accuracy",) if all(k in s for s in result.summary.values())]
+    for col in ("condition", "n", "T", "IE", "± std", "macro MI", "micro MI", "IE max at block", *extra):
+        table.add_column(col, justify="left" if col == "condition" else "right")
+    for name, s in result.summary.items():
+        r = result.conditions[name]
+        top = r["layers"][max(range(len(r["ie"])), key=lambda i: r["ie"][i])]
+        table.add_row(name, str(s["n"]), str(s["T"]), f"{s['mean_ie']:+.2f}", f"{s.get('mean_ie_std', float('nan')):.2f}",
+                      f"{s['mean_macro']:.2f}", f"{s['mean_micro']:.2f}", str(top), *[f"{s[k]:.2f}" for k in extra])
+    return table
+
+
+@app.command()
+def emergence(
+    model: str = ModelOpt,
+    texts: Optional[Path] = typer.Option(None, "--texts", help="Texts, one per line (natural; default: the shipped sentences)."),
+    prompt_set: Optional[str] = typer.Option(None, "--prompt-set", "-p", help="twohop: JSONL prompt set (default: shipped)."),
+    experiment: Optional[str] = typer.Option(None, "--experiment", "-e",
+                                             help="natural (vs shuffled, random init) | icl | twohop (default: twohop "
+                                                  "with --prompt-set, else natural)."),
+    layers: str = typer.Option("all", "--layers", help="Blocks, e.g. all, 0-29:2, 5,10."),
+    length: Optional[int] = typer.Option(None, "--length", help="natural: tokens per text T (default: largest 75% reach)."),
+    estimator: str = typer.Option("gaussian", "--estimator", help="gaussian | infonce | mine."),
+    dim: int = typer.Option(8, "--dim", help="Principal components per side seen by the estimator."),
+    ridge: float = typer.Option(0.1, "--ridge", help="gaussian: noise floor (variance per whitened component)."),
+    n_boot: int = typer.Option(10, "--n-boot", help="gaussian: bootstrap resamples of the sequences for the std."),
+    seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds (neural estimators: mean and std over them)."),
+    random_init: bool = typer.Option(True, "--random-init/--no-random-init", help="natural: add the random-weights control."),
+    demos: str = typer.Option("0-6", "--demos", help="icl: numbers of demonstrations k, e.g. 0-6 or 0,2,4."),
+    n: int = typer.Option(150, "--n", help="icl: prompts per k."),
+    failed: str = typer.Option("wrong", "--failed", help="twohop: wrong (any composed failure) | gap (both hops right)."),
+    min_group: int = typer.Option(10, "--min-group", help="twohop: least queries per outcome in a length group."),
+    gap: Optional[Path] = typer.Option(None, "--gap", help="twohop: result.json of `patchlab evaluate` (else evaluated now)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Hidden-state cache (default: $PATCHLAB_CACHE/hidden)."),
+    out: Path = typer.Option(Path("patchlab-out/emergence"), "--out", "-o"),
+    device: Optional[str] = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Information emergence per block (Chen et al. 2024): natural vs shuffled text, in-context demos, two-hop."""
+    from . import emergence as E
+    from .spec import parse_layers
+
+    out = _out_dir(out)
+    experiment = experiment or ("twohop" if prompt_set else "natural")
+    if experiment not in E.EXPERIMENTS:
+        raise PatchlabError(f"unknown experiment '{experiment}' (use {', '.join(E.EXPERIMENTS)})", where="--experiment")
+    if texts is not None and experiment != "natural":
+        raise PatchlabError(f"--texts is for --experiment natural, not {experiment}", where="--texts")
+    if prompt_set is not None and experiment != "twohop":
+        raise PatchlabError(f"--prompt-set is for --experiment twohop, not {experiment}", where="--prompt-set")
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise PatchlabError(f"must be comma-separated ints, got {seeds!r}", where="--seeds") from None
+    kw = dict(estimator=estimator, n_boot=n_boot if estimator == "gaussian" else 0, seeds=seed_list, dim=dim,
+              cache_dir=cache_dir, **({"ridge": ridge} if estimator == "gaussian" else {}))
+    text_list = E.read_texts(texts) if texts is not None else None
+    ps = _prompt_set(prompt_set, None, None, None) if experiment == "twohop" else None
+    m = _load(model, device, dtype)
+    kw["layers"] = parse_layers(layers, m.cfg.n_layers, "--layers")
+    if experiment == "natural":
+        result = E.natural_vs_shuffled(m, text_list, length=length, random_init=random_init, **kw)
+    elif experiment == "icl":
+        result = E.icl_emergence(m, demos=parse_layers(demos, 10**6, "--demos"), n=n, **kw)
+    else:
+        result = E.twohop_emergence(m, ps, gap=_gap_for(m, ps, gap) if gap else None, failed=failed,
+                                    min_group=min_group, **kw)
+    console.print(_emergence_table(result))
+    _written(result.save(out))
+
+
+def _compare_table(result) -> Table:
+    table = Table(title="Compositionality probes (entailment: AUROC, chance 0.5; over-generalisation: layer-mean share, "
+                        "chance 0.5)")
+    for col in ("model", "params", "layers", "instr.", *result.tasks, *(["gap share"] if result.gap else [])):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name in result.models:
+        i = result.info[name]
+        cells = []
+        for task in result.tasks:
+            s = result.scores[name][task]
+            cells.append(f"{s['auroc']:.2f} (acc {s['accuracy']:.2f}, p {s['p_value']:.3f})" if "auroc" in s
+                         else f"{s['layer_mean']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]")
+        gap_cell = [f"{result.gap[name]['gap_share']:.2f} ({result.gap[name]['gap_count']}/{result.gap[name]['both_hops']})"] \
+            if result.gap else []
+        tuned = {True: "yes", False: "no", None: "?"}[i["instruction_tuned"]]
+        table.add_row(name, f"{i['parameters'] / 1e6:.0f}M", str(i["n_layers"]), tuned, *cells, *gap_cell)
+    return table
+
+
+@app.command("compare")
+def compare_cmd(
+    models: str = typer.Option("smollm2-135m,gemma3-270m", "--models", help="Comma-separated: offline keys, TL names, folders."),
+    tasks: str = typer.Option("substitutivity,systematicity,overgeneralisation", "--tasks"),
+    shots: int = typer.Option(2, "--shots", help="Demonstrations in each entailment prompt (a yes, then a no, ...)."),
+    gap: bool = typer.Option(True, "--gap/--no-gap", help="Also measure the two-hop gap (evaluate) per model."),
+    prompt_set: Optional[str] = PromptSetOpt,
+    per_kind: Optional[int] = PerKindOpt,
+    batch_size: int = typer.Option(32, "--batch-size"),
+    out: Path = typer.Option(Path("patchlab-out/compare"), "--out", "-o"),
+    device: Optional[str] = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Compositionality probes (substitutivity, systematicity, over-generalisation) and the two-hop gap across models."""
+    from .compose import compare as run_compare
+
+    out = _out_dir(out)
+    names = [n.strip() for n in models.split(",") if n.strip()]
+    if not names:
+        raise PatchlabError("give at least one model", where="--models")
+    ps = _prompt_set(prompt_set, None, None, per_kind) if gap else None
+    result = run_compare(names, [t.strip() for t in tasks.split(",") if t.strip()], gap=gap, prompt_set=ps, shots=shots,
+                         device=device, dtype=_dtype(dtype), batch_size=batch_size)
+    console.print(_compare_table(result))
+    _written(result.save(out))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -611,7 +611,7 @@ def compare_cmd(
     gap: bool = typer.Option(True, "--gap/--no-gap", help="Also measure the two-hop gap (evaluate) per model."),
     prompt_set: Optional[str] = PromptSetOpt,
     per_kind: Optional[int] = PerKindOpt,
-    batch_size: int = typer.Option(32, "--batch-size"),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per forward pass (Gemma's logits are large)."),
     out: Path = typer.Option(Path("patchlab-out/compare"), "--out", "-o"),
     device: Optional[str] = DeviceOpt,
     dtype: str = DtypeOpt,

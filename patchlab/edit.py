@@ -101,10 +101,16 @@ def last_z(model, prompts: Sequence[str], layers: Sequence[int], batch_size: int
 
 def covariance(model, layer: int, max_tokens: int = 4000) -> Float[Tensor, "d d"]:
     """Second moment E[z zᵀ] of a layer's head outputs over patchlab's neutral corpus, cached per model."""
-    key = f"{model_name(model).replace('/', '_')}-{weights_hash(model)[:16]}"
+    key = f"{model_name(model).replace('/', '_')}-{_weights_key(model)[:16]}"
     path = cache_root() / "covariance" / key / f"layer{layer}.pt"
+    width = model.cfg.n_heads * model.cfg.d_head
     if path.is_file():
-        return torch.load(path, weights_only=True)
+        try:
+            cached = torch.load(path, weights_only=True)
+            if isinstance(cached, Tensor) and tuple(cached.shape) == (width, width):
+                return cached
+        except Exception:  # noqa: BLE001 - an unreadable cache entry is recomputed and replaced
+            pass
     text = (resources.files("patchlab") / "data" / "corpus.txt").read_text(encoding="utf-8")
     sentences = [l for l in text.splitlines() if l.strip()]
     acc, count = None, 0
@@ -123,8 +129,15 @@ def covariance(model, layer: int, max_tokens: int = 4000) -> Float[Tensor, "d d"
         if count >= max_tokens:
             break
     cov = acc / count
+    if not torch.isfinite(cov).all():  # never cache it: every later edit of this layer would inherit it
+        raise PatchlabError(f"non-finite head outputs (NaN or inf) at layer {layer} while computing their covariance")
     atomic_write_bytes(path, _torch_bytes(cov))
     return cov
+
+
+def _weights_key(model) -> str:
+    """The cached hash of the model's base weights, or of its current weights while an edit is applied."""
+    return weights_hash(model) if _applied(model) else base_hash(model)
 
 
 def _torch_bytes(t: Tensor) -> bytes:
@@ -172,8 +185,12 @@ class EditConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v == v and abs(v) != float("inf") and v >= 0):
                 raise PatchlabError(f"{name} must be a finite number >= 0, got {v}")
-        if self.opt_steps < 1 or self.n_prefixes < 0:
-            raise PatchlabError("opt_steps must be >= 1 and n_prefixes >= 0")
+        if not (isinstance(self.target_prob, (int, float)) and 0 < self.target_prob <= 1):
+            raise PatchlabError(f"target_prob must be in (0, 1], got {self.target_prob}")
+        for name, least in (("opt_steps", 1), ("n_prefixes", 0), ("opt_prefixes", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                raise PatchlabError(f"{name} must be an integer >= {least}, got {v!r}")
 
 
 def _regularised(C: Tensor, ridge: float) -> Tensor:
@@ -201,13 +218,23 @@ class Edit:
         return [f"{l}.{h}" for l, hs in self.heads.items() for h in hs]
 
     def _check(self, model, verify_hash: bool) -> None:
+        n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+        if not self.heads or set(self.heads) != set(self.deltas):
+            raise PatchlabError(f"edit's deltas (layers {sorted(self.deltas)}) do not match its heads "
+                                f"(layers {sorted(self.heads)})")
         for layer, hs in self.heads.items():
-            w = o_proj(model, layer).weight
+            # check the numbers before indexing with them: -1 would wrap around to the last layer / head
+            if (not _index(layer, n_layers) or not hs or not all(_index(h, n_heads) for h in hs)
+                    or len(set(hs)) != len(hs)):
+                raise PatchlabError(f"edit does not fit this model (layer {layer}, heads {hs}; the model has layers "
+                                    f"0..{n_layers - 1} and heads 0..{n_heads - 1})")
+            delta, w = self.deltas[layer], o_proj(model, layer).weight
             want = (w.shape[0], len(hs) * model.cfg.d_head)
-            if layer >= model.cfg.n_layers or max(hs) >= model.cfg.n_heads or tuple(self.deltas[layer].shape) != want:
+            shape = tuple(delta.shape) if torch.is_tensor(delta) else type(delta).__name__
+            if shape != want or not delta.is_floating_point():
                 raise PatchlabError(f"edit does not fit this model (layer {layer}, heads {hs}, delta "
-                                    f"{tuple(self.deltas[layer].shape)} vs {want})")
-            if not torch.isfinite(self.deltas[layer]).all():
+                                    f"{shape} {getattr(delta, 'dtype', '')} vs {want})")
+            if not torch.isfinite(delta).all():
                 raise PatchlabError(f"edit has a non-finite delta at layer {layer}")
         if verify_hash:
             have = base_hash(model)
@@ -263,6 +290,7 @@ class Edit:
         meta = {"format": FORMAT, "model": self.model, "weights_sha256": self.weights_sha256,
                 "heads": json.dumps({str(k): v for k, v in self.heads.items()}), "item_ids": json.dumps(self.item_ids),
                 "method": json.dumps(self.method), "tensors_sha256": tensors_hash(tensors)}
+        meta["meta_sha256"] = meta_hash(meta)
         return atomic_write_bytes(path, save(tensors, metadata=meta))
 
     @classmethod
@@ -283,13 +311,33 @@ class Edit:
         if tensors_hash(tensors) != meta.get("tensors_sha256"):
             raise PatchlabError("edit tensors do not match their recorded sha256 (file changed after saving)",
                                 where=str(path))
+        if "meta_sha256" in meta and meta_hash(meta) != meta["meta_sha256"]:  # files before it have none
+            raise PatchlabError("edit metadata does not match its recorded sha256 (file changed after saving)",
+                                where=str(path))
         try:
             heads = {int(k): [int(h) for h in v] for k, v in json.loads(meta["heads"]).items()}
             deltas = {l: tensors[f"layer.{l}.delta"] for l in heads}
-            return cls(meta["model"], meta["weights_sha256"], heads, deltas, json.loads(meta["item_ids"]),
+            edit = cls(meta["model"], meta["weights_sha256"], heads, deltas, json.loads(meta["item_ids"]),
                        json.loads(meta["method"]))
         except (KeyError, ValueError, TypeError) as exc:
             raise PatchlabError(f"edit metadata is incomplete ({exc})", where=str(path)) from None
+        bad = [l for l, d in deltas.items() if not d.is_floating_point() or not torch.isfinite(d).all()]
+        if bad:
+            raise PatchlabError(f"edit has a non-finite (or non-float) delta at layer {bad[0]}", where=str(path))
+        return edit
+
+
+def _index(value: Any, size: int) -> bool:
+    """A valid 0-based index below `size` (an int, not a bool, never negative)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < size
+
+
+def meta_hash(meta: dict[str, str]) -> str:
+    """sha256 over an edit file's metadata (all but this hash): heads, model, weights hash, tensors hash."""
+    h = hashlib.sha256()
+    for key in sorted(k for k in meta if k != "meta_sha256"):
+        h.update(json.dumps([key, meta[key]]).encode())
+    return h.hexdigest()
 
 
 def tensors_hash(tensors: dict[str, Tensor]) -> str:
@@ -453,12 +501,18 @@ def compute_edit(
         raise PatchlabError("no heads to edit", where="--heads")
     base = base_hash(model)
     pre = prefixes(cfg.n_prefixes)
+    for it in items:  # refuse a prompt too long for the model now, naming it, before any work
+        for name in ("composed", "hop2"):
+            for p in with_prefixes(getattr(it, name), pre):
+                encode(model, p, where=f"{it.id}: {name}" + (" (with a context prefix)" if p != getattr(it, name) else ""))
     layer_heads = by_layer(heads)
+    # ROME / MEMIT's C: statistics of the unedited model, read before any layer's edit is staged
+    covs = {layer: covariance(model, layer) for layer in layer_heads} if cfg.covariance else {}
     deltas: dict[int, Tensor] = {}
     staged: list[Edit] = []
     try:
         for layer, hs in layer_heads.items():
-            deltas[layer] = _layer_delta(model, items, layer, hs, cfg, pre, unrelated)
+            deltas[layer] = _layer_delta(model, items, layer, hs, cfg, pre, unrelated, covs.get(layer))
             step = Edit(model_name(model), base, {layer: hs}, {layer: deltas[layer]}, [])
             staged.append(step.apply(model, verify_hash=False))  # later layers see this one
     finally:
@@ -469,11 +523,12 @@ def compute_edit(
     return Edit(model_name(model), base, layer_heads, deltas, [it.id for it in items], method)
 
 
-def _layer_delta(model, items, layer: int, hs: list[int], cfg: EditConfig, pre, unrelated) -> Tensor:
+def _layer_delta(model, items, layer: int, hs: list[int], cfg: EditConfig, pre, unrelated,
+                 cov: Tensor | None = None) -> Tensor:
     W = o_proj(model, layer).weight.detach().float().cpu()
     cols = head_columns(model, hs)
     K = _mean_last_z(model, [with_prefixes(it.composed, pre) for it in items], layer)  # [n, H*dh]
-    C = _regularised(covariance(model, layer)[cols][:, cols], cfg.cov_ridge) if cfg.covariance else None
+    C = _regularised(cov[cols][:, cols], cfg.cov_ridge) if cov is not None else None
     if cfg.target == "guide":
         V = _mean_last_z(model, [with_prefixes(it.hop2, pre) for it in items], layer) @ W.T
     else:
@@ -483,6 +538,8 @@ def _layer_delta(model, items, layer: int, hs: list[int], cfg: EditConfig, pre, 
             W @ K[i] + optimize_delta(model, it, layer, K[i], cfg, opt_pre, unrelated, K[i, cols], cols, C_inv)
             for i, it in enumerate(items)
         ])
+    if not (torch.isfinite(K).all() and torch.isfinite(V).all()):
+        raise PatchlabError(f"non-finite head outputs or targets (NaN or inf) at layer {layer}")
     R = (V - K @ W.T).T  # [d_model, n]
     return solve_delta(R, K[:, cols].T, C, cfg.batch_ridge)
 

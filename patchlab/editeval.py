@@ -159,7 +159,7 @@ def evaluate_edits(
         model=model_name(model), heads=first.head_list, target=first.method.get("target", "?"),
         batch=bool(first.method.get("batch")), items=rows, summary=summary,
         seconds_per_edit=float(np.mean([s for _, _, s in edits])),
-        meta=provenance(model, n_irrelevant=n_irrelevant, method=first.method, metric="greedy 6 tokens"),
+        meta=provenance(model, seed=0, n_irrelevant=n_irrelevant, method=first.method, metric="greedy 6 tokens"),
     )
 
 

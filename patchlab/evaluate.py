@@ -64,8 +64,10 @@ def evaluate_gap(
     items = list(prompt_set)
     prompts = [getattr(it, hop) for it in items for hop in HOPS]
     answers = [it.bridges if hop == "hop1" else it.answers for it in items for hop in HOPS]
+    source = getattr(prompt_set, "source", "<items>")
+    names = [f"{source}: item {it.id!r} field '{hop}'" for it in items for hop in HOPS]
     ok, conts = correct(
-        model, prompts, answers, max_new_tokens, batch_size, fwd_hooks, "evaluating gap" if progress else None
+        model, prompts, answers, max_new_tokens, batch_size, fwd_hooks, "evaluating gap" if progress else None, names
     )
     rows = []
     for i, it in enumerate(items):
@@ -80,6 +82,5 @@ def evaluate_gap(
     summary = {"all": summarize(rows), **{k: summarize(v) for k, v in sorted(by_kind.items())}}
     from .models import model_name
 
-    source = getattr(prompt_set, "source", "<items>")
     meta = provenance(model, max_new_tokens=max_new_tokens, criterion="answer in greedy continuation")
     return GapResult(model=model_name(model), prompt_set=source, items=rows, summary=summary, meta=meta)

@@ -142,7 +142,7 @@ def logit_lens(
     for name, toks in tracks.items():
         if len(toks) != n:
             raise PatchlabError(f"track '{name}' has {len(toks)} tokens for {n} prompts")
-    seqs = [encode(model, p, where=f"prompt[{i}]") for i, p in enumerate(prompts)]
+    seqs = [encode(model, p, where=f"item {ids[i]!r}" if ids else f"prompt[{i}]") for i, p in enumerate(prompts)]
     n_layers = model.cfg.n_layers + 1
     ranks = {t: np.zeros((n, n_layers), dtype=np.int64) for t in tracks}
     probs = {t: np.zeros((n, n_layers)) for t in tracks}

@@ -164,6 +164,8 @@ def check_run_from_layer(model, tokens: Tensor, resid: Sequence[Tensor], atol: f
     if cached is not None:
         return cached
     full = _full_logits(model, tokens)[0, -1]
+    if not torch.isfinite(full).all():
+        return False  # this prompt says nothing about the model: check again on the next one
     last = torch.tensor([tokens.shape[1] - 1], device=tokens.device)
     ok = all(
         (run_from_layer(model, resid[l][None], l, last)[0] - full).abs().max().item() <= atol
@@ -439,7 +441,13 @@ def locate_pairs(
     verify: int = 20,
     progress: bool = True,
 ) -> LocateResult:
-    """Patch every pair and aggregate normalised effects per head (or layer)."""
+    """Patch every pair and aggregate normalised effects per head (or layer).
+
+    A pair whose effect is undefined — answer and contrast share a token, a non-finite metric, or clean ≈
+    corrupted — is flagged, left out of the means (and of the attribution screen) and never divided by.
+    Each pair's runs are cached, patched and dropped in turn: memory does not grow with the number of
+    pairs (method 'both' runs each pair twice: once for the screen, once to verify).
+    """
     import time
 
     if method not in ("exact", "attribution", "both"):
@@ -452,41 +460,73 @@ def locate_pairs(
     if top_k < 1:
         raise PatchlabError(f"must be >= 1, got {top_k}", where="--top")
     for p in pairs:
-        p.check()
         if positions != "last" and not p.same_length:
             raise PatchlabError(f"clean and corrupted differ in length; use --positions last", where=f"item {p.id}")
     start = time.perf_counter()
     n_layers, units = model.cfg.n_layers, _units(site, model.cfg.n_heads)
-    caches = []
-    attribution: list[np.ndarray] = []
-    for p in track(pairs, "caching runs" if progress else None):
-        clean, corrupted = run_cache(model, p.clean, [site]), run_cache(model, p.corrupted, [site])
-        caches.append((clean, corrupted))
-        if method != "exact":
-            att = attribution_patch(model, clean, p, site, positions)
-            attribution.append(_reduce_positions(att, n_layers, units, positions, len(p.corrupted)))
-    att_mean = np.mean(attribution, axis=0) if attribution else None
+    att_grids: list[np.ndarray | None] = []
+    rows: list[dict] = []
+    if method != "exact":
+        for p in track(pairs, "attribution" if progress else None):
+            clean, corrupted = run_cache(model, p.clean, [site]), run_cache(model, p.corrupted, [site])
+            c, k = _pair_metrics(p, clean, corrupted)
+            reason = flag_reason(p, c, k)
+            att = None if reason else _reduce_positions(attribution_patch(model, clean, p, site, positions),
+                                                         n_layers, units, positions, len(p.corrupted))
+            att_grids.append(att)
+            if method == "attribution":
+                rows.append(_flagged_row(p, c, k, reason, n_layers, units) if reason
+                            else _item_row(p, c, k, None, n_layers, units, positions, delta_grid=att))
+    defined = [g for g in att_grids if g is not None]
+    with warnings.catch_warnings():  # a head whose every estimate is NaN stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        att_mean = np.nanmean(defined, axis=0) if defined else None
     heads = None
     if method == "both":
-        order = np.argsort(-np.abs(np.nan_to_num(att_mean)).ravel())[: max(verify, top_k)]
+        order = np.argsort(-np.abs(np.nan_to_num(att_mean)).ravel())[: max(verify, top_k)] if defined else []
         heads = {}
         for flat in order:
             l, u = divmod(int(flat), len(units))
             heads.setdefault(l, []).append(units[u])
-    rows = []
-    for p, (clean, corrupted) in zip(track(pairs, "patching" if progress else None), caches) if method != "attribution" else []:
-        metric = logit_diff_metric(p.answer, p.contrast)
-        c, k = metric(clean.last_logits[None]).item(), metric(corrupted.last_logits[None]).item()
-        raw = exact_patch(model, clean, corrupted, metric, site, positions,
-                          layers=sorted(heads) if heads is not None else None, heads=heads)
-        rows.append(_item_row(p, c, k, {key: v - k for key, v in raw.items()}, n_layers, units, positions))
-    if method == "attribution":
-        for p, (clean, corrupted), att in zip(pairs, caches, attribution):
+    if method != "attribution":
+        for p in track(pairs, "patching" if progress else None):
+            clean, corrupted = run_cache(model, p.clean, [site]), run_cache(model, p.corrupted, [site])
+            c, k = _pair_metrics(p, clean, corrupted)
+            reason = flag_reason(p, c, k)
+            if reason or heads == {}:
+                rows.append(_flagged_row(p, c, k, reason or "no pair could be screened", n_layers, units))
+                continue
             metric = logit_diff_metric(p.answer, p.contrast)
-            c, k = metric(clean.last_logits[None]).item(), metric(corrupted.last_logits[None]).item()
-            rows.append(_item_row(p, c, k, None, n_layers, units, positions, delta_grid=att))
+            raw = exact_patch(model, clean, corrupted, metric, site, positions,
+                              layers=sorted(heads) if heads is not None else None, heads=heads)
+            rows.append(_item_row(p, c, k, {key: v - k for key, v in raw.items()}, n_layers, units, positions))
     return _aggregate(model, rows, pairs[0].setup, method, site, positions, units, top_k, att_mean,
                       time.perf_counter() - start)
+
+
+def _pair_metrics(p: PatchPair, clean: RunCache, corrupted: RunCache) -> tuple[float, float]:
+    metric = logit_diff_metric(p.answer, p.contrast)
+    return metric(clean.last_logits[None]).item(), metric(corrupted.last_logits[None]).item()
+
+
+def flag_reason(p: PatchPair, clean: float, corrupted: float) -> str | None:
+    """Why a pair's normalised effect is undefined (it is then flagged), or None."""
+    if p.answer == p.contrast:
+        return "answer and contrast share their first token: the logit difference is always 0"
+    if not (math.isfinite(clean) and math.isfinite(corrupted)):
+        return "non-finite metric (NaN or inf in the model's output)"
+    if abs(clean - corrupted) < DIVIDE_EPS:
+        return f"clean and corrupted metrics differ by less than {DIVIDE_EPS}: the normalised effect is undefined"
+    return None
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def _flagged_row(p: PatchPair, clean: float, corrupted: float, reason: str, n_layers: int, units: list) -> dict:
+    return {"id": p.id, "clean": _finite(clean), "corrupted": _finite(corrupted), "flagged": True,
+            "flag_reason": reason, "effect": [[None] * len(units) for _ in range(n_layers)]}
 
 
 def _reduce_positions(values: dict[tuple, float], n_layers: int, units: list, positions: str, n_pos: int) -> np.ndarray:
@@ -499,16 +539,19 @@ def _reduce_positions(values: dict[tuple, float], n_layers: int, units: list, po
 
 
 def _item_row(p: PatchPair, clean: float, corrupted: float, deltas, n_layers, units, positions, delta_grid=None) -> dict:
-    """One item's normalised effects; flagged (and left out of the mean) when clean ≈ corrupted."""
+    """One item's normalised effects; flagged (and left out of the mean) when the effect is undefined."""
+    reason = flag_reason(p, clean, corrupted)
+    if reason:
+        return _flagged_row(p, clean, corrupted, reason, n_layers, units)
     denom = clean - corrupted
-    flagged = not math.isfinite(denom) or abs(denom) < DIVIDE_EPS
     if delta_grid is None:
         delta_grid = _reduce_positions(deltas, n_layers, units, positions, len(p.corrupted))
-    effect = np.full_like(delta_grid, np.nan) if flagged else delta_grid / denom
-    row = {"id": p.id, "clean": clean, "corrupted": corrupted, "flagged": flagged,
-           "effect": np.where(np.isnan(effect), None, effect).tolist()}
-    if positions == "each" and deltas is not None and not flagged:
-        row["by_pos"] = [[[deltas.get((l, q, u), 0.0) / denom for u in units] for q in range(len(p.corrupted))]
+    with np.errstate(invalid="ignore", over="ignore"):
+        effect = delta_grid / denom
+    row = {"id": p.id, "clean": clean, "corrupted": corrupted, "flagged": False,
+           "effect": np.where(np.isfinite(effect), effect, None).tolist()}  # a NaN / inf patch is left out
+    if positions == "each" and deltas is not None:
+        row["by_pos"] = [[[_finite(deltas.get((l, q, u), 0.0) / denom) for u in units] for q in range(len(p.corrupted))]
                          for l in range(n_layers)]
     return row
 
@@ -517,7 +560,8 @@ def _aggregate(model, rows, setup, method, site, positions, units, top_k, att_me
     n_layers = model.cfg.n_layers
     good = [np.array(r["effect"], dtype=float) for r in rows if not r["flagged"]]
     if not good:
-        raise PatchlabError("every item was flagged (clean and corrupted metrics are equal): nothing to aggregate")
+        first = rows[0]
+        raise PatchlabError(f"every item was flagged (item {first['id']}: {first.get('flag_reason')}): nothing to aggregate")
     stack = np.stack(good)
     with warnings.catch_warnings():  # heads that were never patched (method='both') stay NaN
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -533,7 +577,7 @@ def _aggregate(model, rows, setup, method, site, positions, units, top_k, att_me
         l, u = divmod(int(flat), len(units))
         ranking.append({"unit": _unit_name(l, units[u]), "mean": float(mean[l, u]), "std": float(std[l, u]),
                         "share_top_k": float(top_counts[l, u] / len(good))})
-    clean_nan = lambda a: np.where(np.isnan(a), None, a).tolist()  # noqa: E731
+    clean_nan = lambda a: np.where(np.isfinite(a), a, None).tolist()  # noqa: E731
     return LocateResult(
         model=model_name(model), setup=setup, method=method, site=site, positions=positions, n_layers=n_layers,
         n_heads=len(units), items=rows, mean=clean_nan(mean), std=clean_nan(std), n=len(good), ranking=ranking,

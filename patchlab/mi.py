@@ -115,6 +115,8 @@ def fit_whitener(a: Float[Tensor, "n d"], dim: int | None) -> tuple[Float[Tensor
     """Centre, rotate onto the top-`dim` principal components (all if None), scale to unit variance.
 
     Returns (shift, matrix) with z = (a - shift) @ matrix; `dim` >= d keeps every coordinate unrotated.
+    Directions without variance (a constant column, or beyond the rank of a sample with repeated rows)
+    are dropped, so k == the sample's rank when that is below `dim`.
     """
     n, d = a.shape
     mu = a.mean(0)
@@ -126,8 +128,8 @@ def fit_whitener(a: Float[Tensor, "n d"], dim: int | None) -> tuple[Float[Tensor
     else:
         basis = torch.linalg.eigh(c.T @ c).eigenvectors[:, -dim:].flip(1)
     sd = (c @ basis).std(0)
-    live = sd > 1e-12 * sd.max().clamp_min(1e-300)  # constant directions stay 0 instead of blowing up
-    return mu, basis / torch.where(live, sd, torch.ones_like(sd))[None, :] * live[None, :]
+    live = sd > 1e-10 * sd.max().clamp_min(1e-300)  # round-off only: never blow it up to unit variance
+    return mu, basis[:, live] / sd[live][None, :]
 
 
 def whiten(a: Float[Tensor, "n d"], dim: int | None) -> Float[Tensor, "n k"]:

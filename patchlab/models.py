@@ -186,6 +186,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: torc
         if not (folder / "config.json").is_file():
             raise PatchlabError("not a Hugging Face model folder (no config.json)", where=str(folder))
         model = _boot(str(folder), folder, device, dtype)
+    elif _looks_like_path(name):
+        raise PatchlabError(f"no such model folder (offline models: {', '.join(OFFLINE_MODELS)})", where=name)
     else:
         model = _boot_hub(name, device, dtype)
     model.eval()
@@ -193,10 +195,18 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: torc
     return model
 
 
+def _looks_like_path(name: str) -> bool:
+    """A folder path rather than a hub id ('org/name'): absolute, relative with ./ ../ ~, or deeper."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
 def _hub_cached(name: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid hub id (huggingface_hub's HFValidationError)
+        return False
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

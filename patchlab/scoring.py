@@ -154,9 +154,12 @@ def greedy_continuations(
     batch_size: int = DEFAULT_BATCH,
     fwd_hooks: Hooks = (),
     progress: str | None = None,
+    names: Sequence[str] | None = None,
 ) -> list[str]:
-    """The greedy continuation text of each prompt (left padding + attention mask + KV cache)."""
-    seqs = [encode(model, p, where=f"prompt[{i}]") for i, p in enumerate(prompts)]
+    """The greedy continuation text of each prompt (left padding + attention mask + KV cache).
+
+    `names` says where each prompt came from in error messages (default `prompt[i]`)."""
+    seqs = [encode(model, p, where=names[i] if names else f"prompt[{i}]") for i, p in enumerate(prompts)]
     pad = pad_id(model)
     hf = hf_module(model)
     texts: list[str] = [""] * len(seqs)
@@ -206,7 +209,8 @@ def correct(
     batch_size: int = DEFAULT_BATCH,
     fwd_hooks: Hooks = (),
     progress: str | None = None,
+    names: Sequence[str] | None = None,
 ) -> tuple[list[bool], list[str]]:
     """Is each prompt answered right (its greedy continuation contains an allowed answer)?"""
-    conts = greedy_continuations(model, prompts, max_new_tokens, batch_size, fwd_hooks, progress)
+    conts = greedy_continuations(model, prompts, max_new_tokens, batch_size, fwd_hooks, progress, names)
     return [matches(c, a) for c, a in zip(conts, answer_sets)], conts

@@ -194,3 +194,37 @@ def test_bad_options_raise(kw, arg):
     x, y = gaussian_pair(0.5, 2, n=50)
     with pytest.raises(PatchlabError, match=f"^{arg}: "):
         mi(x, y, **kw)
+
+
+@pytest.mark.parametrize("ridge", [1e-2, 1e-1, 1.0])
+@pytest.mark.parametrize("rho, d", [(0.5, 4), (0.9, 4), (0.999, 8)])
+def test_ridge_is_a_noise_floor(rho, d, ridge):
+    """The ridge adds variance `ridge` to every whitened component: the estimate is the MI of the noisy pair,
+    -(d/2) log2(1 - rho^2 / (1 + ridge)^2), which stays finite as rho -> 1 (how emergence uses it)."""
+    x, y = gaussian_pair(rho, d)
+    truth = -(d / 2) * math.log2(1 - rho**2 / (1 + ridge) ** 2)
+    assert abs(gaussian_mi(x, y, ridge=ridge) - truth) <= gaussian_tol(truth), (gaussian_mi(x, y, ridge=ridge), truth)
+
+
+def test_unequal_dimensions_and_correlated_coordinates():
+    """x in 3 dims with a non-diagonal covariance, y in 5 dims mixing x with noise: MI from the covariances."""
+    g = torch.Generator().manual_seed(11)
+    a = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.3, -0.4, 0.5]])
+    b = torch.randn(5, 3, generator=g)
+    x = torch.randn(N, 3, generator=g) @ a.T
+    y = x @ b.T + torch.randn(N, 5, generator=g)
+    sx, sy = a @ a.T, b @ a @ a.T @ b.T + torch.eye(5)
+    joint = torch.cat([torch.cat([sx, sx @ b.T], 1), torch.cat([b @ sx, sy], 1)])
+    truth = 0.5 * float(torch.logdet(sx) + torch.logdet(sy) - torch.logdet(joint)) / math.log(2)
+    assert abs(gaussian_mi(x, y, ridge=0.0) - truth) <= gaussian_tol(truth), (gaussian_mi(x, y, ridge=0.0), truth)
+
+
+def test_repeated_rows_use_the_sample_rank():
+    """Rows drawn from 3 distinct points span 2 dimensions: the PCA keeps 2 (bias correction included), and a
+    constant side carries no information."""
+    g = torch.Generator().manual_seed(5)
+    points = torch.randn(3, 6, generator=g)
+    idx = torch.randint(3, (300,), generator=g)
+    e = mi(points[idx], points[idx] @ torch.randn(6, 6, generator=g), dim=4)
+    assert e.params["proj_dims"] == (2, 2)
+    assert mi(torch.ones(50, 3), torch.randn(50, 3, generator=g)).value_bits == 0.0

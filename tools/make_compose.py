@@ -110,12 +110,12 @@ DEMOS = {
     "systematicity": [
         ("Ana bought a red chair.", "Ana bought a red piece of furniture.", "yes"),
         ("Ben saw a toy crocodile.", "Ben saw a reptile.", "no"),
-        ("Cleo found a big puppy.", "Cleo found a big dog.", "no"),
+        ("Cleo met a tall child.", "Cleo met a tall person.", "no"),
         ("Dev held a toy crocodile.", "Dev held a toy reptile.", "yes"),
         ("Eli painted a wooden sofa.", "Eli painted a piece of furniture.", "yes"),
         ("Fay held a plastic lizard.", "Fay held a reptile.", "no"),
         ("Gus saw a small hippo.", "Gus saw a small mammal.", "no"),
-        ("Hana found a big puppy.", "Hana found a dog.", "yes"),
+        ("Hana met a tall child.", "Hana met a person.", "yes"),
     ],
 }
 

@@ -93,7 +93,10 @@ def find_results(folder: str | Path) -> list[tuple[Path, Result]]:
         except (OSError, ValueError) as exc:
             raise PatchlabError(f"cannot read result JSON ({exc})".splitlines()[0], where=str(path)) from None
         if isinstance(obj, dict) and obj.get("type") in SECTIONS:
-            found.append((path, _load(obj["type"], obj)))
+            try:
+                found.append((path, _load(obj["type"], obj)))
+            except PatchlabError as exc:  # e.g. a field missing: say which file
+                raise PatchlabError(str(exc), where=str(path)) from None
     order = list(SECTIONS)
     return sorted(found, key=lambda pr: (order.index(pr[1].kind), str(pr[0])))
 

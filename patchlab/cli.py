@@ -463,7 +463,7 @@ def retune_cmd(
 
 def _mechanisms_table(result) -> Table:
     table = Table(title=f"Sequential edits of {', '.join(result.heads)}: after {result.stages[-1]} edits ({result.gate} gates)")
-    names = ("correction", "retention", "edited", "paraphrase", "irrelevance", "facts")
+    names = ("correction", "retention", "edited", "paraphrase", "irrelevance", "facts", "entity_facts")
     for col in ("variant", *names):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for variant, curve in result.curves.items():

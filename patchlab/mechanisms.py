@@ -490,7 +490,7 @@ def dependence(S: Float[Tensor, "n M"], gates: Float[Tensor, "n M"] | None = Non
 # --- sequential editing at scale -------------------------------------------------------------------------
 
 
-METRICS = ("correction", "retention", "edited", "paraphrase", "irrelevance", "facts")
+METRICS = ("correction", "retention", "edited", "paraphrase", "irrelevance", "facts", "entity_facts")
 
 
 @dataclass
@@ -538,10 +538,16 @@ def parse_stages(spec: str | Sequence[int] | None, n: int) -> list[int]:
     return sorted(out)
 
 
+PER_MODULE = ("composed", "paraphrase")
+FIXED = ("irrelevance", "facts", "entity_facts")
+
+
 def stack_tests(modules: Sequence[Module], pool: Sequence[TwoHopItem], gap, n_test: int = 60, seed: int = 0,
-                exclude: set[str] = frozenset()):
-    """Per module its composed query and paraphrases; and fixed irrelevance (composed queries answered right,
-    other subjects) and facts (hop-2 facts answered right, other bridges) sets, none in `exclude`."""
+                exclude: set[str] = frozenset()) -> dict[str, list]:
+    """The stack's test sets, none in `exclude`: per module its composed queries and paraphrases; irrelevance =
+    composed queries answered right about other subjects; facts = hop-2 facts answered right about entities no
+    edit names (neither an edited subject nor bridge); entity_facts = hop-2 facts answered right about an
+    edited subject (e.g. where an edited person was born) — related, not unrelated."""
     from .editeval import Query
 
     by_id = {it.id: it for it in pool}
@@ -553,11 +559,13 @@ def stack_tests(modules: Sequence[Module], pool: Sequence[TwoHopItem], gap, n_te
     others = [it for it in pool if it.id not in ids and it.id not in exclude]
     rng = random.Random(seed)
     irr = [it for it in others if it.id in right_c and it.subject not in subjects]
-    facts = [it for it in others if it.id in right_h and it.bridge not in bridges]
-    return ([[Query(it.composed, it.answers) for it in its] for its in edited],
-            [[Query(p, it.answers) for it in its for p in it.paraphrases] for its in edited],
-            [Query(it.composed, it.answers) for it in rng.sample(irr, min(n_test, len(irr)))],
-            [Query(it.hop2, it.answers) for it in rng.sample(facts, min(n_test, len(facts)))])
+    facts = [it for it in others if it.id in right_h and it.bridge not in subjects | bridges]
+    related = [it for it in others if it.id in right_h and it.bridge in subjects]
+    return {"composed": [[Query(it.composed, it.answers) for it in its] for its in edited],
+            "paraphrase": [[Query(p, it.answers) for it in its for p in it.paraphrases] for its in edited],
+            "irrelevance": [Query(it.composed, it.answers) for it in rng.sample(irr, min(n_test, len(irr)))],
+            "facts": [Query(it.hop2, it.answers) for it in rng.sample(facts, min(n_test, len(facts)))],
+            "entity_facts": [Query(it.hop2, it.answers) for it in related[:n_test]]}
 
 
 def evaluate_stack(model, modules: Sequence[Module], pool: Sequence[TwoHopItem], gap, stages: Sequence[int],
@@ -577,28 +585,28 @@ def evaluate_stack(model, modules: Sequence[Module], pool: Sequence[TwoHopItem],
                                 where="--edits")
         if len(mods) != len(modules):
             raise PatchlabError(f"every routed variant needs the same {len(modules)} modules, got {len(mods)}")
-    composed, paraphrase, irr, facts = stack_tests(modules, pool, gap, n_test, exclude=exclude)
-    before = _measure_all(model, composed, paraphrase, irr, facts, measure)
+    sets = stack_tests(modules, pool, gap, n_test, exclude=exclude)
+    before = _measure_sets(model, sets, len(modules), measure)
     curves = {"plain": {k: [] for k in METRICS}}
     with contextlib.ExitStack() as applied:
         done = 0
         for n in track(list(stages), "plain stack" if progress else None):
             for m in modules[done:n]:
                 applied.enter_context(m.edit.applied(model, verify_hash=False))
-            _stage(curves["plain"], before, _measure_all(model, composed[:n], paraphrase[:n], irr, facts, measure), done, n)
+            _stage(curves["plain"], before, _measure_sets(model, sets, n, measure), done, n)
             done = n
     for name, (mods, g) in variants.items():
         curves[name], done = {k: [] for k in METRICS}, 0
         for n in track(list(stages), f"{name} stack" if progress else None):
             with Router(mods[:n], g).attached(model):
-                after = _measure_all(model, composed[:n], paraphrase[:n], irr, facts, measure)
+                after = _measure_sets(model, sets, n, measure)
             _stage(curves[name], before, after, done, n)
             done = n
     return MechanismsResult(
         model=model_name(model), heads=sorted({h for m in modules for h in m.edit.head_list}), gate=gate,
         stages=list(stages), curves=curves, dependence=dependence_stats or {}, cost={},
         modules=[{"ids": m.edit.item_ids, **m.calibration} for m in modules],
-        meta=provenance(model, n_test=n_test, irrelevance=len(irr), facts=len(facts), metric="greedy 6 tokens",
+        meta=provenance(model, n_test=n_test, **{k: len(sets[k]) for k in FIXED}, metric="greedy 6 tokens",
                         variants={k: {"gate": g} for k, (_, g) in variants.items()}),
     )
 
@@ -622,9 +630,9 @@ def stack_dependence(model, modules: Sequence[Module], pool: Sequence[TwoHopItem
     """The modules' dependence over every position of their own prompts (no prefix) and of the stack's
     irrelevance and facts prompts (a seeded sample of `max_positions`), and how often a module's gate opens
     at the last token of another module's own prompts (same subject / other subjects)."""
-    composed, paraphrase, irr, facts = stack_tests(modules, pool, gap, n_test, exclude=exclude)
-    own = [[q.prompt for q in c + p] for c, p in zip(composed, paraphrase)]
-    prompts = [p for o in own for p in o] + [q.prompt for q in irr + facts]
+    sets = stack_tests(modules, pool, gap, n_test, exclude=exclude)
+    own = [[q.prompt for q in c + p] for c, p in zip(sets["composed"], sets["paraphrase"])]
+    prompts = [p for o in own for p in o] + [q.prompt for k in ("irrelevance", "facts") for q in sets[k]]
     S, which, last = position_scores(model, modules, prompts)
     G = _gates_from(S, modules, gate)
     rows = torch.randperm(S.shape[0], generator=torch.Generator().manual_seed(seed))[:max_positions]
@@ -658,17 +666,19 @@ def _gates_from(S: Tensor, modules: Sequence[Module], gate: str) -> Tensor:
     return gate_values(S, *t, gate)
 
 
-def _measure_all(model, composed, paraphrase, irr, facts, measure) -> dict[str, list]:
-    sizes = {"composed": [len(q) for q in composed], "paraphrase": [len(q) for q in paraphrase]}
-    flat = [q for qs in composed for q in qs] + [q for qs in paraphrase for q in qs] + list(irr) + list(facts)
-    got = measure(model, flat)
-    out, i = {}, 0
-    for name in ("composed", "paraphrase"):
-        out[name] = []
-        for k in sizes[name]:
-            out[name].append(got[i : i + k])
-            i += k
-    out["irrelevance"], out["facts"] = got[i : i + len(irr)], got[i + len(irr) :]
+def _measure_sets(model, sets: dict[str, list], n: int, measure) -> dict[str, list]:
+    """`measure` every query of the first `n` modules' own sets and of the fixed sets in one call, regrouped."""
+    groups = [(k, j) for k in PER_MODULE for j in range(n)] + [(k, None) for k in FIXED]
+    queries = [sets[k][j] if j is not None else sets[k] for k, j in groups]
+    got = measure(model, [q for qs in queries for q in qs])
+    out: dict[str, list] = {k: [] for k in PER_MODULE}
+    i = 0
+    for (k, j), qs in zip(groups, queries):
+        rows, i = got[i : i + len(qs)], i + len(qs)
+        if j is None:
+            out[k] = rows
+        else:
+            out[k].append(rows)
     return out
 
 
@@ -682,8 +692,8 @@ def _stage(curve: dict[str, list], before: dict[str, list], after: dict[str, lis
     curve["retention"].append(_summarise(*pick("composed", 0, done)))
     curve["edited"].append(_summarise(*pick("composed", 0, n)))
     curve["paraphrase"].append(_summarise(*pick("paraphrase", 0, n)))
-    curve["irrelevance"].append(_summarise(before["irrelevance"], after["irrelevance"]))
-    curve["facts"].append(_summarise(before["facts"], after["facts"]))
+    for k in FIXED:
+        curve[k].append(_summarise(before[k], after[k]))
 
 
 # --- cost of routing -------------------------------------------------------------------------------------

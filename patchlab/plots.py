@@ -213,7 +213,7 @@ def mechanisms_figure(result) -> go.Figure:
     (plain = deltas summed into W_O, routed = gated modules); hover shows n and the relative Δp C."""
     from plotly.subplots import make_subplots
 
-    metrics = [m for m in ("correction", "retention", "paraphrase", "irrelevance", "facts", "edited")
+    metrics = [m for m in ("correction", "retention", "paraphrase", "irrelevance", "facts", "entity_facts", "edited")
                if any(c[m][i]["n"] for c in result.curves.values() for i in range(len(result.stages)))]
     cols = 3
     rows = -(-len(metrics) // cols)

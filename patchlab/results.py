@@ -55,7 +55,8 @@ def weights_id(model) -> dict[str, Any]:
     applied = getattr(model, "_patchlab_edits", None)
     if not applied:
         return {"weights_sha256": base_hash(model)}
-    return {"weights_sha256": weights_hash(model), "edits_applied": [e.head_list for e in applied]}
+    return {"weights_sha256": weights_hash(model),
+            "edits_applied": [getattr(e, "head_list", type(e).__name__) for e in applied]}
 
 
 @dataclasses.dataclass

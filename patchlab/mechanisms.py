@@ -365,7 +365,7 @@ class Router:
                 raise PatchlabError(f"module {m.name} has gates at layers {sorted(m.routes)} but edits {sorted(m.edit.heads)}")
         self.modules, self.gate = list(modules), gate
         self._z: dict[int, Tensor] = {}
-        self.opened: dict[int, int] = {}  # modules opened at least once per forward, summed (diagnostics)
+        self.opened: dict[int, int] = {}  # per layer: how many times a module's gate opened in a forward (diagnostics)
 
     def _groups(self, device, d_head: int) -> dict[int, list[_Group]]:
         out: dict[int, list[_Group]] = {}
@@ -427,12 +427,25 @@ class Router:
                 raise PatchlabError(f"module {wrong[0]} was made for other weights than this model's ({base[:12]}…)")
         for m in self.modules:
             m.edit._check(model, verify_hash=False)
+            for layer, r in m.routes.items():
+                _check_route(r, model, f"module {m.name}, layer {layer}")
         self._z.clear()
         try:
             with model.hooks(fwd_hooks=self.hooks(model)):
                 yield self
         finally:
             self._z.clear()
+
+
+def _check_route(r: Route, model, where: str) -> None:
+    s = len(r.key_heads) * model.cfg.d_head
+    if not r.key_heads or max(r.key_heads) >= model.cfg.n_heads or min(r.key_heads) < 0:
+        raise PatchlabError(f"gate reads heads {r.key_heads}, the model has {model.cfg.n_heads}", where=where)
+    if r.center.shape != (s,) or r.key.shape != (s,) or r.whiten.shape != (s, s):
+        raise PatchlabError(f"gate tensors do not fit {len(r.key_heads)} heads of {model.cfg.d_head} dims", where=where)
+    if not all(torch.isfinite(t).all() for t in (r.center, r.key, r.whiten)) or not r.lo <= r.tau <= r.hi:
+        raise PatchlabError(f"gate is not finite or its thresholds are out of order (lo {r.lo}, tau {r.tau}, hi {r.hi})",
+                            where=where)
 
 
 def gate_values(s: Tensor, lo: Tensor, hi: Tensor, tau: Tensor, gate: str) -> Tensor:

@@ -214,7 +214,7 @@ def mechanisms_figure(result) -> go.Figure:
     from plotly.subplots import make_subplots
 
     metrics = [m for m in ("correction", "retention", "paraphrase", "irrelevance", "facts", "entity_facts", "edited")
-               if any(c[m][i]["n"] for c in result.curves.values() for i in range(len(result.stages)))]
+               if any(s["n"] for c in result.curves.values() for s in c.get(m, []))]
     cols = 3
     rows = -(-len(metrics) // cols)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[esc(m) for m in metrics])
@@ -233,7 +233,7 @@ def mechanisms_figure(result) -> go.Figure:
     fig.update_xaxes(title="edits stacked", type="log")
     dep = "; ".join(f"{esc(k)}: HSIC {v['hsic']:.3f}" for k, v in result.dependence.items() if v.get("hsic") is not None)
     fig.update_layout(title=f"Sequential edits of {esc(', '.join(result.heads))}, plain vs routed ({esc(result.gate)} gates)"
-                            f"{' — ' + dep if dep else ''} — {esc(result.model)}",
+                            f" — {esc(result.model)}" + (f"<br><sup>dependence between modules: {dep}</sup>" if dep else ""),
                       template="plotly_white", height=330 * rows, legend=dict(orientation="h", y=-0.12))
     return fig
 

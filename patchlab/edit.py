@@ -283,48 +283,68 @@ class Edit:
     def tensors(self) -> dict[str, Tensor]:
         return {f"layer.{l}.delta": d.contiguous().float() for l, d in self.deltas.items()}
 
-    def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save
-
-        tensors = self.tensors()
-        meta = {"format": FORMAT, "model": self.model, "weights_sha256": self.weights_sha256,
+    def metadata(self) -> dict[str, str]:
+        """The edit's identity as file metadata (format, model, weights hash, heads, items, method)."""
+        return {"format": FORMAT, "model": self.model, "weights_sha256": self.weights_sha256,
                 "heads": json.dumps({str(k): v for k, v in self.heads.items()}), "item_ids": json.dumps(self.item_ids),
-                "method": json.dumps(self.method), "tensors_sha256": tensors_hash(tensors)}
-        meta["meta_sha256"] = meta_hash(meta)
-        return atomic_write_bytes(path, save(tensors, metadata=meta))
+                "method": json.dumps(self.method)}
+
+    def save(self, path: str | Path) -> Path:
+        return write_signed(path, self.tensors(), self.metadata())
 
     @classmethod
     def load(cls, path: str | Path) -> Edit:
         """Read an edit file; refuses a tampered, truncated or foreign file with one line naming it."""
-        from safetensors import safe_open
+        meta, tensors = read_signed(path, FORMAT, "edit")
+        return cls.from_file(meta, tensors, str(path))
 
-        path = Path(path)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:  # safetensors raises several types for damaged files
-            raise PatchlabError(f"not a readable edit file ({type(exc).__name__}: {str(exc)[:120]})".replace("\n", " "),
-                                where=str(path)) from None
-        if meta.get("format") != FORMAT:
-            raise PatchlabError(f"not a patchlab edit file (format {meta.get('format')!r})", where=str(path))
-        if tensors_hash(tensors) != meta.get("tensors_sha256"):
-            raise PatchlabError("edit tensors do not match their recorded sha256 (file changed after saving)",
-                                where=str(path))
-        if "meta_sha256" in meta and meta_hash(meta) != meta["meta_sha256"]:  # files before it have none
-            raise PatchlabError("edit metadata does not match its recorded sha256 (file changed after saving)",
-                                where=str(path))
+    @classmethod
+    def from_file(cls, meta: dict[str, str], tensors: dict[str, Tensor], where: str) -> Edit:
+        """Rebuild an edit from verified file contents (`read_signed`); refuses missing fields and non-finite deltas."""
         try:
             heads = {int(k): [int(h) for h in v] for k, v in json.loads(meta["heads"]).items()}
             deltas = {l: tensors[f"layer.{l}.delta"] for l in heads}
             edit = cls(meta["model"], meta["weights_sha256"], heads, deltas, json.loads(meta["item_ids"]),
                        json.loads(meta["method"]))
         except (KeyError, ValueError, TypeError) as exc:
-            raise PatchlabError(f"edit metadata is incomplete ({exc})", where=str(path)) from None
+            raise PatchlabError(f"edit metadata is incomplete ({exc})", where=where) from None
         bad = [l for l, d in deltas.items() if not d.is_floating_point() or not torch.isfinite(d).all()]
         if bad:
-            raise PatchlabError(f"edit has a non-finite (or non-float) delta at layer {bad[0]}", where=str(path))
+            raise PatchlabError(f"edit has a non-finite (or non-float) delta at layer {bad[0]}", where=where)
         return edit
+
+
+def write_signed(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> Path:
+    """Write tensors + metadata as one safetensors file (atomically), sealed by a sha256 of the tensors and of
+    the metadata: safetensors itself notices neither a flipped data byte nor an edited header."""
+    from safetensors.torch import save
+
+    meta = {**meta, "tensors_sha256": tensors_hash(tensors)}
+    meta["meta_sha256"] = meta_hash(meta)
+    return atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def read_signed(path: str | Path, fmt: str, what: str) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """Read a `write_signed` file of format `fmt`; a damaged, foreign or tampered file is one line naming it."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise PatchlabError(f"not a readable {what} file ({type(exc).__name__}: {str(exc)[:120]})".replace("\n", " "),
+                            where=str(path)) from None
+    if meta.get("format") != fmt:
+        raise PatchlabError(f"not a patchlab {what} file (format {meta.get('format')!r})", where=str(path))
+    if tensors_hash(tensors) != meta.get("tensors_sha256"):
+        raise PatchlabError(f"{what} tensors do not match their recorded sha256 (file changed after saving)",
+                            where=str(path))
+    if "meta_sha256" in meta and meta_hash(meta) != meta["meta_sha256"]:  # files before it have none
+        raise PatchlabError(f"{what} metadata does not match its recorded sha256 (file changed after saving)",
+                            where=str(path))
+    return meta, tensors
 
 
 def _index(value: Any, size: int) -> bool:
@@ -384,8 +404,6 @@ def optimize_delta(model, item: TwoHopItem, layer: int, k_full: Tensor, cfg: Edi
     added at every position in proportion to how strongly the edit would fire there (its key
     similarity) + norm_weight · ‖δ‖²/‖W k‖².
     """
-    from .locate import run_from_layer
-
     W = o_proj(model, layer).weight
     answer = answer_token_id(model, item.answer, where=f"{item.id}: answer")
     prompts = with_prefixes(item.composed, pre)

@@ -48,7 +48,6 @@ from torch import Tensor
 
 from . import edit as E
 from .errors import PatchlabError
-from .io import atomic_write_bytes
 from .models import model_name
 from .progress import track
 from .prompts import TwoHopItem
@@ -226,46 +225,27 @@ class Module:
         return out
 
     def save(self, path: str | Path) -> Path:
-        """One safetensors file: the edit's deltas and the gates' tensors, JSON metadata, a sha256 of the tensors."""
-        from safetensors.torch import save
-
-        tensors, e = self.tensors(), self.edit
+        """One safetensors file: the edit's deltas and the gates' tensors, JSON metadata, sealed by `edit.write_signed`."""
         routes = {str(l): {"key_heads": r.key_heads, "lo": r.lo, "hi": r.hi, "tau": r.tau} for l, r in self.routes.items()}
-        meta = {"format": FORMAT, "model": e.model, "weights_sha256": e.weights_sha256,
-                "heads": json.dumps({str(k): v for k, v in e.heads.items()}), "item_ids": json.dumps(e.item_ids),
-                "method": json.dumps(e.method), "routes": json.dumps(routes), "calibration": json.dumps(self.calibration),
-                "tensors_sha256": E.tensors_hash(tensors)}
-        return atomic_write_bytes(path, save(tensors, metadata=meta))
+        meta = {**self.edit.metadata(), "format": FORMAT, "routes": json.dumps(routes),
+                "calibration": json.dumps(self.calibration)}
+        return E.write_signed(path, self.tensors(), meta)
 
     @classmethod
     def load(cls, path: str | Path) -> Module:
         """Read a module file; refuses a tampered, truncated or foreign file with one line naming it."""
-        from safetensors import safe_open
-
-        path = Path(path)
+        meta, tensors = E.read_signed(path, FORMAT, "module")
+        edit = E.Edit.from_file(meta, tensors, str(path))
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:  # safetensors raises several types for damaged files
-            raise PatchlabError(f"not a readable module file ({type(exc).__name__}: {str(exc)[:120]})".replace("\n", " "),
-                                where=str(path)) from None
-        if meta.get("format") != FORMAT:
-            raise PatchlabError(f"not a patchlab module file (format {meta.get('format')!r})", where=str(path))
-        if E.tensors_hash(tensors) != meta.get("tensors_sha256"):
-            raise PatchlabError("module tensors do not match their recorded sha256 (file changed after saving)", where=str(path))
-        try:
-            heads = {int(k): [int(h) for h in v] for k, v in json.loads(meta["heads"]).items()}
-            edit = E.Edit(meta["model"], meta["weights_sha256"], heads, {l: tensors[f"layer.{l}.delta"] for l in heads},
-                          json.loads(meta["item_ids"]), json.loads(meta["method"]))
             routes = {int(l): Route([int(h) for h in r["key_heads"]], tensors[f"layer.{l}.center"], tensors[f"layer.{l}.whiten"],
                                     tensors[f"layer.{l}.key"], float(r["lo"]), float(r["hi"]), float(r["tau"]))
                       for l, r in json.loads(meta["routes"]).items()}
             calibration = json.loads(meta.get("calibration", "{}"))
         except (KeyError, ValueError, TypeError) as exc:
             raise PatchlabError(f"module metadata is incomplete ({exc})", where=str(path)) from None
-        if set(routes) != set(heads):
-            raise PatchlabError(f"module has gates at layers {sorted(routes)} but edits layers {sorted(heads)}", where=str(path))
+        if set(routes) != set(edit.heads):
+            raise PatchlabError(f"module has gates at layers {sorted(routes)} but edits layers {sorted(edit.heads)}",
+                                where=str(path))
         return cls(edit, routes, calibration)
 
 

@@ -13,6 +13,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test, then restored: on a shared 2-core box two threads fighting other jobs
+    run several times slower (used by the estimator-heavy test files)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smol():
     """The real default model (de-quantized once per machine, then read from the patchlab cache)."""

@@ -13,13 +13,7 @@ from patchlab import compose as C
 from patchlab.errors import PatchlabError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the CI box is shared, and two threads fighting other jobs run several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.mark.parametrize("task", C.TASKS)

@@ -12,13 +12,7 @@ from patchlab import emergence as E
 from patchlab.errors import PatchlabError
 from patchlab.models import weights_hash
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the CI box is shared, and two threads fighting other jobs run several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 WORDS = "the capital of the country where the eiffel tower is located is paris and the city of berlin".split()

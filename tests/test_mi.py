@@ -29,13 +29,7 @@ RHOS = (0.0, 0.5, 0.8, 0.9)
 DIMS = (1, 4, 16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run every estimator on one thread (the CI box is shared), then restore."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def true_mi(rho: float, d: int) -> float:

@@ -63,6 +63,15 @@ def _claimed_dir(folder: Path, prefix: str) -> tuple[int, Path]:
         os.close(fd)
 
 
+def _remove(p: Path) -> None:
+    """Delete a temp file or folder; one already gone is fine."""
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
 def sweep_stale(folder: str | Path) -> int:
     """Remove temp files / dirs in `folder` that no live writer holds (left by a killed one); returns how many."""
     folder = Path(folder)
@@ -79,11 +88,7 @@ def sweep_stale(folder: str | Path) -> int:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 continue  # a live writer holds it
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
+            _remove(p)
             n += 1
         finally:
             os.close(fd)
@@ -215,10 +220,6 @@ def sweep_orphans(folder: str | Path, name: str = "") -> int:
         return 0
     n = 0
     for p in folder.glob(f"{TMP_PREFIX}{name}*"):
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        _remove(p)
         n += 1
     return n

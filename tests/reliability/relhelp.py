@@ -3,7 +3,9 @@ in-process (exit code + stderr), model stand-ins, and an inventory of every hook
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -131,3 +133,30 @@ def pristine():
         assert all(p.requires_grad and p.grad is None for p in model.parameters())
 
     return check
+
+
+def enospc(*_args, **_kwargs):
+    """Raise what a full disk raises."""
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class HalfWrite:
+    """Wraps a real temp file: a write puts down half its bytes, then calls `then` (e.g. `enospc`, or a stop
+    where the writer is killed)."""
+
+    def __init__(self, fh, then=enospc):
+        self._fh, self._then = fh, then
+
+    def write(self, data):
+        self._fh.write(data[: len(data) // 2])
+        self._fh.flush()
+        self._then()
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._fh.__exit__(*exc)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from relhelp import HalfWrite, enospc
+
 from patchlab import io as pio
 from patchlab.io import TMP_PREFIX, atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, sweep_orphans
 
@@ -74,41 +76,17 @@ def test_sigkill_mid_write_leaves_old_file_and_a_sweepable_temp(tmp_path):
 
 # --- (b) a full disk ------------------------------------------------------------------------------
 
-def _enospc(*_args, **_kwargs):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-class _FullDiskFile:
-    """Wraps the real temp file: writes half of what it is given, then reports a full disk."""
-
-    def __init__(self, fh):
-        self._fh = fh
-
-    def write(self, data):
-        self._fh.write(data[: len(data) // 2])
-        _enospc()
-
-    def __getattr__(self, name):
-        return getattr(self._fh, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return self._fh.__exit__(*exc)
-
-
 @pytest.mark.parametrize("where", ["write", "fsync", "replace"])
-def test_enospc_propagates_and_leaves_old_file_and_no_temp(tmp_path, monkeypatch, where):
+def testenospc_propagates_and_leaves_old_file_and_no_temp(tmp_path, monkeypatch, where):
     target = tmp_path / "out.json"
     target.write_bytes(OLD)
     if where == "write":
         real_fdopen = os.fdopen
-        monkeypatch.setattr(pio.os, "fdopen", lambda *a, **k: _FullDiskFile(real_fdopen(*a, **k)))
+        monkeypatch.setattr(pio.os, "fdopen", lambda *a, **k: HalfWrite(real_fdopen(*a, **k)))
     elif where == "fsync":
-        monkeypatch.setattr(pio.os, "fsync", _enospc)
+        monkeypatch.setattr(pio.os, "fsync", enospc)
     else:
-        monkeypatch.setattr(pio.os, "replace", _enospc)
+        monkeypatch.setattr(pio.os, "replace", enospc)
     with pytest.raises(OSError) as err:
         atomic_write_bytes(target, b"new" * 100_000)
     assert err.value.errno == errno.ENOSPC

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from relhelp import assert_refused, cli, diff, hook_inventory, serve_models, warm, write_set
+from relhelp import HalfWrite, assert_refused, cli, diff, hook_inventory, serve_models, warm, write_set
 
 from patchlab import edit as E
 from patchlab import io as pio
@@ -51,27 +51,6 @@ def an_edit(seed: int) -> E.Edit:
 
 # --- SIGKILL ---------------------------------------------------------------------------------------------
 
-class _SlowFile:
-    """Wraps a temp file: the write puts half the bytes down, then the writer stops (to be killed there)."""
-
-    def __init__(self, fh, reached):
-        self._fh, self._reached = fh, reached
-
-    def write(self, data):
-        self._fh.write(data[: len(data) // 2])
-        self._fh.flush()
-        self._reached()
-
-    def __getattr__(self, name):
-        return getattr(self._fh, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return self._fh.__exit__(*exc)
-
-
 def _stop_at(point: str, nth: int, reached) -> None:
     """In the child: make the `nth` call of `point` (write / replace) stop at `reached` (it never returns)."""
     calls = {"n": 0}
@@ -81,7 +60,7 @@ def _stop_at(point: str, nth: int, reached) -> None:
         def fdopen(*a, **k):
             calls["n"] += 1
             fh = real(*a, **k)
-            return _SlowFile(fh, reached) if calls["n"] == nth else fh
+            return HalfWrite(fh, reached) if calls["n"] == nth else fh
 
         pio.os.fdopen = fdopen  # the child's own os module: it is killed, never restored
     else:
@@ -223,27 +202,10 @@ def full_disk(monkeypatch, nth: int = 1) -> None:
     """The `nth` file written from now on gets half its bytes, then ENOSPC."""
     real, calls = os.fdopen, {"n": 0}
 
-    class Full:
-        def __init__(self, fh):
-            self._fh = fh
-
-        def write(self, data):
-            self._fh.write(data[: len(data) // 2])
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        def __getattr__(self, name):
-            return getattr(self._fh, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self._fh.__exit__(*exc)
-
     def fdopen(*a, **k):
         calls["n"] += 1
         fh = real(*a, **k)
-        return Full(fh) if calls["n"] == nth else fh
+        return HalfWrite(fh) if calls["n"] == nth else fh
 
     monkeypatch.setattr(pio.os, "fdopen", fdopen)
 

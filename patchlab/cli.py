@@ -13,7 +13,6 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table  # noqa: F401  (commands build their own tables)
 
 from . import tables
 from .errors import PatchlabError
@@ -352,24 +351,6 @@ def report(
         console.print(f"[green]wrote[/green] {summary_png(find_results(folder), png)}")
 
 
-def _retune_table(result) -> Table:
-    table = Table(title=f"Re-tuning ({'CARMA' if result.carma else 'plain'}, {result.task}, params "
-                        f"{result.config['params']}, {len(result.history)} steps, {result.seconds:.0f} s)")
-    for col in ("metric", "n", "before", "after"):
-        table.add_column(col, justify="left" if col == "metric" else "right")
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    ev = result.evaluation
-    for name, acc in ev["before"]["accuracy"].items():
-        table.add_row(f"accuracy: {name}", str(ev["before"]["n"][name]), fmt(acc), fmt(ev["after"]["accuracy"][name]))
-    for name, rates in ev["before"]["synonyms"].items():
-        for rate, s in rates.items():
-            a = ev["after"]["synonyms"][name][rate]
-            table.add_row(f"synonym retention {rate}: {name}", f"{s['n']}/{a['n']}", fmt(s["retention"]), fmt(a["retention"]))
-    for name, s in result.edit.get("correction", {}).items():
-        table.add_row(f"edit correction: {name} (unedited {fmt(s['base'])})", str(s["n"]), fmt(s["before"]), fmt(s["after"]))
-    return table
-
-
 def _edit_queries(edit_file: Path, prompt_set: Optional[str]):
     """The composed queries and paraphrases of the items an edit was made for."""
     from .edit import Edit
@@ -456,19 +437,9 @@ def retune_cmd(
         after_edit = _correction(m, queries)
         result.edit["correction"] = {n: {"n": len(queries[n]), "base": base[n], "before": before_edit[n],
                                          "after": after_edit[n]} for n in queries if queries[n]}
-    console.print(_retune_table(result))
+    console.print(tables.retune_table(result).to_rich())
     console.print(f"[green]wrote[/green] checkpoint: {result.checkpoint}")
     _written(result.save(out))
-
-
-def _mechanisms_table(result) -> Table:
-    table = Table(title=f"Sequential edits of {', '.join(result.heads)}: after {result.stages[-1]} edits ({result.gate} gates)")
-    names = ("correction", "retention", "edited", "paraphrase", "irrelevance", "facts", "entity_facts")
-    for col in ("variant", *names):
-        table.add_column(col, justify="left" if col == "variant" else "right")
-    for variant, curve in result.curves.items():
-        table.add_row(variant, *["-" if not curve[k][-1]["n"] else f"{curve[k][-1]['after']:.3f}" for k in names])
-    return table
 
 
 @app.command()
@@ -501,28 +472,12 @@ def mechanisms(
     ps = _prompt_set(prompt_set, None, None, None)
     m = _load(model, device, dtype)
     result = M.run_stack(m, stack, list(ps), _gap_for(m, ps, gap), stages, gate, cfg, n_test)
-    console.print(_mechanisms_table(result))
+    console.print(tables.mechanisms_table(result).to_rich())
     for name, d in result.dependence.items():
         console.print(f"dependence ({name}): HSIC {d['hsic']:.4f} (shuffled {d['hsic_null']:.4f}), mean |r| {d['abs_r']:.3f}"
                       if d.get("hsic") is not None else f"dependence ({name}): one module")
     console.print(f"routing costs {result.cost['ratio']:.2f}x a plain forward ({result.cost['modules']} modules)")
     _written(result.save(out))
-
-
-def _emergence_table(result) -> Table:
-    first = next(iter(result.conditions.values()))
-    p = first["estimator_params"]
-    est = f"{first['estimator']}, dim {p.get('dim')}" + (f", ridge {p['ridge']}" if "ridge" in p else "")
-    table = Table(title=f"Information emergence ({result.experiment}) — {result.model} [{est}; bits, mean over blocks]")
-    extra = [k for k in ("accuracy",) if all(k in s for s in result.summary.values())]
-    for col in ("condition", "n", "T", "IE", "± std", "macro MI", "micro MI", "IE max at block", *extra):
-        table.add_column(col, justify="left" if col == "condition" else "right")
-    for name, s in result.summary.items():
-        r = result.conditions[name]
-        top = r["layers"][max(range(len(r["ie"])), key=lambda i: r["ie"][i])]
-        table.add_row(name, str(s["n"]), str(s["T"]), f"{s['mean_ie']:+.2f}", f"{s.get('mean_ie_std', float('nan')):.2f}",
-                      f"{s['mean_macro']:.2f}", f"{s['mean_micro']:.2f}", str(top), *[f"{s[k]:.2f}" for k in extra])
-    return table
 
 
 @app.command()
@@ -580,27 +535,8 @@ def emergence(
     else:
         result = E.twohop_emergence(m, ps, gap=_gap_for(m, ps, gap) if gap else None, failed=failed,
                                     min_group=min_group, **kw)
-    console.print(_emergence_table(result))
+    console.print(tables.emergence_table(result).to_rich())
     _written(result.save(out))
-
-
-def _compare_table(result) -> Table:
-    table = Table(title="Compositionality probes (entailment: AUROC, chance 0.5; over-generalisation: layer-mean share, "
-                        "chance 0.5)")
-    for col in ("model", "params", "layers", "instr.", *result.tasks, *(["gap share"] if result.gap else [])):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for name in result.models:
-        i = result.info[name]
-        cells = []
-        for task in result.tasks:
-            s = result.scores[name][task]
-            cells.append(f"{s['auroc']:.2f} (acc {s['accuracy']:.2f}, p {s['p_value']:.3f})" if "auroc" in s
-                         else f"{s['layer_mean']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]")
-        gap_cell = [f"{result.gap[name]['gap_share']:.2f} ({result.gap[name]['gap_count']}/{result.gap[name]['both_hops']})"] \
-            if result.gap else []
-        tuned = {True: "yes", False: "no", None: "?"}[i["instruction_tuned"]]
-        table.add_row(name, f"{i['parameters'] / 1e6:.0f}M", str(i["n_layers"]), tuned, *cells, *gap_cell)
-    return table
 
 
 @app.command("compare")
@@ -626,7 +562,7 @@ def compare_cmd(
     ps = _prompt_set(prompt_set, None, None, per_kind) if gap else None
     result = run_compare(names, [t.strip() for t in tasks.split(",") if t.strip()], gap=gap, prompt_set=ps, shots=shots,
                          device=device, dtype=_dtype(dtype), batch_size=batch_size)
-    console.print(_compare_table(result))
+    console.print(tables.compare_table(result).to_rich())
     _written(result.save(out))
 
 

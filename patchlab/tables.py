@@ -89,6 +89,66 @@ def edit_table(report) -> TableData:
                      ["test set", "n", "before", "after", "C (rel. Δp)", "beats wrong"], rows)
 
 
+def retune_table(result) -> TableData:
+    """Before / after accuracy, synonym retention and (with an edit) the edit's correction of a re-tuning run."""
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    ev, rows = result.evaluation, []
+    for name, acc in ev["before"]["accuracy"].items():
+        rows.append([f"accuracy: {name}", str(ev["before"]["n"][name]), fmt(acc), fmt(ev["after"]["accuracy"][name])])
+    for name, rates in ev["before"]["synonyms"].items():
+        for rate, s in rates.items():
+            a = ev["after"]["synonyms"][name][rate]
+            rows.append([f"synonym retention {rate}: {name}", f"{s['n']}/{a['n']}", fmt(s["retention"]), fmt(a["retention"])])
+    for name, s in result.edit.get("correction", {}).items():
+        rows.append([f"edit correction: {name} (unedited {fmt(s['base'])})", str(s["n"]), fmt(s["before"]), fmt(s["after"])])
+    return TableData(f"Re-tuning ({'CARMA' if result.carma else 'plain'}, {result.task}, params "
+                     f"{result.config['params']}, {len(result.history)} steps, {result.seconds:.0f} s)",
+                     ["metric", "n", "before", "after"], rows)
+
+
+def mechanisms_table(result) -> TableData:
+    """Each stack variant's metrics after the last stage of sequential edits."""
+    names = ("correction", "retention", "edited", "paraphrase", "irrelevance", "facts", "entity_facts")
+    rows = [[variant, *["-" if not curve[k][-1]["n"] else f"{curve[k][-1]['after']:.3f}" for k in names]]
+            for variant, curve in result.curves.items()]
+    return TableData(f"Sequential edits of {', '.join(result.heads)}: after {result.stages[-1]} edits ({result.gate} gates)",
+                     ["variant", *names], rows)
+
+
+def emergence_table(result) -> TableData:
+    """Per condition: mean information emergence over blocks, its spread, macro / micro MI, the peak block."""
+    first = next(iter(result.conditions.values()))
+    p = first["estimator_params"]
+    est = f"{first['estimator']}, dim {p.get('dim')}" + (f", ridge {p['ridge']}" if "ridge" in p else "")
+    extra = [k for k in ("accuracy",) if all(k in s for s in result.summary.values())]
+    rows = []
+    for name, s in result.summary.items():
+        r = result.conditions[name]
+        top = r["layers"][max(range(len(r["ie"])), key=lambda i: r["ie"][i])]
+        rows.append([name, str(s["n"]), str(s["T"]), f"{s['mean_ie']:+.2f}", f"{s.get('mean_ie_std', float('nan')):.2f}",
+                     f"{s['mean_macro']:.2f}", f"{s['mean_micro']:.2f}", str(top), *[f"{s[k]:.2f}" for k in extra]])
+    return TableData(f"Information emergence ({result.experiment}) — {result.model} [{est}; bits, mean over blocks]",
+                     ["condition", "n", "T", "IE", "± std", "macro MI", "micro MI", "IE max at block", *extra], rows)
+
+
+def compare_table(result) -> TableData:
+    """Per model: size, layers, instruction tuning, each probe's score and the two-hop gap."""
+    rows = []
+    for name in result.models:
+        i = result.info[name]
+        cells = []
+        for task in result.tasks:
+            s = result.scores[name][task]
+            cells.append(f"{s['auroc']:.2f} (acc {s['accuracy']:.2f}, p {s['p_value']:.3f})" if "auroc" in s
+                         else f"{s['layer_mean']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]")
+        gap_cell = [f"{result.gap[name]['gap_share']:.2f} ({result.gap[name]['gap_count']}/{result.gap[name]['both_hops']})"] \
+            if result.gap else []
+        tuned = {True: "yes", False: "no", None: "?"}[i["instruction_tuned"]]
+        rows.append([name, f"{i['parameters'] / 1e6:.0f}M", str(i["n_layers"]), tuned, *cells, *gap_cell])
+    return TableData("Compositionality probes (entailment: AUROC, chance 0.5; over-generalisation: layer-mean share, chance 0.5)",
+                     ["model", "params", "layers", "instr.", *result.tasks, *(["gap share"] if result.gap else [])], rows)
+
+
 BY_KIND: dict[str, Callable[[Any], TableData]] = {
     "gap": gap_table,
     "lens": lens_table,

@@ -22,7 +22,7 @@ args = parser.parse_args()
 model = load_model("smollm2-135m")
 prompts = PromptSet.load(args.prompt_set) if args.prompt_set else PromptSet.shipped().stratified(3)
 gap = evaluate_gap(model, prompts)                                   # 1. which composed questions fail?
-failures = [it for it in prompts if it.id in set(gap.failures)]
+failures = gap.failed_items(prompts)
 print(f"{len(failures)} of {len(prompts)} items fail the composition with both hops right")
 if not failures:
     raise SystemExit("nothing to edit: every composition with both hops right is already correct")

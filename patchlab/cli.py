@@ -160,7 +160,7 @@ def lens(
         for it in list(ps)[:50]:
             _written(L.top_tokens(m, it.composed, k=top_k, track_words=[it.bridge, it.answer]).save(out / "positions", name=it.id))
     if intervene:
-        correct = [it for it in ps if it.id in set(gap_result.composed_correct)][:intervene_items]
+        correct = gap_result.correct_items(ps)[:intervene_items]
         if not correct:
             raise PatchlabError("no composed-correct items to intervene on", where="--prompt-set")
         iv = L.bridge_intervention(m, correct, layers=layers, n_controls=controls, orthogonal=orthogonal)
@@ -266,7 +266,7 @@ def edit(
     m = _load(model, device, dtype)
     chosen = _heads(m, heads, heads_from, top)
     g = _gap_for(m, ps, gap)
-    items = list(ps.filter(ids=ids.split(","))) if ids else [it for it in ps if it.id in set(g.failures)]
+    items = list(ps.filter(ids=ids.split(","))) if ids else g.failed_items(ps)
     rows = {r["id"]: r for r in g.items}
     already = [it.id for it in items if rows.get(it.id, {}).get("composed")]
     if already:

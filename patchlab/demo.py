@@ -33,12 +33,12 @@ def run_demo(model, ps: PromptSet, out: str | Path, quick: bool = False,
     gap = evaluate_gap(model, ps)
     timings["evaluate"] = time.perf_counter() - start
     step("gap", gap, "evaluate")
-    fails = [it for it in ps if it.id in set(gap.failures)]
+    fails = gap.failed_items(ps)
     if not fails:
         raise PatchlabError("the model has no composition failures on this slice: nothing to locate or edit")
     start = time.perf_counter()
     step("lens", L.lens_items(model, list(ps), gap=gap), "lens")
-    correct = [it for it in ps if it.id in set(gap.composed_correct)][: 6 if quick else 16]
+    correct = gap.correct_items(ps)[: 6 if quick else 16]
     if correct:
         layers = list(range(0, model.cfg.n_layers, 3 if quick else 2))
         step("intervention", L.bridge_intervention(model, correct, layers=layers), "lens", "intervention")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from .prompts import PromptSet, TwoHopItem
 from .results import Result, provenance
@@ -32,6 +32,16 @@ class GapResult(Result):
     @property
     def composed_correct(self) -> list[str]:
         return [r["id"] for r in self.items if r["composed"]]
+
+    def failed_items(self, items: Iterable[TwoHopItem]) -> list[TwoHopItem]:
+        """The `items` (in their order) that are failures of this evaluation."""
+        wanted = set(self.failures)
+        return [it for it in items if it.id in wanted]
+
+    def correct_items(self, items: Iterable[TwoHopItem]) -> list[TwoHopItem]:
+        """The `items` (in their order) whose composed query this evaluation found right."""
+        wanted = set(self.composed_correct)
+        return [it for it in items if it.id in wanted]
 
     def figure(self):
         from .plots import gap_figure

@@ -154,7 +154,7 @@ def reference_prompts(pool: Sequence[TwoHopItem], gap, n: int = 40, seed: int = 
     """The composed queries, paraphrases and hop-2 facts of a seeded sample of at most `n` items answered right
     (none in `exclude`; at most half of them, the rest are left to test), and their ids, which the irrelevance
     and facts tests then leave out."""
-    right = [it for it in pool if it.id in set(gap.composed_correct) and it.id not in exclude]
+    right = [it for it in gap.correct_items(pool) if it.id not in exclude]
     chosen = random.Random(seed).sample(right, min(n, max(1, len(right) // 2)))
     return [p for it in chosen for p in (it.composed, *it.paraphrases, it.hop2)], {it.id for it in chosen}
 
@@ -810,6 +810,6 @@ def run_stack(model, edits: Sequence[E.Edit | Module], pool: Sequence[TwoHopItem
         dep[name(other)] = stack_dependence(model, _keyed(model, edits, built, other), pool, gap, n_test, exclude, gate)
     result = evaluate_stack(model, modules, pool, gap, stage_list, gate, n_test, exclude, dependence_stats=dep,
                             progress=progress)
-    right = [it.composed for it in pool if it.id in set(gap.composed_correct)][:16] or [pool[0].composed]
+    right = [it.composed for it in gap.correct_items(pool)][:16] or [pool[0].composed]
     result.cost = routing_cost(model, modules, right, gate, repeats=3)
     return result

@@ -33,3 +33,16 @@ def test_gap_on_real_slice_is_consistent(smol, shipped, tmp_path):
     again = GapResult.from_json(paths["result.json"])
     assert again.summary == result.summary and again.failures == result.failures
     assert "plotly" in paths["figure.html"].read_text()[:5000].lower()
+
+
+def test_failed_and_correct_items_select_in_the_callers_order(shipped):
+    from patchlab.evaluate import GapResult
+
+    items = list(shipped)[:4]
+    rows = [{"id": items[0].id, "hop1": True, "hop2": True, "composed": False},
+            {"id": items[1].id, "hop1": True, "hop2": False, "composed": False},
+            {"id": items[2].id, "hop1": True, "hop2": True, "composed": True},
+            {"id": items[3].id, "hop1": True, "hop2": True, "composed": False}]
+    gap = GapResult("m", "p", rows, {})
+    assert [it.id for it in gap.failed_items(reversed(items))] == [items[3].id, items[0].id]
+    assert [it.id for it in gap.correct_items(items)] == [items[2].id]

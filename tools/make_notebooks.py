@@ -48,7 +48,7 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
         ("code", "from patchlab.lens import top_tokens\n\nitem = prompts[0]\nview = top_tokens(model, item.composed, k=3, track_words=[item.bridge, item.answer])\nview.figure()"),
         ("md", "**Bridge-entity intervention**: remove the bridge's unembedding direction from the residual stream at "
                "one layer and see how much the answer's probability drops, beside random control tokens."),
-        ("code", "from patchlab.lens import bridge_intervention\n\ncorrect = [it for it in prompts if it.id in set(gap.composed_correct)][:4 if QUICK else 16]\n"
+        ("code", "from patchlab.lens import bridge_intervention\n\ncorrect = gap.correct_items(prompts)[:4 if QUICK else 16]\n"
                  "iv = bridge_intervention(model, correct, layers=list(range(0, model.cfg.n_layers, 4 if QUICK else 2)))\niv.figure()"),
     ],
     "03_locate_heads": [
@@ -59,7 +59,7 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
                "exact patching verifies the best ones."),
         ("code", SETUP),
         ("code", "from patchlab.evaluate import evaluate_gap\nfrom patchlab.locate import locate\n\ngap = evaluate_gap(model, prompts, progress=False)\n"
-                 "failures = [it for it in prompts if it.id in set(gap.failures)][:4 if QUICK else 12]\n"
+                 "failures = gap.failed_items(prompts)[:4 if QUICK else 12]\n"
                  "result = locate(model, failures, setup='guide', method='both', verify=10 if QUICK else 20)\nresult.heads(5)"),
         ("code", "from patchlab.tables import locate_table\nfrom rich import print as rprint\n\nrprint(locate_table(result, 8).to_rich())"),
         ("code", "result.figure()"),
@@ -72,7 +72,7 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
                "bit-identical weights."),
         ("code", SETUP),
         ("code", "from patchlab.evaluate import evaluate_gap\nfrom patchlab.locate import locate\nfrom patchlab.spec import parse_heads\n\n"
-                 "gap = evaluate_gap(model, prompts, progress=False)\nfailures = [it for it in prompts if it.id in set(gap.failures)]\n"
+                 "gap = evaluate_gap(model, prompts, progress=False)\nfailures = gap.failed_items(prompts)\n"
                  "screen = locate(model, failures[:4], setup='guide', method='attribution', progress=False)\n"
                  "heads = parse_heads(','.join(screen.heads(2)), model.cfg.n_layers, model.cfg.n_heads)\nheads"),
         ("code", "from patchlab.edit import EditConfig, edit_each\nfrom patchlab.editeval import evaluate_edits, kl_prompts\n\n"

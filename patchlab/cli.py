@@ -281,13 +281,15 @@ def edit(
     report = evaluate_edits(m, edits, list(ps), g, held_out=kept_out, exclude=exclude)
     console.print(tables.edit_table(report).to_rich())
     modules = modules_for(m, [e for _, e, _ in edits], list(ps), g)[0] if routed else []
+    # the edits folder is renamed into place only after result.json is written: a failed write leaves neither
     with atomic_dir(out / "edits") as tmp:
         for group, e, _ in edits:
             e.save(tmp / f"{'batch' if batch else group[0].id}.edit")
         for (group, _, _), module in zip(edits, modules):
             module.save(tmp / f"{'batch' if batch else group[0].id}.module.safetensors")
+        written = report.save(out)
     console.print(f"[green]wrote[/green] {len(edits)} edit file(s){' and routed modules' if routed else ''} under {out / 'edits'}")
-    _written(report.save(out))
+    _written(written)
 
 
 @app.command()

@@ -267,8 +267,6 @@ def test_full_disk_under_the_cli_is_one_line_and_exit_2(tmp_path, tiny, tiny_dir
     assert snapshot(out) == {} and not temps(out)
 
 
-@pytest.mark.xfail(strict=True, reason="cli.edit renames edits/ into place before it writes result.json: a full disk "
-                                       "at result.json leaves the new edits beside no (or an old) result")
 def test_full_disk_at_the_edit_result_leaves_no_edits_folder(tmp_path, tiny, tiny_dir, monkeypatch, capsys):
     prompts = write_set(tmp_path / "set.jsonl")
     serve_models(monkeypatch, {str(tiny_dir): tiny})

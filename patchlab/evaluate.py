@@ -71,10 +71,22 @@ def evaluate_gap(
     progress: bool = True,
 ) -> GapResult:
     """Answer every item's hop1, hop2 and composed prompt greedily and measure the compositionality gap."""
-    items = list(prompt_set)
+    from .models import model_name
+
+    source = getattr(prompt_set, "source", "<items>")
+    rows = gap_rows(model, list(prompt_set), source, batch_size, max_new_tokens, fwd_hooks, progress)
+    meta = provenance(model, max_new_tokens=max_new_tokens, criterion=CRITERION)
+    return gap_from_rows(rows, model_name(model), source, meta)
+
+
+CRITERION = "answer in greedy continuation"
+
+
+def gap_rows(model, items: Sequence[TwoHopItem], source: str = "<items>", batch_size: int = DEFAULT_BATCH,
+             max_new_tokens: int = MAX_NEW_TOKENS, fwd_hooks: Hooks = (), progress: bool = True) -> list[dict[str, Any]]:
+    """One row per item: whether hop1, hop2 and the composed query are answered right, and the continuations."""
     prompts = [getattr(it, hop) for it in items for hop in HOPS]
     answers = [it.bridges if hop == "hop1" else it.answers for it in items for hop in HOPS]
-    source = getattr(prompt_set, "source", "<items>")
     names = [f"{source}: item {it.id!r} field '{hop}'" for it in items for hop in HOPS]
     ok, conts = correct(
         model, prompts, answers, max_new_tokens, batch_size, fwd_hooks, "evaluating gap" if progress else None, names
@@ -86,11 +98,13 @@ def evaluate_gap(
             row[hop] = ok[3 * i + j]
             row[f"{hop}_text"] = conts[3 * i + j]
         rows.append(row)
+    return rows
+
+
+def gap_from_rows(rows: Sequence[dict[str, Any]], model: str, source: str, meta: dict[str, Any]) -> GapResult:
+    """The gap result of item rows (in the order given): per-kind and overall summaries."""
     by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_kind[r["kind"]].append(r)
     summary = {"all": summarize(rows), **{k: summarize(v) for k, v in sorted(by_kind.items())}}
-    from .models import model_name
-
-    meta = provenance(model, max_new_tokens=max_new_tokens, criterion="answer in greedy continuation")
-    return GapResult(model=model_name(model), prompt_set=source, items=rows, summary=summary, meta=meta)
+    return GapResult(model=model, prompt_set=source, items=list(rows), summary=summary, meta=meta)

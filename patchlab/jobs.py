@@ -202,7 +202,7 @@ class Run:
         self.load = Load(load.model, load.dtype, backend.per_worker_threads(), load.kwargs, _fault_from_env())
         self.model, self.run_dir_path, self.resume = model, Path(run_dir), resume
         self.quarantined: list[str] = []
-        self.stats = {"shards_run": 0, "shards_reused": 0, "seconds_in_shards": 0.0}
+        self.stats = {"shards_run": 0, "shards_reused": 0, "workers_died": 0, "seconds_in_shards": 0.0}
 
     def __enter__(self) -> Run:
         started = time.perf_counter()
@@ -253,7 +253,7 @@ class Run:
         todo = [Task(i, task, config, s, list(pool)) for i, s in enumerate(shards) if done[i] is None]
         self.stats["shards_reused"] += len(shards) - len(todo)
         started = time.perf_counter()
-        finished = schedule(self.pool, self.idle, todo, self._check_identity)
+        finished = schedule(self.pool, self.idle, todo, self._check_identity, self.stats)
         for index, rows, quarantined in track(finished, f"{task} shards" if todo else None, total=len(todo)):
             lines = [{"key": stage.keys[r["id"]], "row": r} for r in rows]
             self.dir.write_shard(folder, index, keys[index], lines, quarantined, time.perf_counter() - started)

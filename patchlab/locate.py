@@ -485,7 +485,7 @@ def check_pairs(pairs: Sequence[PatchPair], positions: str, allow_empty: bool = 
                             "correct items with a same-template partner)", where="--prompt-set")
     for p in pairs:
         if positions != "last" and not p.same_length:
-            raise PatchlabError(f"clean and corrupted differ in length; use --positions last", where=f"item {p.id}")
+            raise PatchlabError("clean and corrupted differ in length; use --positions last", where=f"item {p.id}")
 
 
 def screen_rows(model, pairs: Sequence[PatchPair], site: str, positions: str, progress: bool = True) -> list[dict]:
@@ -493,10 +493,7 @@ def screen_rows(model, pairs: Sequence[PatchPair], site: str, positions: str, pr
     (the screen's input; None when the pair is flagged). Each pair is cached, estimated and dropped in turn."""
     n_layers, units = model.cfg.n_layers, _units(site, model.cfg.n_heads)
     rows = []
-    for p in track(pairs, "attribution" if progress else None):
-        clean, corrupted = run_cache(model, p.clean, [site]), run_cache(model, p.corrupted, [site])
-        c, k = _pair_metrics(p, clean, corrupted)
-        reason = flag_reason(p, c, k)
+    for p, clean, _, c, k, reason in _pair_runs(model, pairs, site, "attribution" if progress else None):
         if reason:
             rows.append({**_flagged_row(p, c, k, reason, n_layers, units), "attribution": None})
             continue
@@ -505,6 +502,14 @@ def screen_rows(model, pairs: Sequence[PatchPair], site: str, positions: str, pr
         rows.append({**_item_row(p, c, k, None, n_layers, units, positions, delta_grid=att),
                      "attribution": np.where(np.isfinite(att), att, None).tolist()})
     return rows
+
+
+def _pair_runs(model, pairs: Sequence[PatchPair], site: str, description: str | None):
+    """Per pair, in turn: its clean and corrupted runs cached at `site`, their metrics and the flag reason."""
+    for p in track(pairs, description):
+        clean, corrupted = run_cache(model, p.clean, [site]), run_cache(model, p.corrupted, [site])
+        c, k = _pair_metrics(p, clean, corrupted)
+        yield p, clean, corrupted, c, k, flag_reason(p, c, k)
 
 
 def attribution_mean(rows: Sequence[dict]) -> np.ndarray | None:
@@ -534,10 +539,7 @@ def verify_rows(model, pairs: Sequence[PatchPair], site: str, positions: str, he
     """Exact patching rows, one per pair, of every unit or only of `heads` ({layer: [unit]})."""
     n_layers, units = model.cfg.n_layers, _units(site, model.cfg.n_heads)
     rows = []
-    for p in track(pairs, "patching" if progress else None):
-        clean, corrupted = run_cache(model, p.clean, [site]), run_cache(model, p.corrupted, [site])
-        c, k = _pair_metrics(p, clean, corrupted)
-        reason = flag_reason(p, c, k)
+    for p, clean, corrupted, c, k, reason in _pair_runs(model, pairs, site, "patching" if progress else None):
         if reason or heads == {}:
             rows.append(_flagged_row(p, c, k, reason or "no pair could be screened", n_layers, units))
             continue

@@ -9,6 +9,7 @@ quarantined. Workers only compute: the driver writes every file.
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -77,11 +78,21 @@ def _maybe_crash(load: Load, task: Task) -> None:
     os._exit(70)
 
 
-def run_in_worker(model, load: Load, task: Task) -> list[dict]:
+def run_in_worker(model, load: Load, task: Task) -> dict:
+    """A shard's rows, with the CPU seconds they took and the worker's peak resident memory so far."""
     from .jobs import run_task
 
     _maybe_crash(load, task)
-    return run_task(model, task.task, task.config, task.items, task.pool)
+    cpu = time.process_time()
+    rows = run_task(model, task.task, task.config, task.items, task.pool)
+    return {"rows": rows, "cpu_s": time.process_time() - cpu, "peak_rss_mib": peak_rss_mib()}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _local_main(conn, load: Load) -> None:
@@ -118,7 +129,8 @@ class SerialPool:
     name = "serial"
 
     def __init__(self, model, load: Load):
-        self.model, self.load, self.events, self.starting = model, load, deque(), 0
+        # no fault injection here: a crash would kill the driver itself
+        self.model, self.load, self.events, self.starting = model, Load(load.model, load.dtype, load.threads, load.kwargs), deque(), 0
 
     def start(self) -> None:
         from .jobs import identity
@@ -126,9 +138,7 @@ class SerialPool:
         self.events.append((0, "ready", identity(self.model)))
 
     def submit(self, worker, task: Task) -> None:
-        from .jobs import run_task
-
-        self.events.append((worker, "ok", run_task(self.model, task.task, task.config, task.items, task.pool)))
+        self.events.append((worker, "ok", run_in_worker(self.model, self.load, task)))
 
     def next_event(self, timeout: float | None = None) -> Event | None:
         return self.events.popleft() if self.events else None
@@ -289,7 +299,9 @@ def schedule(pool, idle: list, tasks: list[Task], identity: Callable[[dict], Non
             raise PatchlabError(str(payload))
         elif status == "ok":
             idle.append(worker)
-            yield from _finished(running.pop(worker), payload, split)
+            stats["worker_cpu_s"] = stats.get("worker_cpu_s", 0.0) + payload["cpu_s"]
+            stats["worker_peak_rss_mib"] = max(stats.get("worker_peak_rss_mib", 0.0), payload["peak_rss_mib"])
+            yield from _finished(running.pop(worker), payload["rows"], split)
         elif status == "died":
             stats["workers_died"] = stats.get("workers_died", 0) + 1
             task = running.pop(worker, None)

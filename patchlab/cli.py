@@ -28,10 +28,22 @@ console = Console()
 ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="Offline key (smollm2-135m, gemma3-270m), TL name or HF folder.")
 PromptSetOpt = typer.Option(None, "--prompt-set", "-p", help="JSONL prompt set (default: the shipped twohop set).")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cpu).")
-DtypeOpt = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16.")
+DtypeOpt = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16 (refused for Gemma-3: it overflows).")
+DeviceMapOpt = typer.Option(None, "--device-map", help="Spread the weights over devices: auto | balanced | sequential | "
+                            "FILE.json ({module: device}); not with --device.")
+MaxMemoryOpt = typer.Option(None, "--max-memory", help="Per-device budget, e.g. 0=70GiB,1=70GiB,cpu=200GiB (the run is "
+                            "refused when its memory estimate exceeds it).")
 KindsOpt = typer.Option(None, "--kinds", help="Comma-separated kinds to keep.")
 LimitOpt = typer.Option(None, "--limit", help="Keep only the first N items (after --kinds).")
 PerKindOpt = typer.Option(None, "--per-kind", help="Keep the first N items of every kind.")
+RunDirOpt = typer.Option(None, "--run-dir", help="Run sharded and resumable, keeping shards in this folder.")
+ResumeOpt = typer.Option(None, "--resume", help="Resume the run in this folder (verified shards are kept).")
+BackendOpt = typer.Option("local", "--backend", help="local (this process, or --workers spawned ones) | ray.")
+WorkersOpt = typer.Option(1, "--workers", help="Workers, one model each (>1 or ray: sharded run).")
+ThreadsOpt = typer.Option(None, "--threads", help="Torch threads per worker (default: cores // workers).")
+RayAddressOpt = typer.Option(None, "--ray-address", help="A Ray cluster to join (default: start one here).")
+ShardSizeOpt = typer.Option(8, "--shard-size", help="Items per shard (part of the run id).")
+QuietOpt = typer.Option(False, "--quiet", help="No progress bars (logs only).")
 
 
 def _out_dir(out: Path) -> Path:
@@ -60,14 +72,106 @@ def _prompt_set(spec: Optional[str], kinds: Optional[str], limit: Optional[int],
     return ps.filter(kinds=kinds.split(",") if kinds else None, limit=limit)
 
 
-def _load(model: str, device: Optional[str], dtype: str):
-    from .models import load_model
+def _work(kind: str, ps=None, **kw):
+    """A command's memory workload: `kind` over a prompt set (its longest prompt sets the sequence length)."""
+    from .memory import Workload
 
+    prompts = [getattr(it, f) for it in ps for f in ("hop1", "hop2", "composed")] if ps is not None else []
+    return Workload.for_prompts(kind, prompts, **kw)
+
+
+def _fits(model: str, dtype, place, work) -> None:
+    """Print the memory estimate of loading `model` for `work`, and refuse (one line, with the sums) if it cannot fit."""
+    from .memory import estimate
+
+    est = estimate(model, dtype, work, place.device, place.device_map, place.max_memory)
+    if est is None:
+        console.print(f"[dim]memory estimate skipped: no config or weights of {model} on disk yet[/dim]")
+        return
+    for line in est.lines():
+        console.print(f"[dim]{line}[/dim]", highlight=False)
+    est.refuse()
+
+
+def _placement(device: Optional[str], dtype: str, device_map: Optional[str], max_memory: Optional[str],
+               models: list[str], work):
+    """The parsed placement for several models (compare), each checked and estimated before any is loaded."""
+    from . import placement
+    from .models import model_type
+
+    place = placement.parse(device, device_map, max_memory)
+    for name in models:
+        placement.refuse_dtype(model_type(name), _dtype(dtype), where="--dtype")
+        _fits(name, _dtype(dtype), place, work)
+    return place
+
+
+def _load(model: str, device: Optional[str], dtype: str, device_map: Optional[str] = None,
+          max_memory: Optional[str] = None, work=None):
+    """Check the placement, estimate the memory `work` needs (refusing what cannot fit), then load the model."""
+    from . import placement
+    from .models import load_model, model_type
+
+    place = placement.parse(device, device_map, max_memory)
+    torch_dtype = _dtype(dtype)
+    placement.refuse_dtype(model_type(model), torch_dtype, where="--dtype")
+    if work is not None:
+        _fits(model, torch_dtype, place, work)
     start = time.perf_counter()
     with console.status(f"loading {model} ..."):
-        m = load_model(model, device=device, dtype=_dtype(dtype))
+        m = load_model(model, device=device, dtype=torch_dtype, **place.load_kwargs())
     console.print(f"[dim]loaded {model} in {time.perf_counter() - start:.1f} s[/dim]")
     return m
+
+
+def _sharded(run_dir, resume, backend: str, workers: int, ray_address) -> bool:
+    """A run goes through shards (patchlab.jobs) when asked for a run folder, a resume, workers or Ray."""
+    if run_dir is not None and resume is not None:
+        raise PatchlabError("give --run-dir or --resume, not both", where="--resume")
+    return run_dir is not None or resume is not None or workers != 1 or backend != "local"
+
+
+def _open_run(command: str, config: dict, items, out: Path, load, run_dir, resume, scale, shard_size: int):
+    """A started `patchlab.jobs.Run` for a sharded command (run folder: --resume, --run-dir or OUT/run)."""
+    from .jobs import Run
+
+    if shard_size < 1:
+        raise PatchlabError(f"must be >= 1, got {shard_size}", where="--shard-size")
+    folder = resume or run_dir or out / "run"
+    return Run(command, {**config, "shard_size": shard_size}, items, folder, load, scale, resume=resume is not None)
+
+
+def _worker_load(model: str, device: Optional[str], dtype: str, device_map: Optional[str], max_memory: Optional[str],
+                 work):
+    """How each worker loads the model: the placement checked and the memory estimated (per worker) first."""
+    from . import placement
+    from .backends import Load
+    from .models import model_type
+
+    place = placement.parse(device, device_map, max_memory)
+    placement.refuse_dtype(model_type(model), _dtype(dtype), where="--dtype")
+    _fits(model, _dtype(dtype), place, work)
+    return Load(model, dtype, kwargs={**({"device": device} if device else {}), **place.load_kwargs()})
+
+
+def _backend(backend: str, workers: int, threads: Optional[int], ray_address: Optional[str]):
+    from .jobs import Backend
+
+    return Backend(backend, workers, threads, ray_address)
+
+
+def _report_run(meta: dict) -> None:
+    console.print(f"[dim]run {meta['run_id']} in {meta['run_dir']}: {meta['shards_run']} shard(s) run, "
+                  f"{meta['shards_reused']} reused, {meta['workers']} {meta['backend']} worker(s)[/dim]")
+    if meta["quarantined"]:
+        console.print(f"[yellow]quarantined (killed a worker twice): {', '.join(meta['quarantined'])}[/yellow]")
+
+
+def _quiet(quiet: bool) -> None:
+    import os
+
+    if quiet:
+        os.environ["PATCHLAB_QUIET"] = "1"
 
 
 def _written(paths: dict) -> None:
@@ -86,28 +190,63 @@ def evaluate(
     out: Path = typer.Option(Path("patchlab-out/evaluate"), "--out", "-o"),
     device: Optional[str] = DeviceOpt,
     dtype: str = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
+    run_dir: Optional[Path] = RunDirOpt,
+    resume: Optional[Path] = ResumeOpt,
+    backend: str = BackendOpt,
+    workers: int = WorkersOpt,
+    threads: Optional[int] = ThreadsOpt,
+    ray_address: Optional[str] = RayAddressOpt,
+    shard_size: int = ShardSizeOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Measure hop1 / hop2 / composed accuracy and the compositionality gap per kind."""
     from .evaluate import evaluate_gap
 
     out = _out_dir(out)
+    _quiet(quiet)
+    if batch_size < 1:
+        raise PatchlabError(f"batch size must be >= 1, got {batch_size}", where="--batch-size")
     ps = _prompt_set(prompt_set, kinds, limit, per_kind)
-    m = _load(model, device, dtype)
-    result = evaluate_gap(m, ps, batch_size=batch_size)
+    if _sharded(run_dir, resume, backend, workers, ray_address):
+        from . import jobs
+
+        load = _worker_load(model, device, dtype, device_map, max_memory, _work("evaluate", ps, batch=batch_size))
+        with _open_run("evaluate", {"batch_size": batch_size}, list(ps), out, load, run_dir, resume,
+                       _backend(backend, workers, threads, ray_address), shard_size) as run:
+            result = jobs.evaluate(run, list(ps), ps.source, batch_size)
+        _report_run(result.meta["run"])
+    else:
+        result = evaluate_gap(_load(model, device, dtype, device_map, max_memory, _work("evaluate", ps, batch=batch_size)),
+                              ps, batch_size=batch_size)
     console.print(tables.gap_table(result).to_rich())
     _written(result.save(out))
 
 
 def _gap_for(m, ps, gap_path: Optional[Path]):
     """A saved GapResult (must cover the items), or a fresh gap evaluation."""
-    from .evaluate import GapResult, evaluate_gap
+    from .evaluate import evaluate_gap
 
     if gap_path is None:
         return evaluate_gap(m, ps)
+    return _saved_gap(gap_path, getattr(m, "patchlab_name", None))
+
+
+def _saved_gap(gap_path: Path, model: Optional[str]):
+    """A saved GapResult, refused when it was made on another model."""
+    from .evaluate import GapResult
+
     gap = GapResult.from_json(gap_path)
-    if gap.model != getattr(m, "patchlab_name", gap.model):
+    if model is not None and gap.model != model:
         raise PatchlabError(f"gap result was made on '{gap.model}', not this model", where=f"--gap {gap_path}")
     return gap
+
+
+def _no_items(items, setup: str) -> None:
+    if not items:
+        raise PatchlabError(f"no items for --setup {setup} (guide needs composed failures with both hops right, "
+                            "template needs composed-correct items)", where="--prompt-set")
 
 
 @app.command()
@@ -131,6 +270,8 @@ def lens(
     out: Path = typer.Option(Path("patchlab-out/lens"), "--out", "-o"),
     device: Optional[str] = DeviceOpt,
     dtype: str = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
 ) -> None:
     """Logit lens (bridge vs answer, correct vs failed) and the bridge-entity intervention."""
     from . import lens as L
@@ -141,7 +282,7 @@ def lens(
         raise PatchlabError(f"must be 'last' or 'all', got '{positions}'", where="--positions")
     words = [w.strip() for w in track.split(",") if w.strip()] if track else []
     if prompt is not None:
-        m = _load(model, device, dtype)
+        m = _load(model, device, dtype, device_map, max_memory, _work("forward", batch=1))
         result = L.top_tokens(m, prompt, k=top_k, track_words=words)
         for word, v in result.tracked.items():
             console.print(f"{word}: rank at the last position per layer: {[r[-1] for r in v['rank']]}")
@@ -150,7 +291,7 @@ def lens(
     ps = _prompt_set(prompt_set, kinds, limit, per_kind)
     if ids:
         ps = ps.filter(ids=ids.split(","))
-    m = _load(model, device, dtype)
+    m = _load(model, device, dtype, device_map, max_memory, _work("forward", ps, with_gap=gap is None))
     layers = parse_layers(intervene_layers, m.cfg.n_layers, "--intervene-layers") if intervene else []
     gap_result = _gap_for(m, ps, gap)
     result = L.lens_items(m, list(ps), gap=gap_result, extra=words)
@@ -189,28 +330,50 @@ def locate(
     out: Path = typer.Option(Path("patchlab-out/locate"), "--out", "-o"),
     device: Optional[str] = DeviceOpt,
     dtype: str = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
+    run_dir: Optional[Path] = RunDirOpt,
+    resume: Optional[Path] = ResumeOpt,
+    backend: str = BackendOpt,
+    workers: int = WorkersOpt,
+    threads: Optional[int] = ThreadsOpt,
+    ray_address: Optional[str] = RayAddressOpt,
+    shard_size: int = ShardSizeOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Find the heads that carry the composition by activation patching (exact and attribution)."""
+    from .locate import check_options
     from .locate import locate as run_locate
 
     out = _out_dir(out)
+    _quiet(quiet)
     for name, value in (("--top", top), ("--verify", verify), ("--max-items", max_items)):
         if value < 1:
             raise PatchlabError(f"must be >= 1, got {value}", where=name)
+    check_options(method, site, top)
     ps = _prompt_set(prompt_set, kinds, None, None)
-    m = _load(model, device, dtype)
-    if ids:
-        items = list(ps.filter(ids=ids.split(",")))
+    pick = lambda g: (g.failed_items(ps) if setup == "guide" else g.correct_items(ps))[:max_items]  # noqa: E731
+    chosen = list(ps.filter(ids=ids.split(",")))[:max_items] if ids else None
+    options = dict(setup=setup, method=method, site=site, positions=positions, top_k=top, verify=verify)
+    if _sharded(run_dir, resume, backend, workers, ray_address):
+        from . import jobs
+
+        config = {**options, "ids": ids, "max_items": max_items, "gap": str(gap) if gap else None}
+        load = _worker_load(model, device, dtype, device_map, max_memory,
+                            _work("locate", ps, method=method, with_gap=gap is None and not ids))
+        with _open_run("locate", config, list(ps), out, load, run_dir, resume,
+                       _backend(backend, workers, threads, ray_address), shard_size) as run:
+            items = chosen if chosen is not None else pick(_saved_gap(gap, run.identity["model"]) if gap else
+                                                            jobs.evaluate(run, list(ps), ps.source))
+            _no_items(items, setup)
+            result = jobs.locate(run, items, list(ps), **options)
+        _report_run(result.meta["run"])
     else:
-        g = _gap_for(m, ps, gap)
-        wanted = set(g.failures if setup == "guide" else g.composed_correct)
-        items = [it for it in ps if it.id in wanted]
-    items = items[:max_items]
-    if not items:
-        raise PatchlabError(f"no items for --setup {setup} (guide needs composed failures with both hops right, "
-                            "template needs composed-correct items)", where="--prompt-set")
-    result = run_locate(m, items, setup=setup, pool=list(ps), method=method, site=site, positions=positions,
-                        top_k=top, verify=verify)
+        m = _load(model, device, dtype, device_map, max_memory,
+                  _work("locate", ps, method=method, with_gap=gap is None and not ids))
+        items = chosen if chosen is not None else pick(_gap_for(m, ps, gap))
+        _no_items(items, setup)
+        result = run_locate(m, items, pool=list(ps), **options)
     console.print(tables.locate_table(result, top).to_rich())
     console.print(f"[dim]{result.n} items patched in {result.seconds:.1f} s; "
                   f"{sum(r['flagged'] for r in result.items)} flagged[/dim]")
@@ -249,9 +412,11 @@ def edit(
     out: Path = typer.Option(Path("patchlab-out/edit"), "--out", "-o"),
     device: Optional[str] = DeviceOpt,
     dtype: str = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
 ) -> None:
     """Fix failed compositions with a rank-one update of the chosen heads' W_O columns, and measure it."""
-    from .edit import EditConfig, edit_each
+    from .edit import EditConfig, check_editable, edit_each
     from .editeval import evaluate_edits, kl_prompts
     from .io import atomic_dir
     from .mechanisms import modules_for
@@ -263,7 +428,8 @@ def edit(
         raise PatchlabError(f"must be in [0, 1) and needs --batch, got {held_out}", where="--held-out")
     cfg = EditConfig(target=target, covariance=covariance)
     ps = _prompt_set(prompt_set, None, None, None)
-    m = _load(model, device, dtype)
+    m = _load(model, device, dtype, device_map, max_memory, _work(
+        "edit", ps, with_gap=gap is None, n_layers_cached=len({h.split(".")[0] for h in heads.split(",")}) if heads else top))
     chosen = _heads(m, heads, heads_from, top)
     g = _gap_for(m, ps, gap)
     items = list(ps.filter(ids=ids.split(","))) if ids else g.failed_items(ps)
@@ -277,6 +443,7 @@ def edit(
     kept_out = items[len(items) - int(round(held_out * len(items))):] if held_out else []
     items = items[: len(items) - len(kept_out)]
     unrelated, exclude = kl_prompts(list(ps), g)
+    check_editable(m, sorted({h.layer for h in chosen}))
     edits = edit_each(m, items, chosen, cfg, batch=batch, unrelated=unrelated)
     report = evaluate_edits(m, edits, list(ps), g, held_out=kept_out, exclude=exclude)
     console.print(tables.edit_table(report).to_rich())
@@ -301,6 +468,8 @@ def apply(
     out: Path = typer.Option(Path("patchlab-out/apply"), "--out", "-o"),
     device: Optional[str] = DeviceOpt,
     dtype: str = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
 ) -> None:
     """Evaluate a saved edit on the items it was made for (refuses an edit made for other weights)."""
     from .edit import Edit, base_hash
@@ -309,7 +478,7 @@ def apply(
     out = _out_dir(out)
     e = Edit.load(edit_file)
     ps = _prompt_set(prompt_set, None, None, None)
-    m = _load(model, device, dtype)
+    m = _load(model, device, dtype, device_map, max_memory, _work("forward", ps, with_gap=gap is None))
     if base_hash(m) != e.weights_sha256:
         raise PatchlabError(f"edit was made for '{e.model}' weights {e.weights_sha256[:12]}…, not these", where=str(edit_file))
     items = list(ps.filter(ids=e.item_ids))
@@ -324,6 +493,9 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="A small slice (4 items per kind, 4 edits)."),
     per_kind: Optional[int] = PerKindOpt,
     model: str = ModelOpt,
+    dtype: str = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
 ) -> None:
     """The whole chain on the offline default model and the shipped set: gap → lens → locate → edit → report."""
     from .demo import run_demo
@@ -331,7 +503,7 @@ def demo(
     out = _out_dir(out)
     ps = _prompt_set(None, None, None, per_kind if per_kind is not None else (4 if quick else None))
     quick = quick or per_kind is not None
-    m = _load(model, None, "float32")
+    m = _load(model, None, dtype, device_map, max_memory, _work("demo", ps))
     printers = {"gap": tables.gap_table, "lens": tables.lens_table, "intervention": tables.intervention_table,
                 "locate": lambda r: tables.locate_table(r, 8), "edit": tables.edit_table}
     page = run_demo(m, ps, out, quick=quick, on_result=lambda name, r: console.print(printers[name](r).to_rich()))
@@ -399,6 +571,8 @@ def retune_cmd(
     out: Path = typer.Option(Path("patchlab-out/retune"), "--out", "-o"),
     device: Optional[str] = DeviceOpt,
     dtype: str = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
 ) -> None:
     """Fine-tune on a task, plain or with CARMA; measure accuracy, synonym robustness and an edit's correction."""
     import math
@@ -422,7 +596,7 @@ def retune_cmd(
     cfg = CarmaConfig(lam=lam, gamma=gamma, eta=eta, seed=seed) if carma else None
     work = T.load(task, seed=seed, prompt_set=PromptSet.resolve(prompt_set) if task == "twohop" else None)
     e, queries = _edit_queries(edit_file, prompt_set) if edit_file is not None else (None, {})
-    m = _load(model, device, dtype)
+    m = _load(model, device, dtype, device_map, max_memory, _work("train", batch=batch_size, seq_len=64, trainable=params))
     base = _correction(m, queries) if e is not None else {}
     if e is not None:
         e.apply(m)
@@ -459,6 +633,8 @@ def mechanisms(
     out: Path = typer.Option(Path("patchlab-out/mechanisms"), "--out", "-o"),
     device: Optional[str] = DeviceOpt,
     dtype: str = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
 ) -> None:
     """Stack edits one stage after another, plain (summed into W_O) vs routed modules: retention, correction, locality."""
     from . import mechanisms as M
@@ -472,7 +648,7 @@ def mechanisms(
     stack = [M.load_any(p) for p in M.stack_paths(edits, more or [])]
     M.parse_stages(stages, len(stack))
     ps = _prompt_set(prompt_set, None, None, None)
-    m = _load(model, device, dtype)
+    m = _load(model, device, dtype, device_map, max_memory, _work("forward", ps, with_gap=gap is None))
     result = M.run_stack(m, stack, list(ps), _gap_for(m, ps, gap), stages, gate, cfg, n_test)
     console.print(tables.mechanisms_table(result).to_rich())
     for name, d in result.dependence.items():
@@ -507,6 +683,8 @@ def emergence(
     out: Path = typer.Option(Path("patchlab-out/emergence"), "--out", "-o"),
     device: Optional[str] = DeviceOpt,
     dtype: str = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
 ) -> None:
     """Information emergence per block (Chen et al. 2024): natural vs shuffled text, in-context demos, two-hop."""
     from . import emergence as E
@@ -528,7 +706,7 @@ def emergence(
               cache_dir=cache_dir, **({"ridge": ridge} if estimator == "gaussian" else {}))
     text_list = E.read_texts(texts) if texts is not None else None
     ps = _prompt_set(prompt_set, None, None, None) if experiment == "twohop" else None
-    m = _load(model, device, dtype)
+    m = _load(model, device, dtype, device_map, max_memory, _work("forward", ps, seq_len=length or 64))
     kw["layers"] = parse_layers(layers, m.cfg.n_layers, "--layers")
     if experiment == "natural":
         result = E.natural_vs_shuffled(m, text_list, length=length, random_init=random_init, **kw)
@@ -553,6 +731,8 @@ def compare_cmd(
     out: Path = typer.Option(Path("patchlab-out/compare"), "--out", "-o"),
     device: Optional[str] = DeviceOpt,
     dtype: str = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
 ) -> None:
     """Compositionality probes (substitutivity, systematicity, over-generalisation) and the two-hop gap across models."""
     from .compose import compare as run_compare
@@ -562,8 +742,9 @@ def compare_cmd(
     if not names:
         raise PatchlabError("give at least one model", where="--models")
     ps = _prompt_set(prompt_set, None, None, per_kind) if gap else None
+    place = _placement(device, dtype, device_map, max_memory, names, _work("forward", ps, batch=batch_size, with_gap=gap))
     result = run_compare(names, [t.strip() for t in tasks.split(",") if t.strip()], gap=gap, prompt_set=ps, shots=shots,
-                         device=device, dtype=_dtype(dtype), batch_size=batch_size)
+                         device=device, dtype=_dtype(dtype), batch_size=batch_size, placement=place.load_kwargs())
     console.print(tables.compare_table(result).to_rich())
     _written(result.save(out))
 

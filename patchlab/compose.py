@@ -341,9 +341,11 @@ def compare(
     batch_size: int = PROBE_BATCH,
     loader: Callable[..., Any] | None = None,
     progress: bool = True,
+    placement: dict[str, Any] | None = None,
 ) -> CompareResult:
     """Probe each model (loaded one at a time, freed before the next) on `tasks` and, with `gap`, measure its
-    two-hop compositionality gap on `prompt_set` (default: the shipped set)."""
+    two-hop compositionality gap on `prompt_set` (default: the shipped set). `placement` holds `load_model`'s
+    device_map / max_memory, given to every model."""
     import time
 
     from .evaluate import evaluate_gap
@@ -360,7 +362,7 @@ def compare(
     scores, gaps, info = {}, {}, {}
     for name in names:
         start = time.perf_counter()
-        model = loader(name, device=device, dtype=dtype)
+        model = loader(name, device=device, dtype=dtype, **(placement or {}))
         scores[name] = probe_model(model, tasks, probes, shots, batch_size, progress)
         if ps is not None:
             gaps[name] = evaluate_gap(model, ps, batch_size=batch_size, progress=progress).summary["all"]

@@ -51,6 +51,56 @@ def head_columns(model, heads: Sequence[int]) -> torch.Tensor:
     return torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads])
 
 
+def check_editable(model, layers: Sequence[int] | None = None) -> None:
+    """Refuse quantised or offloaded weights: an edit adds a float update to W_O in place, which packed integer
+    storage cannot hold (and re-quantising would not revert bit-exactly) and a meta placeholder does not have."""
+    hf = getattr(model, "original_model", None)
+    quant = getattr(getattr(hf, "config", None), "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+        raise PatchlabError(f"the model's weights are quantised ({method or 'quantization_config'}): an edit adds a "
+                            "float update to W_O that quantised storage cannot hold; load a float32 or bfloat16 "
+                            "checkpoint")
+    for layer in range(model.cfg.n_layers) if layers is None else layers:
+        w = o_proj(model, layer).weight
+        if not w.is_floating_point() or w.element_size() < 2:
+            raise PatchlabError(f"W_O of layer {layer} is stored as {w.dtype} (quantised): an edit needs float16, "
+                                "bfloat16 or float32 weights")
+        if w.device.type == "meta":
+            raise PatchlabError(f"W_O of layer {layer} is offloaded (on the meta device): an edit needs it resident")
+
+
+def _fingerprint(t: Tensor) -> tuple[float, float]:
+    """(sum, sum of squares) of a tensor where it lives, without a copy of it for float32 (chunked otherwise)."""
+    v = t.detach().reshape(-1)
+    if v.dtype == torch.float32:
+        return v.sum().item(), torch.dot(v, v).item()
+    if not v.is_floating_point():
+        v = v.view(torch.uint8)
+    buf = torch.empty(min(v.numel(), 1 << 20), dtype=torch.float32, device=v.device)
+    total = squares = 0.0
+    for start in range(0, v.numel(), buf.numel()):
+        part = buf[: min(buf.numel(), v.numel() - start)]
+        part.copy_(v[start : start + part.numel()])
+        total, squares = total + part.sum().item(), squares + torch.dot(part, part).item()
+    return total, squares
+
+
+def _fingerprints(model, skip: set[int]) -> dict[str, tuple[float, float]]:
+    """A cheap fingerprint of every parameter except those whose id is in `skip` (checked with column sums)."""
+    seen, out = set(skip), {}
+    for name, p in model.original_model.named_parameters():
+        if id(p) not in seen and p.device.type != "meta":
+            seen.add(id(p))
+            out[name.replace("._original_component", "")] = _fingerprint(p)
+    return out
+
+
+def _column_sums(w: Tensor) -> Tensor:
+    """Per-column sums and norms of W_O (float32, on its device): they show a change outside the edited columns."""
+    return torch.stack([w.detach().sum(0, dtype=torch.float32), torch.linalg.vector_norm(w.detach().float(), dim=0)])
+
+
 def by_layer(heads: Sequence[Head]) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
     for h in heads:
@@ -243,17 +293,39 @@ class Edit:
                                     f"this model's weights are {have[:12]}…")
 
     def apply(self, model, verify_hash: bool = True) -> Edit:
-        """Add the deltas to the model's W_O columns (refuses a model with other weights, or a second apply)."""
+        """Add the deltas to the model's W_O columns (refuses a model with other weights, or a second apply).
+
+        Each update is built on the device and in the dtype of its own W_O (a split model's W_O never moves);
+        afterwards every other parameter, and W_O outside the edited columns, must be unchanged."""
         if self._saved:
             raise PatchlabError("edit is already applied")
         self._check(model, verify_hash)
+        check_editable(model, list(self.heads))
+        weights = {layer: o_proj(model, layer).weight for layer in self.heads}
+        others, columns = _fingerprints(model, {id(w) for w in weights.values()}), {}
         with torch.no_grad():
             for layer, hs in self.heads.items():
-                w, cols = o_proj(model, layer).weight, head_columns(model, hs).to(o_proj(model, layer).weight.device)
+                w = weights[layer]
+                cols = head_columns(model, hs).to(w.device)
+                columns[layer] = (cols, _column_sums(w))
                 self._saved[layer] = w[:, cols].clone()
-                w[:, cols] = (self._saved[layer].float() + self.deltas[layer].to(w.device)).to(w.dtype)
+                w[:, cols] = _updated(self._saved[layer], self.deltas[layer])
+            moved = _moved(model, others, weights, columns)
+        if moved:
+            self._restore(model)
+            raise PatchlabError(f"applying the edit changed {moved}, not only the edited W_O columns; the edit was "
+                                "taken back, but that parameter may stay changed: reload the model")
         _applied(model).append(self)
         return self
+
+    def _restore(self, model) -> None:
+        """Write the saved original columns back (bit-identical) and forget them."""
+        with torch.no_grad():
+            for layer, hs in self.heads.items():
+                if layer in self._saved:
+                    w = o_proj(model, layer).weight
+                    w[:, head_columns(model, hs).to(w.device)] = self._saved[layer]
+        self._saved.clear()
 
     def revert(self, model) -> None:
         """Put back the exact original columns."""
@@ -262,11 +334,7 @@ class Edit:
         stack = _applied(model)
         if stack and stack[-1] is not self:
             raise PatchlabError("revert edits in the reverse order of applying them")
-        with torch.no_grad():
-            for layer, hs in self.heads.items():
-                w = o_proj(model, layer).weight
-                w[:, head_columns(model, hs).to(w.device)] = self._saved[layer]
-        self._saved.clear()
+        self._restore(model)
         stack.pop()
 
     @contextlib.contextmanager
@@ -312,6 +380,26 @@ class Edit:
         if bad:
             raise PatchlabError(f"edit has a non-finite (or non-float) delta at layer {bad[0]}", where=where)
         return edit
+
+
+def _updated(saved: Tensor, delta: Tensor) -> Tensor:
+    """The edited columns: saved + delta, added in float32 on the columns' own device, stored in their dtype."""
+    return (saved.float() + delta.to(device=saved.device, dtype=torch.float32)).to(saved.dtype)
+
+
+def _moved(model, others: dict[str, tuple[float, float]], weights: dict[int, Tensor],
+           columns: dict[int, tuple[Tensor, Tensor]]) -> str | None:
+    """The first parameter (or W_O outside the edited columns) whose fingerprint changed, else None."""
+    after = _fingerprints(model, {id(w) for w in weights.values()})
+    for name, value in others.items():
+        if after.get(name) != value:
+            return f"parameter '{name}'"
+    for layer, (cols, before) in columns.items():
+        keep = torch.ones(before.shape[1], dtype=torch.bool, device=before.device)
+        keep[cols] = False
+        if not torch.equal(_column_sums(weights[layer])[:, keep], before[:, keep]):
+            return f"W_O of layer {layer} outside the edited heads' columns"
+    return None
 
 
 def write_signed(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> Path:

@@ -202,7 +202,8 @@ class Run:
         self.load = Load(load.model, load.dtype, backend.per_worker_threads(), load.kwargs, _fault_from_env())
         self.model, self.run_dir_path, self.resume = model, Path(run_dir), resume
         self.quarantined: list[str] = []
-        self.stats = {"shards_run": 0, "shards_reused": 0, "workers_died": 0, "seconds_in_shards": 0.0}
+        self.stats = {"shards_run": 0, "shards_reused": 0, "workers_died": 0, "seconds_in_shards": 0.0,
+                      "worker_cpu_s": 0.0, "worker_peak_rss_mib": 0.0}
 
     def __enter__(self) -> Run:
         started = time.perf_counter()

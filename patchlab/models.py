@@ -158,38 +158,109 @@ def _quiet_transformers() -> None:
     transformers.logging.disable_progress_bar()
 
 
-def _boot(name: str, folder: Path | None, device: str | None, dtype: torch.dtype):
+def _boot(name: str, folder: Path | None, device: str | None, dtype: torch.dtype,
+          device_map=None, max_memory=None):
+    """Boot a bridge: a folder is loaded by Hugging Face here (placed by `device_map`, else moved to
+    `device`, default cpu) and handed over whole; a hub name is loaded by TransformerLens itself."""
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .placement import refuse_offloaded
 
     _quiet_transformers()
 
     if folder is None:
-        return TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+        place = {"device_map": device_map, "max_memory": max_memory} if device_map is not None else {}
+        return TransformerBridge.boot_transformers(name, device=device, dtype=dtype, **place)
     tok = AutoTokenizer.from_pretrained(folder)
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    place = {} if device_map is None else {"device_map": device_map}
+    if device_map is not None and max_memory:
+        place["max_memory"] = max_memory
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **place)
     if not getattr(hf.config, "architectures", None):
         raise PatchlabError("config.json has no 'architectures' entry", where=str(folder / "config.json"))
+    refuse_offloaded(hf, where=name)
+    if device_map is None:
+        # boot_transformers leaves a handed-over model where it is: put it on the device cfg.device will name
+        device = device or "cpu"
+        hf = hf.to(device)
+    else:
+        # boot_transformers refuses a map beside hf_model; inputs go to the embedding's device (for a split it
+        # reads that from hf_device_map itself, with cfg.n_devices; a one-device map may leave no hf_device_map)
+        device = str(hf.get_input_embeddings().weight.device)
     model = TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tok, device=device, dtype=dtype)
     # Tokenize as the model's own tokenizer does: SmolLM2 adds no BOS, Gemma adds <bos>.
     model.cfg.default_prepend_bos = _tokenizer_adds_bos(tok)
     return model
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype = torch.float32):
-    """Load `name` (an offline key, a local HF folder, or any TransformerLens model name) as a bridge."""
+def model_config(name: str) -> dict | None:
+    """The Hugging Face config.json of `name` without loading weights (an offline key's cache, a folder, or the
+    Hugging Face cache of a hub name); None where it is not on disk yet."""
+    folder = model_folder(name, build=False)
+    path = folder / "config.json" if folder is not None else _hub_file(name, "config.json")
+    try:
+        data = json.loads(Path(path).read_text()) if path is not None else None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def model_type(name: str) -> str | None:
+    """The config's model_type (e.g. 'llama', 'gemma3_text'); an offline key's is known before its cache exists."""
+    config = model_config(name)
+    if config is not None:
+        return config.get("model_type")
+    if name in OFFLINE_MODELS:
+        return OFFLINE_MODELS[name].architecture.lower().replace("forcausallm", "")
+    return None
+
+
+def model_folder(name: str, build: bool = True) -> Path | None:
+    """The local HF folder of an offline key (its cache; built if `build`) or of a folder path; None for a hub name."""
+    if name in OFFLINE_MODELS:
+        cached = model_cache_dir(name)
+        return ensure_cached(name) if build else (cached if _cache_is_complete(cached) else None)
+    folder = Path(name).expanduser()
+    return folder if folder.is_dir() else None
+
+
+def _hub_file(name: str, filename: str) -> str | None:
+    """A file of a hub model from the local Hugging Face cache (never the network), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        got = try_to_load_from_cache(name, filename)
+    except ValueError:
+        return None
+    return got if isinstance(got, str) else None
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype = torch.float32,
+               device_map=None, max_memory=None):
+    """Load `name` (an offline key, a local HF folder, or any TransformerLens model name) as a bridge.
+
+    `device_map` ("auto", "balanced", "sequential" or {module: device}) spreads the weights over several
+    devices, with `max_memory` ({0: bytes, "cpu": bytes}) as accelerate's per-device budget; `device` and
+    `device_map` exclude each other. Refused: float16 for Gemma-3, and any disk / meta offload.
+    """
+    from .placement import check, refuse_dtype, refuse_offloaded
+
+    check(device, device_map, max_memory)
+    refuse_dtype(model_type(name), dtype, where="--dtype")
     if name in OFFLINE_MODELS:
         spec = OFFLINE_MODELS[name]
-        model = _boot(spec.hf_name, ensure_cached(name), device, dtype)
+        model = _boot(spec.hf_name, ensure_cached(name), device, dtype, device_map, max_memory)
     elif Path(name).expanduser().is_dir():
         folder = Path(name).expanduser()
         if not (folder / "config.json").is_file():
             raise PatchlabError("not a Hugging Face model folder (no config.json)", where=str(folder))
-        model = _boot(str(folder), folder, device, dtype)
+        model = _boot(str(folder), folder, device, dtype, device_map, max_memory)
     elif _looks_like_path(name):
         raise PatchlabError(f"no such model folder (offline models: {', '.join(OFFLINE_MODELS)})", where=name)
     else:
-        model = _boot_hub(name, device, dtype)
+        model = _boot_hub(name, device, dtype, device_map, max_memory)
+    refuse_offloaded(hf_module(model), where=name)
     model.eval()
     model.patchlab_name = name
     return model
@@ -201,12 +272,7 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _hub_cached(name: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        return isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except ValueError:  # not a valid hub id (huggingface_hub's HFValidationError)
-        return False
+    return _hub_file(name, "config.json") is not None  # an invalid hub id is simply not cached
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -222,7 +288,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _boot_hub(name: str, device: str | None, dtype: torch.dtype):
+def _boot_hub(name: str, device: str | None, dtype: torch.dtype, device_map=None, max_memory=None):
     offline = ", ".join(OFFLINE_MODELS)
     if os.environ.get("HF_HUB_OFFLINE") != "1" and not _hub_cached(name) and not _hub_reachable():
         raise PatchlabError(
@@ -231,7 +297,9 @@ def _boot_hub(name: str, device: str | None, dtype: torch.dtype):
             "folder, or pre-fill the Hugging Face cache on a machine with hub access"
         )
     try:
-        return _boot(name, None, device, dtype)
+        return _boot(name, None, device, dtype, device_map, max_memory)
+    except PatchlabError:
+        raise
     except (OSError, ValueError) as exc:
         raise PatchlabError(
             f"cannot load model '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}). "

@@ -30,14 +30,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
-import json, os, resource, sys, time
+import json, os, sys, time
 config, per_kind, run_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 t0 = time.perf_counter()
 import torch
 from patchlab.prompts import PromptSet
 
-def rss_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from patchlab.backends import peak_rss_mib as rss_mib  # VmHWM: ru_maxrss would carry the parent's size over exec
 
 ps = PromptSet.shipped()
 items = list(ps.stratified(per_kind)) if per_kind else list(ps)

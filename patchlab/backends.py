@@ -89,7 +89,14 @@ def run_in_worker(model, load: Load, task: Task) -> dict:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set size (Linux reports KiB)."""
+    """This process's peak resident set size: VmHWM of its own memory map. Not `ru_maxrss`, which Linux
+    carries over `exec`, so a worker forked from a big driver would report the driver's size."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

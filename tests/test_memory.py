@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A fresh process: estimate (before loading), then load and run the workload; report both in bytes.
 RUN = """
-import json, resource, sys, torch
+import json, sys, torch
 from patchlab.memory import Workload, estimate
 from patchlab.models import load_model
 from patchlab.prompts import PromptSet
@@ -38,7 +38,8 @@ if kind == "evaluate":
 else:
     from patchlab.locate import locate
     locate(model, items, setup="guide", method="attribution", progress=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child of a big pytest process reports its size
+peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({"estimate": est.need("cpu"), "peak": peak, "lines": est.lines()}))
 """
 

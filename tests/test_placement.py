@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from reliability.relhelp import assert_refused, cli
+
 from patchlab import edit as E
 from patchlab import locate as L
 from patchlab import placement as P
@@ -23,27 +25,6 @@ PROMPTS = ["The capital of France is", "Paris is the capital of", "The Eiffel To
 TINY_ITEM = {"id": "t-1", "kind": "landmark", "subject": "eiffel tower", "bridge": "france", "answer": "paris",
              "hop1": "the eiffel tower is located in", "hop2": "the capital of france is",
              "composed": "the capital of the country where the eiffel tower is located is"}
-
-
-def cli(argv: list, capsys) -> tuple[int, list[str]]:
-    """`patchlab ARGV` in this process: (exit code, non-blank stderr lines)."""
-    from patchlab.cli import main
-
-    capsys.readouterr()
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-
-
-def assert_refused(code: int, lines: list[str], needle: str, out: Path) -> None:
-    """Exit 2, one line on stderr holding `needle`, nothing written under --out."""
-    assert code == 2, (code, lines)
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    assert needle in lines[0], lines[0]
-    assert not out.exists(), sorted(out.rglob("*"))
 
 
 @pytest.fixture(scope="module")

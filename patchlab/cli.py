@@ -154,6 +154,12 @@ def _worker_load(model: str, device: Optional[str], dtype: str, device_map: Opti
     return Load(model, dtype, kwargs={**({"device": device} if device else {}), **place.load_kwargs()})
 
 
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _backend(backend: str, workers: int, threads: Optional[int], ray_address: Optional[str]):
     from .jobs import Backend
 
@@ -470,19 +476,40 @@ def apply(
     dtype: str = DtypeOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemoryOpt,
+    run_dir: Optional[Path] = RunDirOpt,
+    resume: Optional[Path] = ResumeOpt,
+    backend: str = BackendOpt,
+    workers: int = WorkersOpt,
+    threads: Optional[int] = ThreadsOpt,
+    ray_address: Optional[str] = RayAddressOpt,
+    shard_size: int = ShardSizeOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Evaluate a saved edit on the items it was made for (refuses an edit made for other weights)."""
     from .edit import Edit, base_hash
     from .editeval import evaluate_edits
 
     out = _out_dir(out)
+    _quiet(quiet)
     e = Edit.load(edit_file)
     ps = _prompt_set(prompt_set, None, None, None)
-    m = _load(model, device, dtype, device_map, max_memory, _work("forward", ps, with_gap=gap is None))
-    if base_hash(m) != e.weights_sha256:
-        raise PatchlabError(f"edit was made for '{e.model}' weights {e.weights_sha256[:12]}…, not these", where=str(edit_file))
     items = list(ps.filter(ids=e.item_ids))
-    report = evaluate_edits(m, [(items, e, 0.0)], list(ps), _gap_for(m, ps, gap))
+    work = _work("forward", ps, with_gap=gap is None)
+    if _sharded(run_dir, resume, backend, workers, ray_address):
+        from . import jobs
+
+        load = _worker_load(model, device, dtype, device_map, max_memory, work)
+        config = {"edit_sha256": _file_sha256(edit_file), "gap": str(gap) if gap else None}
+        with _open_run("apply", config, list(ps), out, load, run_dir, resume,
+                       _backend(backend, workers, threads, ray_address), shard_size) as run:
+            g = _saved_gap(gap, run.identity["model"]) if gap else jobs.evaluate(run, list(ps), ps.source)
+            report = jobs.evaluate_edit(run, edit_file, items, list(ps), g)
+        _report_run(report.meta["run"])
+    else:
+        m = _load(model, device, dtype, device_map, max_memory, work)
+        if base_hash(m) != e.weights_sha256:
+            raise PatchlabError(f"edit was made for '{e.model}' weights {e.weights_sha256[:12]}…, not these", where=str(edit_file))
+        report = evaluate_edits(m, [(items, e, 0.0)], list(ps), _gap_for(m, ps, gap))
     console.print(tables.edit_table(report).to_rich())
     _written(report.save(out))
 

@@ -128,19 +128,7 @@ def evaluate_edits(
     right_hop2 = {r["id"] for r in gap.items if r["hop2"]}
     rows, seen = [], {}
     for items, edit, seconds in track(list(edits), "evaluating edits" if progress else None):
-        for it in items:
-            sets = test_sets(it, pool, right_composed, right_hop2, n_irrelevant, exclude=exclude)
-            queries = [q for name in SETS for q in sets[name]]
-            before = measure_before(model, queries, seen)
-            with edit.applied(model, verify_hash=False):
-                after = measure(model, queries)
-            i, per = 0, {}
-            for name in SETS:
-                n = len(sets[name])
-                per[name] = _summarise(before[i : i + n], after[i : i + n])
-                i += n
-            rows.append({"id": it.id, "sets": per, "seconds": seconds, "edited": True,
-                         "text_after": after[0]["text"] if after else ""})
+        rows += edit_rows(model, edit, items, pool, right_composed, right_hop2, n_irrelevant, exclude, seen, seconds)
     if held_out:
         edit = edits[0][1]
         queries = [Query(it.composed, it.answers) for it in held_out]
@@ -150,16 +138,46 @@ def evaluate_edits(
         for it, b, a in zip(held_out, before, after):
             rows.append({"id": it.id, "edited": False, "seconds": 0.0,
                          "sets": {**{s: _summarise([], []) for s in SETS}, "held_out": _summarise([b], [a])}})
+    meta = provenance(model, seed=0, n_irrelevant=n_irrelevant, method=edits[0][1].method, metric=METRIC)
+    return report_from_rows(rows, model_name(model), edits[0][1], float(np.mean([s for _, _, s in edits])), meta)
+
+
+METRIC = "greedy 6 tokens"
+
+
+def edit_rows(model, edit: Edit, items: Sequence[TwoHopItem], pool: Sequence[TwoHopItem], right_composed: set[str],
+              right_hop2: set[str], n_irrelevant: int = 30, exclude: set[str] = frozenset(),
+              seen: dict | None = None, seconds: float = 0.0) -> list[dict[str, Any]]:
+    """One row per item an edit was made for: each test set measured unedited (reusing `seen`) and edited."""
+    seen = {} if seen is None else seen
+    rows = []
+    for it in items:
+        sets = test_sets(it, pool, right_composed, right_hop2, n_irrelevant, exclude=exclude)
+        queries = [q for name in SETS for q in sets[name]]
+        before = measure_before(model, queries, seen)
+        with edit.applied(model, verify_hash=False):
+            after = measure(model, queries)
+        i, per = 0, {}
+        for name in SETS:
+            n = len(sets[name])
+            per[name] = _summarise(before[i : i + n], after[i : i + n])
+            i += n
+        rows.append({"id": it.id, "sets": per, "seconds": seconds, "edited": True,
+                     "text_after": after[0]["text"] if after else ""})
+    return rows
+
+
+def report_from_rows(rows: list[dict[str, Any]], model: str, first: Edit, seconds_per_edit: float,
+                     meta: dict[str, Any]) -> EditReport:
+    """The report of item rows: per test set, the n-weighted means over the edited items (and held-out ones)."""
     edited = [r for r in rows if r["edited"]]
     summary = {name: _pool_summary(edited, name) for name in SETS}
-    if held_out:
+    if any(not r["edited"] for r in rows):
         summary["held_out"] = _pool_summary([r for r in rows if not r["edited"]], "held_out")
-    first = edits[0][1]
     return EditReport(
-        model=model_name(model), heads=first.head_list, target=first.method.get("target", "?"),
-        batch=bool(first.method.get("batch")), items=rows, summary=summary,
-        seconds_per_edit=float(np.mean([s for _, _, s in edits])),
-        meta=provenance(model, seed=0, n_irrelevant=n_irrelevant, method=first.method, metric="greedy 6 tokens"),
+        model=model, heads=first.head_list, target=first.method.get("target", "?"),
+        batch=bool(first.method.get("batch")), items=rows, summary=summary, seconds_per_edit=seconds_per_edit,
+        meta=meta,
     )
 
 

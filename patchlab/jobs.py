@@ -86,6 +86,8 @@ def run_task(model, task: str, config: dict, items: list[dict], pool: list[dict]
     its = [TwoHopItem.from_dict(d, where=f"item {d.get('id')}") for d in items]
     if task == "gap":
         return gap_rows(model, its, config["source"], config["batch_size"], config["max_new_tokens"], progress=False)
+    if task == "edit-eval":
+        return _edit_eval_rows(model, config, its, [TwoHopItem.from_dict(d) for d in pool])
     if config["setup"] == "guide":
         pairs = guide_pairs(model, its)
     else:
@@ -95,6 +97,22 @@ def run_task(model, task: str, config: dict, items: list[dict], pool: list[dict]
         return screen_rows(model, pairs, config["site"], config["positions"], progress=False)
     heads = None if config["heads"] is None else {int(l): units for l, units in config["heads"]}
     return verify_rows(model, pairs, config["site"], config["positions"], heads, progress=False)
+
+
+def _edit_eval_rows(model, config: dict, items: list[TwoHopItem], pool: list[TwoHopItem]) -> list[dict]:
+    """Before/after rows of one saved edit on a shard of its items (the edit file must be the one hashed)."""
+    from .edit import Edit
+    from .editeval import edit_rows
+
+    path = Path(config["edit"])
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PatchlabError(f"cannot read the edit file ({exc.strerror}): every worker needs it", where=str(path)) from None
+    if hashlib.sha256(data).hexdigest() != config["edit_sha256"]:
+        raise PatchlabError("edit file changed since the run started", where=str(path))
+    return edit_rows(model, Edit.load(path), items, pool, set(config["right_composed"]), set(config["right_hop2"]),
+                     config["n_irrelevant"], set(config["exclude"]))
 
 
 # --- the run directory ------------------------------------------------------------------------------------
@@ -334,3 +352,25 @@ def locate(run: Run, items: Sequence[TwoHopItem], pool: Sequence[TwoHopItem] = (
     meta = {**run.identity["meta"], "metric": METRIC, "run": run.meta()}
     return aggregate(rows, run.identity["model"], run.identity["n_layers"], _units(site, run.identity["n_heads"]),
                      setup, method, site, positions, top_k, att_mean, time.perf_counter() - started, meta)
+
+
+def evaluate_edit(run: Run, edit_path: str | Path, items: Sequence[TwoHopItem], pool: Sequence[TwoHopItem], gap,
+                  n_irrelevant: int = 30, exclude: set[str] = frozenset()):
+    """A saved edit's before/after report on `items`, sharded by item (each shard measures its own unedited
+    queries, so its numbers do not depend on which shards a worker ran before)."""
+    from .edit import Edit
+    from .editeval import METRIC, report_from_rows
+
+    edit_path = Path(edit_path).resolve()
+    edit = Edit.load(edit_path)
+    if edit.weights_sha256 != run.identity["weights_sha256"]:
+        raise PatchlabError(f"edit was made for '{edit.model}' weights {edit.weights_sha256[:12]}…, not these",
+                            where=str(edit_path))
+    config = {"edit": str(edit_path), "edit_sha256": hashlib.sha256(edit_path.read_bytes()).hexdigest(),
+              "right_composed": sorted(r["id"] for r in gap.items if r["composed"]),
+              "right_hop2": sorted(r["id"] for r in gap.items if r["hop2"]),
+              "n_irrelevant": n_irrelevant, "exclude": sorted(exclude)}
+    rows = run.stage("edit-eval", config, [it.to_dict() for it in items], [it.to_dict() for it in pool])
+    meta = {**run.identity["meta"], "seed": 0, "n_irrelevant": n_irrelevant, "method": edit.method, "metric": METRIC,
+            "run": run.meta()}
+    return report_from_rows([rows[it.id] for it in items if it.id in rows], run.identity["model"], edit, 0.0, meta)

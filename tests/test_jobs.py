@@ -168,3 +168,30 @@ def test_a_killed_driver_resumes_to_the_same_result(serial, slice_items, tmp_pat
     assert result["meta"]["run"]["shards_run"] == 8 - kept
     assert result["items"] == serial[0].items
     assert not list(run_dir.rglob(".patchlab-tmp-*"))
+
+
+def test_edit_evaluation_sharded_equals_across_workers_and_the_plain_report(serial, smol, slice_items, tmp_path):
+    """A saved batch edit of two failures, evaluated by item shards: one worker and two local processes give
+    identical rows; both agree with the plain `evaluate_edits` (which shares unedited measurements across
+    items, so batches — and the last float bits — may differ)."""
+    from patchlab.edit import EditConfig, edit_each
+    from patchlab.editeval import evaluate_edits
+    from patchlab.spec import parse_heads
+
+    gap = serial[0]
+    fails = gap.failed_items(slice_items)[:2]
+    heads = parse_heads("23.4,23.5", smol.cfg.n_layers, smol.cfg.n_heads)
+    [(group, edit, _)] = edit_each(smol, fails, heads, EditConfig(target="guide", covariance=False), batch=True)
+    path = edit.save(tmp_path / "batch.edit")
+    reports = []
+    for name, backend in (("one", jobs.Backend("local", 1, 1)), ("two", jobs.Backend("local", 2, 1))):
+        with jobs.Run("apply", {"shard_size": 1}, slice_items, tmp_path / name, Load("smollm2-135m"), backend,
+                      model=smol if backend.workers == 1 else None) as run:
+            reports.append(jobs.evaluate_edit(run, path, group, slice_items, gap))
+    one, two = reports
+    assert one.items == two.items and one.summary == two.summary
+    assert one.summary["correction"]["after"] > one.summary["correction"]["before"]  # the edit fixes its items
+    plain = evaluate_edits(smol, [(group, edit, 0.0)], slice_items, gap, progress=False)
+    for name, row in plain.summary.items():
+        for key in ("n", "before", "after"):
+            assert one.summary[name][key] == pytest.approx(row[key], abs=1e-6), (name, key)

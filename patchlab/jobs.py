@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 from .backends import Load, Task, check_threads, open_pool, schedule
 from .errors import PatchlabError
-from .io import atomic_write_bytes, atomic_write_json, json_bytes, sweep_stale
+from .io import atomic_write_bytes, atomic_write_json, sweep_stale
 from .progress import track
 from .prompts import TwoHopItem
 
@@ -178,19 +178,23 @@ class RunDir:
             data = rows_path.read_bytes()
         except (OSError, ValueError):
             return None
-        lines = [json.loads(line) for line in data.decode("utf-8").splitlines() if line]
-        if (hashlib.sha256(data).hexdigest() != done.get("sha256") or len(lines) != done.get("rows")
-                or done.get("keys") != keys):
+        if not isinstance(done, dict) or hashlib.sha256(data).hexdigest() != done.get("sha256") or done.get("keys") != keys:
             return None
-        return {"rows": lines, "quarantined": done.get("quarantined", [])}
+        lines = [json.loads(line) for line in data.decode("utf-8").splitlines() if line]
+        return {"rows": lines, "quarantined": done.get("quarantined", [])} if len(lines) == done.get("rows") else None
 
     def write_shard(self, folder: Path, index: int, keys: list[str], rows: list[dict], quarantined: list[str],
                     seconds: float) -> None:
-        data = b"".join(json_bytes(r).replace(b"\n", b"") + b"\n" for r in rows)
+        data = b"".join(_line(r) for r in rows)
         atomic_write_bytes(folder / f"shard-{index:05d}.jsonl", data)
         atomic_write_json(folder / f"shard-{index:05d}.done",
                           {"rows": len(rows), "sha256": hashlib.sha256(data).hexdigest(), "keys": keys,
                            "quarantined": quarantined, "seconds": round(seconds, 3)})
+
+
+def _line(row: dict) -> bytes:
+    """One row as one JSON line, exactly as given (no normalisation: a resumed run reads back the same text)."""
+    return json.dumps(row, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
 # --- running stages ---------------------------------------------------------------------------------------

@@ -77,7 +77,11 @@ def test_a_shard_counts_only_when_its_done_record_matches(tmp_path):
     path = folder / "shard-00000.jsonl"
     path.write_bytes(path.read_bytes().replace(b'"i1"', b'"i9"'))  # tampered rows
     assert run.verified(folder, 0, keys) is None
+    path.write_bytes(b"\xff not json\n")  # garbage rows
+    assert run.verified(folder, 0, keys) is None
     (folder / "shard-00000.done").write_text("{")  # torn done record
+    assert run.verified(folder, 0, keys) is None
+    (folder / "shard-00000.done").write_text("[1]")  # not a record
     assert run.verified(folder, 0, keys) is None
 
 

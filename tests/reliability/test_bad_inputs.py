@@ -465,6 +465,6 @@ def test_unknown_model_names_fail_at_once(monkeypatch, tmp_path):
 
 
 def test_the_battery_is_the_size_the_docs_say():
-    """docs/sections/reliability.md quotes these counts."""
+    """The README's Reliability section quotes these counts."""
     counts = {"cli": len(CLI_CASES), "config": len(CONFIG_CASES), "edits": len(EDIT_CASES), "vanish": len(VANISH)}
     assert counts == {"cli": 82, "config": 19, "edits": 14, "vanish": 4}, counts

@@ -233,6 +233,33 @@ def test_apply_refuses_when_anything_else_changes(tiny, monkeypatch, where):
     assert torch.equal(E.o_proj(tiny, 1).weight, w_o) and not tiny._patchlab_edits and not ed._saved
 
 
+def test_an_apply_that_moves_another_parameter_is_taken_back(tiny, monkeypatch):
+    """The after-apply check: a (simulated) update that also writes elsewhere is caught, named, and the edited
+    columns are put back bit-exactly."""
+    edit = E.Edit("tiny", E.base_hash(tiny), {1: [2]}, {1: torch.ones(64, 16)}, ["t-1"])
+    name, victim = next((n, p) for n, p in hf_module(tiny).named_parameters() if "embed" in n)
+    original, before = victim.detach().clone(), weights_hash(tiny)
+    real = E._updated
+
+    def leaky(saved, delta):
+        with torch.no_grad():
+            victim[0, 0] += 1.0
+        return real(saved, delta)
+
+    monkeypatch.setattr(E, "_updated", leaky)
+    try:
+        with pytest.raises(PatchlabError, match="changed parameter '.*embed.*', not only the edited W_O columns"):
+            edit.apply(tiny)
+    finally:
+        with torch.no_grad():
+            victim.copy_(original)
+    assert weights_hash(tiny) == before and not getattr(tiny, "_patchlab_edits", [])
+    monkeypatch.setattr(E, "_updated", real)
+    edit.apply(tiny)  # a clean apply passes the same check
+    edit.revert(tiny)
+    assert weights_hash(tiny) == before
+
+
 def test_edit_is_refused_on_quantised_weights(tiny_dir, monkeypatch):
     model = load_model(str(tiny_dir))  # its own copy: W_O is swapped for an int8 one below
     ed = _tiny_edit(model)

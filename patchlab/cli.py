@@ -6,6 +6,7 @@ raises `PatchlabError`, which `main` prints as one line on stderr with exit code
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -712,6 +713,14 @@ def emergence(
     dtype: str = DtypeOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemoryOpt,
+    run_dir: Optional[Path] = RunDirOpt,
+    resume: Optional[Path] = ResumeOpt,
+    backend: str = BackendOpt,
+    workers: int = WorkersOpt,
+    threads: Optional[int] = ThreadsOpt,
+    ray_address: Optional[str] = RayAddressOpt,
+    shard_size: int = ShardSizeOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Information emergence per block (Chen et al. 2024): natural vs shuffled text, in-context demos, two-hop."""
     from . import emergence as E
@@ -733,15 +742,26 @@ def emergence(
               cache_dir=cache_dir, **({"ridge": ridge} if estimator == "gaussian" else {}))
     text_list = E.read_texts(texts) if texts is not None else None
     ps = _prompt_set(prompt_set, None, None, None) if experiment == "twohop" else None
-    m = _load(model, device, dtype, device_map, max_memory, _work("forward", ps, seq_len=length or 64))
+    _quiet(quiet)
+    work = _work("forward", ps, seq_len=length or 64)
+    m = _load(model, device, dtype, device_map, max_memory, work)
     kw["layers"] = parse_layers(layers, m.cfg.n_layers, "--layers")
-    if experiment == "natural":
-        result = E.natural_vs_shuffled(m, text_list, length=length, random_init=random_init, **kw)
-    elif experiment == "icl":
-        result = E.icl_emergence(m, demos=parse_layers(demos, 10**6, "--demos"), n=n, **kw)
-    else:
-        result = E.twohop_emergence(m, ps, gap=_gap_for(m, ps, gap) if gap else None, failed=failed,
-                                    min_group=min_group, **kw)
+    with contextlib.ExitStack() as stack:
+        if _sharded(run_dir, resume, backend, workers, ray_address):  # hidden states captured by the run's workers
+            config = {"experiment": experiment, "texts": _file_sha256(texts) if texts else None, "length": length,
+                      "demos": demos, "n": n, "failed": failed}
+            run = stack.enter_context(_open_run("emergence", config, list(ps or []), out,
+                                                _worker_load(model, device, dtype, device_map, max_memory, work),
+                                                run_dir, resume, _backend(backend, workers, threads, ray_address),
+                                                shard_size))
+            stack.enter_context(E.captured_by(run))
+        if experiment == "natural":
+            result = E.natural_vs_shuffled(m, text_list, length=length, random_init=random_init, **kw)
+        elif experiment == "icl":
+            result = E.icl_emergence(m, demos=parse_layers(demos, 10**6, "--demos"), n=n, **kw)
+        else:
+            result = E.twohop_emergence(m, ps, gap=_gap_for(m, ps, gap) if gap else None, failed=failed,
+                                        min_group=min_group, **kw)
     console.print(tables.emergence_table(result).to_rich())
     _written(result.save(out))
 

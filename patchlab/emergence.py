@@ -27,6 +27,7 @@ model.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import gc
 import hashlib
 import json
@@ -223,6 +224,20 @@ def states_path(cache_dir: str | Path | None, weights: str, data: str) -> Path:
     return root / f"{weights[:16]}-{data[:16]}.safetensors"
 
 
+_SHARDS: contextvars.ContextVar = contextvars.ContextVar("patchlab_emergence_shards", default=None)
+
+
+@contextlib.contextmanager
+def captured_by(run) -> Iterator[None]:
+    """Within the block, hidden states of the run's model (same weights) are captured by the run's workers, in
+    resumable shards (`patchlab.jobs`); other models — the random-weights control — are captured here."""
+    token = _SHARDS.set(run)
+    try:
+        yield
+    finally:
+        _SHARDS.reset(token)
+
+
 def hidden_states(
     model,
     tokens: Int[Tensor, "n T"],
@@ -248,12 +263,18 @@ def hidden_states(
             hs = HiddenStates.load(path)
             if hs.meta.get("format") == STATES_FORMAT and hs.meta.get("tokens_sha256") == data and torch.equal(hs.tokens, tokens):
                 return hs
-    macro = capture_last(model, tokens, batch_size, "hidden states (sequences)" if progress else None)
-    vocab = torch.unique(tokens)
-    micro = capture_last(model, vocab[:, None], 8 * batch_size, "hidden states (tokens alone)" if progress else None)
-    meta = {"format": STATES_FORMAT, "model": model_name(model), "weights_sha256": weights, "tokens_sha256": data,
-            "bos": bos, "streams": resid_hook_names(model)}
-    hs = HiddenStates(tokens.clone(), macro, vocab, micro, meta)
+    run = _SHARDS.get()
+    if run is not None and (weights or weights_hash(model)) == run.identity["weights_sha256"]:
+        from .jobs import hidden_states as sharded
+
+        hs = sharded(run, tokens, bos, resid_hook_names(model), batch_size)
+    else:
+        macro = capture_last(model, tokens, batch_size, "hidden states (sequences)" if progress else None)
+        vocab = torch.unique(tokens)
+        micro = capture_last(model, vocab[:, None], 8 * batch_size, "hidden states (tokens alone)" if progress else None)
+        meta = {"format": STATES_FORMAT, "model": model_name(model), "weights_sha256": weights, "tokens_sha256": data,
+                "bos": bos, "streams": resid_hook_names(model)}
+        hs = HiddenStates(tokens.clone(), macro, vocab, micro, meta)
     if path is not None:
         hs.save(path)
     return hs

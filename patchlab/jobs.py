@@ -83,6 +83,8 @@ def run_task(model, task: str, config: dict, items: list[dict], pool: list[dict]
     from .evaluate import gap_rows
     from .locate import check_pairs, guide_pairs, screen_rows, template_pairs, verify_rows
 
+    if task == "capture":
+        return _capture_rows(model, items, config["batch_size"])
     its = [TwoHopItem.from_dict(d, where=f"item {d.get('id')}") for d in items]
     if task == "gap":
         return gap_rows(model, its, config["source"], config["batch_size"], config["max_new_tokens"], progress=False)
@@ -97,6 +99,16 @@ def run_task(model, task: str, config: dict, items: list[dict], pool: list[dict]
         return screen_rows(model, pairs, config["site"], config["positions"], progress=False)
     heads = None if config["heads"] is None else {int(l): units for l, units in config["heads"]}
     return verify_rows(model, pairs, config["site"], config["positions"], heads, progress=False)
+
+
+def _capture_rows(model, items: list[dict], batch_size: int) -> list[dict]:
+    """Every residual stream at the last position of each equal-length token row (emergence's hidden states)."""
+    import torch
+
+    from .emergence import capture_last
+
+    states = capture_last(model, torch.tensor([d["tokens"] for d in items], dtype=torch.long), batch_size)
+    return [{"id": d["id"], "states": states[i].clone()} for i, d in enumerate(items)]
 
 
 def _edit_eval_rows(model, config: dict, items: list[TwoHopItem], pool: list[TwoHopItem]) -> list[dict]:
@@ -181,15 +193,56 @@ class RunDir:
         if not isinstance(done, dict) or hashlib.sha256(data).hexdigest() != done.get("sha256") or done.get("keys") != keys:
             return None
         lines = [json.loads(line) for line in data.decode("utf-8").splitlines() if line]
-        return {"rows": lines, "quarantined": done.get("quarantined", [])} if len(lines) == done.get("rows") else None
+        if len(lines) != done.get("rows"):
+            return None
+        if done.get("tensors_sha256"):  # rows holding tensors keep them beside, in safetensors
+            tensors = _read_tensors(folder / f"shard-{index:05d}.safetensors", done["tensors_sha256"])
+            if tensors is None:
+                return None
+            lines = [{**line, "row": _with_tensors(line["row"], tensors)} for line in lines]
+        return {"rows": lines, "quarantined": done.get("quarantined", [])}
 
     def write_shard(self, folder: Path, index: int, keys: list[str], rows: list[dict], quarantined: list[str],
                     seconds: float) -> None:
-        data = b"".join(_line(r) for r in rows)
+        tensors: dict[str, Any] = {}
+        plain = [{**r, "row": _without_tensors(r["row"], tensors)} for r in rows]
+        data = b"".join(_line(r) for r in plain)
+        done = {"rows": len(rows), "sha256": hashlib.sha256(data).hexdigest(), "keys": keys,
+                "quarantined": quarantined, "seconds": round(seconds, 3)}
+        if tensors:
+            from safetensors.torch import save
+
+            blob = save({k: v.contiguous() for k, v in tensors.items()})
+            atomic_write_bytes(folder / f"shard-{index:05d}.safetensors", blob)
+            done["tensors_sha256"] = hashlib.sha256(blob).hexdigest()
         atomic_write_bytes(folder / f"shard-{index:05d}.jsonl", data)
-        atomic_write_json(folder / f"shard-{index:05d}.done",
-                          {"rows": len(rows), "sha256": hashlib.sha256(data).hexdigest(), "keys": keys,
-                           "quarantined": quarantined, "seconds": round(seconds, 3)})
+        atomic_write_json(folder / f"shard-{index:05d}.done", done)
+
+
+def _without_tensors(row: dict, tensors: dict) -> dict:
+    """`row` with each tensor value replaced by {"tensor": name}, the tensor put in `tensors` under that name."""
+    out = {}
+    for key, value in row.items():
+        if hasattr(value, "detach"):
+            name = f"{row['id']}/{key}"
+            tensors[name], value = value, {"tensor": name}
+        out[key] = value
+    return out
+
+
+def _with_tensors(row: dict, tensors: dict) -> dict:
+    return {k: tensors[v["tensor"]] if isinstance(v, dict) and set(v) == {"tensor"} else v for k, v in row.items()}
+
+
+def _read_tensors(path: Path, sha256: str) -> dict | None:
+    """A shard's tensors if the file is whole and the one its done record hashed, else None."""
+    from safetensors.torch import load
+
+    try:
+        blob = path.read_bytes()
+    except OSError:
+        return None
+    return load(blob) if hashlib.sha256(blob).hexdigest() == sha256 else None
 
 
 def _line(row: dict) -> bytes:
@@ -378,3 +431,21 @@ def evaluate_edit(run: Run, edit_path: str | Path, items: Sequence[TwoHopItem], 
     meta = {**run.identity["meta"], "seed": 0, "n_irrelevant": n_irrelevant, "method": edit.method, "metric": METRIC,
             "run": run.meta()}
     return report_from_rows([rows[it.id] for it in items if it.id in rows], run.identity["model"], edit, 0.0, meta)
+
+
+def hidden_states(run: Run, tokens, bos: list[int], streams: list[str], batch_size: int = 32):
+    """Emergence's hidden states of equal-length token rows, captured in shards: the sequences, then each
+    distinct token alone (the same `HiddenStates` that `patchlab.emergence.hidden_states` captures in-process)."""
+    import torch
+
+    from .emergence import STATES_FORMAT, HiddenStates, tokens_hash
+
+    config = {"batch_size": batch_size, "bos": bos}
+    seqs = [{"id": f"s{i:07d}", "tokens": row} for i, row in enumerate(tokens.tolist())]
+    vocab = torch.unique(tokens)
+    singles = [{"id": f"t{t}", "tokens": [t]} for t in vocab.tolist()]
+    macro, micro = run.stage("capture", config, seqs), run.stage("capture", config, singles)
+    meta = {"format": STATES_FORMAT, "model": run.identity["model"], "weights_sha256": run.identity["weights_sha256"],
+            "tokens_sha256": tokens_hash(tokens, bos), "bos": bos, "streams": streams, "run": run.meta()}
+    return HiddenStates(tokens.clone(), torch.stack([macro[d["id"]]["states"] for d in seqs]), vocab,
+                        torch.stack([micro[d["id"]]["states"] for d in singles]), meta)

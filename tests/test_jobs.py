@@ -199,3 +199,28 @@ def test_edit_evaluation_sharded_equals_across_workers_and_the_plain_report(seri
     for name, row in plain.summary.items():
         for key in ("n", "before", "after"):
             assert one.summary[name][key] == pytest.approx(row[key], abs=1e-6), (name, key)
+
+
+def test_hidden_states_captured_in_shards_match_across_workers_and_resume(smol, tmp_path):
+    """emergence's hidden-state capture as a sharded job: one worker and two local processes give identical
+    streams, close to the in-process capture (other batches); a resumed run reuses every shard (tensors kept
+    in verified safetensors beside the rows)."""
+    import torch
+
+    from patchlab import emergence as E
+
+    tokens = E.equal_length(smol, E.shipped_texts()[:40], 6).tokens
+    plain = E.hidden_states(smol, tokens, cache_dir=False, progress=False)
+    got = []
+    for name, backend in (("one", jobs.Backend("local", 1, 1)), ("two", jobs.Backend("local", 2, 1)), ("one", None)):
+        resume = backend is None
+        with jobs.Run("emergence", {"test": True, "shard_size": 16}, [], tmp_path / name, Load("smollm2-135m"),
+                      backend or jobs.Backend("local", 1, 1), model=smol, resume=resume) as run, E.captured_by(run):
+            got.append(E.hidden_states(smol, tokens, cache_dir=False, progress=False))
+    one, two, again = got
+    for hs in (two, again):
+        assert torch.equal(hs.macro, one.macro) and torch.equal(hs.micro, one.micro) and torch.equal(hs.vocab, one.vocab)
+    assert torch.equal(one.vocab, plain.vocab) and one.meta["streams"] == plain.meta["streams"]
+    assert torch.allclose(one.macro, plain.macro, atol=1e-4) and torch.allclose(one.micro, plain.micro, atol=1e-4)
+    assert one.meta["run"]["shards_run"] > 0
+    assert again.meta["run"]["shards_run"] == 0 and again.meta["run"]["shards_reused"] == one.meta["run"]["shards_run"]

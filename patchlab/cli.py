@@ -96,31 +96,27 @@ def _fits(model: str, dtype, place, work) -> None:
 
 def _placement(device: Optional[str], dtype: str, device_map: Optional[str], max_memory: Optional[str],
                models: list[str], work):
-    """The parsed placement for several models (compare), each checked and estimated before any is loaded."""
+    """The parsed placement for `models`, each checked (dtype) and, given a `work`, estimated before any is loaded."""
     from . import placement
     from .models import model_type
 
     place = placement.parse(device, device_map, max_memory)
     for name in models:
         placement.refuse_dtype(model_type(name), _dtype(dtype), where="--dtype")
-        _fits(name, _dtype(dtype), place, work)
+        if work is not None:
+            _fits(name, _dtype(dtype), place, work)
     return place
 
 
 def _load(model: str, device: Optional[str], dtype: str, device_map: Optional[str] = None,
           max_memory: Optional[str] = None, work=None):
     """Check the placement, estimate the memory `work` needs (refusing what cannot fit), then load the model."""
-    from . import placement
-    from .models import load_model, model_type
+    from .models import load_model
 
-    place = placement.parse(device, device_map, max_memory)
-    torch_dtype = _dtype(dtype)
-    placement.refuse_dtype(model_type(model), torch_dtype, where="--dtype")
-    if work is not None:
-        _fits(model, torch_dtype, place, work)
+    place = _placement(device, dtype, device_map, max_memory, [model], work)
     start = time.perf_counter()
     with console.status(f"loading {model} ..."):
-        m = load_model(model, device=device, dtype=torch_dtype, **place.load_kwargs())
+        m = load_model(model, device=device, dtype=_dtype(dtype), **place.load_kwargs())
     console.print(f"[dim]loaded {model} in {time.perf_counter() - start:.1f} s[/dim]")
     return m
 
@@ -145,13 +141,9 @@ def _open_run(command: str, config: dict, items, out: Path, load, run_dir, resum
 def _worker_load(model: str, device: Optional[str], dtype: str, device_map: Optional[str], max_memory: Optional[str],
                  work):
     """How each worker loads the model: the placement checked and the memory estimated (per worker) first."""
-    from . import placement
     from .backends import Load
-    from .models import model_type
 
-    place = placement.parse(device, device_map, max_memory)
-    placement.refuse_dtype(model_type(model), _dtype(dtype), where="--dtype")
-    _fits(model, _dtype(dtype), place, work)
+    place = _placement(device, dtype, device_map, max_memory, [model], work)
     return Load(model, dtype, kwargs={**({"device": device} if device else {}), **place.load_kwargs()})
 
 

@@ -48,7 +48,7 @@ from .errors import PatchlabError
 from .io import atomic_write_bytes
 from .lens import lens_logits, resid_hook_names
 from .mi import DEFAULT_ESTIMATOR, ESTIMATORS, MIN_SAMPLES, mi
-from .models import cache_root, hf_module, model_name, weights_hash
+from .models import cache_root, hf_module, model_name
 from .progress import track
 from .results import Result, provenance
 from .scoring import DEFAULT_BATCH, answer_token_id
@@ -224,6 +224,13 @@ def states_path(cache_dir: str | Path | None, weights: str, data: str) -> Path:
     return root / f"{weights[:16]}-{data[:16]}.safetensors"
 
 
+def _weights_sha256(model) -> str:
+    """The model's weights hash, computed once per model (as every result records it), not on every capture."""
+    from .results import weights_id
+
+    return weights_id(model)["weights_sha256"]
+
+
 _SHARDS: contextvars.ContextVar = contextvars.ContextVar("patchlab_emergence_shards", default=None)
 
 
@@ -257,14 +264,14 @@ def hidden_states(
     data = tokens_hash(tokens, bos)
     path = None
     if cache_dir is not False:
-        weights = weights or weights_hash(model)
+        weights = weights or _weights_sha256(model)
         path = states_path(cache_dir, weights, data)
         if path.is_file():
             hs = HiddenStates.load(path)
             if hs.meta.get("format") == STATES_FORMAT and hs.meta.get("tokens_sha256") == data and torch.equal(hs.tokens, tokens):
                 return hs
     run = _SHARDS.get()
-    if run is not None and (weights or weights_hash(model)) == run.identity["weights_sha256"]:
+    if run is not None and (weights or _weights_sha256(model)) == run.identity["weights_sha256"]:
         from .jobs import hidden_states as sharded
 
         hs = sharded(run, tokens, bos, resid_hook_names(model), batch_size)

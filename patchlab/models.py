@@ -263,6 +263,9 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: torc
     refuse_offloaded(hf_module(model), where=name)
     model.eval()
     model.patchlab_name = name
+    from .decoding import ensure_decoding
+
+    ensure_decoding(model)  # cached greedy decoding must equal a full forward per token, or refuse
     return model
 
 

@@ -17,9 +17,18 @@ from .io import atomic_write_many, json_bytes
 R = TypeVar("R", bound="Result")
 
 
+def _dist_version(dist: str) -> str:
+    """An installed distribution's version (TransformerLens 4.x has no `__version__` attribute)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def provenance(model=None, seed: int | None = None, **extra: Any) -> dict[str, Any]:
     """Versions, dtype, threads, seed and the model's identity, recorded in every result file."""
-    import transformer_lens
     import transformers
 
     from . import __version__
@@ -29,7 +38,7 @@ def provenance(model=None, seed: int | None = None, **extra: Any) -> dict[str, A
         "patchlab": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
+        "transformer_lens": _dist_version("transformer-lens"),
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "seed": seed,

@@ -2,29 +2,26 @@
 
 Batching is exact: forward passes use right padding and read each row at its own last real token
 (causal attention never lets a real token see the padding after it); generation uses left padding
-with an attention mask, as Hugging Face's `generate` does. Prompts are sorted by length inside a
-call so that batches carry little padding, and results come back in the caller's order.
+with an attention mask and the KV cache, as Hugging Face's `generate` does (`patchlab.decoding`).
+Prompts are sorted by length inside a call so that batches carry little padding, and results come
+back in the caller's order.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
 import unicodedata
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .decoding import Hooks, greedy_tokens, hooked, length_batches, pad_id
 from .errors import PatchlabError
-from .models import hf_module
-from .progress import track
 
 DEFAULT_BATCH = 32
 MAX_NEW_TOKENS = 6
-
-Hooks = Sequence[tuple[str, Callable]]
 
 
 def encode(model, prompt: str, where: str = "prompt") -> list[int]:
@@ -55,12 +52,6 @@ def answer_token_id(model, answer: str, where: str = "answer") -> int:
     return answer_token_ids(model, answer, where)[0]
 
 
-def pad_id(model) -> int:
-    """The id used for padding (pad, else eos, else 0); padded positions are never read."""
-    tok = model.tokenizer
-    return int(tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
-
-
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Int[Tensor, "b pos"], Int[Tensor, " b"]]:
     """Right-pad token lists into one tensor; also return each row's true length."""
     width = max(len(s) for s in seqs)
@@ -68,25 +59,6 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Int[Tensor, "
     for i, s in enumerate(seqs):
         tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
     return tokens, torch.tensor([len(s) for s in seqs], dtype=torch.long)
-
-
-def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
-    """Indices grouped into batches of similar length (stable for equal lengths)."""
-    if batch_size < 1:
-        raise PatchlabError(f"batch size must be >= 1, got {batch_size}")
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    for start in range(0, len(order), batch_size):
-        yield order[start : start + batch_size]
-
-
-@contextlib.contextmanager
-def hooked(model, fwd_hooks: Hooks = ()) -> Iterator[None]:
-    """Attach TransformerLens forward hooks for the block; removes exactly those hooks afterwards."""
-    if not fwd_hooks:
-        yield
-        return
-    with model.hooks(fwd_hooks=list(fwd_hooks)):
-        yield
 
 
 def map_last_logits(
@@ -155,34 +127,16 @@ def greedy_continuations(
     fwd_hooks: Hooks = (),
     progress: str | None = None,
     names: Sequence[str] | None = None,
+    cache: bool = True,
 ) -> list[str]:
-    """The greedy continuation text of each prompt (left padding + attention mask + KV cache).
+    """The greedy continuation text of each prompt: token for token what plain transformers' greedy
+    `generate` gives for the same token ids (see `patchlab.decoding`; special tokens dropped).
 
-    `names` says where each prompt came from in error messages (default `prompt[i]`)."""
+    `names` says where each prompt came from in error messages (default `prompt[i]`); `cache=False`
+    decodes with one full forward per token (for hooks that index absolute positions)."""
     seqs = [encode(model, p, where=names[i] if names else f"prompt[{i}]") for i, p in enumerate(prompts)]
-    pad = pad_id(model)
-    hf = hf_module(model)
-    texts: list[str] = [""] * len(seqs)
-    batches = list(length_batches([len(s) for s in seqs], batch_size))
-    with torch.inference_mode(), hooked(model, fwd_hooks):
-        for rows in track(batches, progress):
-            width = max(len(seqs[i]) for i in rows)
-            tokens = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(tokens)
-            for j, i in enumerate(rows):
-                tokens[j, width - len(seqs[i]) :] = torch.tensor(seqs[i])
-                mask[j, width - len(seqs[i]) :] = 1
-            device = model.cfg.device
-            gen = hf.generate(
-                input_ids=tokens.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-            )
-            for j, i in enumerate(rows):
-                texts[i] = model.tokenizer.decode(gen[j, width:], skip_special_tokens=True)
-    return texts
+    new = greedy_tokens(model, seqs, max_new_tokens, batch_size, fwd_hooks, progress, cache)
+    return [model.tokenizer.decode(t, skip_special_tokens=True) for t in new]
 
 
 _PUNCT = re.compile(r"[^\w\s]")

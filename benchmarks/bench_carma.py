@@ -21,16 +21,16 @@ import time
 
 import torch
 
-from patchlab import edit as E
-from patchlab import editeval as V
-from patchlab import tasks as T
-from patchlab.carma import CarmaConfig
-from patchlab.evaluate import evaluate_gap
-from patchlab.io import atomic_write_json
-from patchlab.models import load_model
-from patchlab.prompts import PromptSet
-from patchlab.retune import restoring, retune
-from patchlab.spec import Head
+from patchlab.methods import edit as E
+from patchlab.methods import editeval as V
+from patchlab.studies import tasks as T
+from patchlab.studies.carma import CarmaConfig
+from patchlab.methods.gap import evaluate_gap
+from patchlab.core.io import atomic_write_json
+from patchlab.runtime.models import load_model
+from patchlab.core.prompts import PromptSet
+from patchlab.studies.retune import restoring, retune
+from patchlab.core.spec import Head
 
 HEADS = [Head(23, 4), Head(23, 5)]  # the heads `patchlab locate` finds for the shipped failures (README)
 

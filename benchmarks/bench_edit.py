@@ -11,19 +11,23 @@ import time
 
 import torch
 
-from patchlab import edit as E
-from patchlab import editeval as V
-from patchlab.evaluate import evaluate_gap
-from patchlab.locate import locate
-from patchlab.models import load_model
-from patchlab.prompts import PromptSet
-from patchlab.scoring import answer_token_id, encode, pad_id, pad_right
-from patchlab.spec import Head
+from patchlab.methods import edit as E
+from patchlab.methods import editeval as V
+from patchlab.methods.gap import evaluate_gap
+from patchlab.methods.locate import locate
+from patchlab.runtime.models import load_model
+from patchlab.core.prompts import PromptSet
+from patchlab.runtime.scoring import answer_token_id, encode, pad_id, pad_right
+from patchlab.core.spec import Head, HeadSet
+from patchlab.runtime import sites
+from patchlab.runtime.bridge import model_name
+from patchlab.runtime.identity import base_hash
+from patchlab.runtime.trace import frozen, recording
 
 
 def finetune_columns(model, item, heads, steps: int = 25, lr: float = 1e-3) -> E.Edit:
     """Plain gradient descent on −log p(answer) over the prefixed composed queries, only on the heads' W_O columns."""
-    layer_heads = E.by_layer(heads)
+    layer_heads = HeadSet(heads).by_layer()
     prompts = E.with_prefixes(item.composed, E.prefixes(6))
     tokens, lengths = pad_right([encode(model, p) for p in prompts], pad_id(model))
     answer = answer_token_id(model, item.answer)
@@ -35,30 +39,21 @@ def finetune_columns(model, item, heads, steps: int = 25, lr: float = 1e-3) -> E
         cols = E.head_columns(model, layer_heads[layer])
 
         def add(act, hook):  # o_proj output += ΔW_S z_S, i.e. the weight change, as a hook
-            return act + model._z[layer][..., cols] @ deltas[layer].T
+            z = acts[sites.z(layer)]
+            return act + z.reshape(*z.shape[:2], -1)[..., cols] @ deltas[layer].T
 
         return add
 
-    def keep(layer):
-        def k(act, hook):
-            model._z[layer] = act.reshape(*act.shape[:2], -1)
-            return act
-
-        return k
-
-    model._z = {}
-    hooks = [(f"blocks.{l}.attn.hook_z", keep(l)) for l in layer_heads] + \
-            [(f"blocks.{l}.attn.o.hook_out", hook(l)) for l in layer_heads]
-    with E.frozen(model):
+    with frozen(model):
         for _ in range(steps):
-            with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+            with torch.enable_grad(), recording(model, [sites.z(l) for l in layer_heads], graph=True,
+                                                patch=[(sites.o_out(l), hook(l)) for l in layer_heads]) as acts:
                 logits = model(tokens)[torch.arange(len(prompts)), lengths - 1]
                 loss = -torch.log_softmax(logits.float(), -1)[:, answer].mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
-    del model._z
-    return E.Edit(E.model_name(model), E.base_hash(model), layer_heads,
+    return E.Edit(model_name(model), base_hash(model), layer_heads,
                   {l: d.detach() for l, d in deltas.items()}, [item.id], {"target": "finetune"})
 
 

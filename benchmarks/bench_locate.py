@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from transformer_lens import patching
 
-from patchlab import locate as L
-from patchlab.models import load_model
-from patchlab.prompts import PromptSet
+from patchlab.methods import locate as L
+from patchlab.runtime.models import load_model
+from patchlab.core.prompts import PromptSet
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -13,13 +13,13 @@ import argparse
 import time
 from pathlib import Path
 
-from patchlab import edit as E
-from patchlab import editeval as V
-from patchlab import mechanisms as M
-from patchlab.evaluate import evaluate_gap
-from patchlab.models import load_model
-from patchlab.prompts import PromptSet
-from patchlab.spec import Head
+from patchlab.methods import edit as E
+from patchlab.methods import editeval as V
+from patchlab.studies import mechanisms as M
+from patchlab.methods.gap import evaluate_gap
+from patchlab.runtime.models import load_model
+from patchlab.core.prompts import PromptSet
+from patchlab.core.spec import Head
 
 HEADS = [Head(23, 4), Head(23, 5)]  # located by `locate` (guide, both) on the failures: see the README's edit section
 

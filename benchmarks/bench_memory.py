@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import dataclasses, json, resource, sys, time
 import torch
-from patchlab.models import load_model
-from patchlab.prompts import PromptSet
+from patchlab.runtime.models import load_model
+from patchlab.core.prompts import PromptSet
 
 workload, n, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 if threads:
@@ -43,11 +43,11 @@ items = [dataclasses.replace(shipped[i % len(shipped)], id=f"{shipped[i % len(sh
 loaded = peak()
 start = time.perf_counter()
 if workload == "evaluate":
-    from patchlab.evaluate import evaluate_gap
+    from patchlab.methods.gap import evaluate_gap
     result = evaluate_gap(model, items, progress=False)
     extra = {"gap_count": result.summary["all"]["gap_count"]}
 else:
-    from patchlab.locate import locate
+    from patchlab.methods.locate import locate
     result = locate(model, items, setup="guide", method="attribution", progress=False)
     extra = {"patched": result.n, "flagged": sum(r["flagged"] for r in result.items)}
 seconds = time.perf_counter() - start

@@ -34,18 +34,18 @@ import json, os, sys, time
 config, per_kind, run_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 t0 = time.perf_counter()
 import torch
-from patchlab.prompts import PromptSet
+from patchlab.core.prompts import PromptSet
 
-from patchlab.backends import peak_rss_mib as rss_mib  # VmHWM: ru_maxrss would carry the parent's size over exec
+from patchlab.runs.backends import peak_rss_mib as rss_mib  # VmHWM: ru_maxrss would carry the parent's size over exec
 
 ps = PromptSet.shipped()
 items = list(ps.stratified(per_kind)) if per_kind else list(ps)
 out = {"config": config, "items": len(items), "load_before": os.getloadavg()[0], "busy_before": float(sys.argv[4])}
 if config == "plain":
     torch.set_num_threads(2)
-    from patchlab.evaluate import evaluate_gap
-    from patchlab.locate import locate
-    from patchlab.models import load_model
+    from patchlab.methods.gap import evaluate_gap
+    from patchlab.methods.locate import locate
+    from patchlab.runtime.models import load_model
     model = load_model("smollm2-135m")
     t1 = time.perf_counter()
     cpu = time.process_time()
@@ -56,8 +56,8 @@ if config == "plain":
     out.update(startup_s=t1 - t0, compute_s=compute, merge_s=0.0, cpu_s=time.process_time() - cpu,
                peak_rss_mib_per_worker=rss_mib(), workers=1, threads=2)
 else:
-    from patchlab import jobs
-    from patchlab.backends import Load
+    from patchlab.runs import jobs
+    from patchlab.runs.backends import Load
     backend = jobs.Backend(config, 2, 1)
     with jobs.Run("bench", {"per_kind": per_kind}, items, run_dir, Load("smollm2-135m"), backend) as run:
         t1 = time.perf_counter()

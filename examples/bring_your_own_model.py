@@ -10,11 +10,11 @@ line saying what to do (and this script exits with code 2), instead of hanging o
 import argparse
 import sys
 
-from patchlab.errors import PatchlabError
-from patchlab.evaluate import evaluate_gap
-from patchlab.models import load_model
-from patchlab.prompts import PromptSet
-from patchlab.tables import gap_table
+from patchlab.core.errors import PatchlabError
+from patchlab.methods.gap import evaluate_gap
+from patchlab.runtime.models import load_model
+from patchlab.core.prompts import PromptSet
+from patchlab.results.tables import gap_table
 
 parser = argparse.ArgumentParser()
 parser.add_argument("model", help="TransformerLens name, HF folder, or an offline key (smollm2-135m, gemma3-270m)")

@@ -6,8 +6,8 @@
 import sys
 from pathlib import Path
 
-from patchlab.errors import PatchlabError
-from patchlab.prompts import PromptSet, TwoHopItem
+from patchlab.core.errors import PatchlabError
+from patchlab.core.prompts import PromptSet, TwoHopItem
 
 items = [
     TwoHopItem(

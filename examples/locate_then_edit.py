@@ -6,13 +6,13 @@
 import argparse
 from pathlib import Path
 
-from patchlab.edit import EditConfig, edit_each
-from patchlab.editeval import evaluate_edits, kl_prompts
-from patchlab.evaluate import evaluate_gap
-from patchlab.locate import locate
-from patchlab.models import load_model
-from patchlab.prompts import PromptSet
-from patchlab.spec import parse_heads
+from patchlab.methods.edit import EditConfig, edit_each
+from patchlab.methods.editeval import evaluate_edits, kl_prompts
+from patchlab.methods.gap import evaluate_gap
+from patchlab.methods.locate import locate
+from patchlab.runtime.models import load_model
+from patchlab.core.prompts import PromptSet
+from patchlab.core.spec import parse_heads
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--prompt-set", default=None, help="JSONL (default: the shipped set, 3 items per kind)")

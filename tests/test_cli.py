@@ -95,8 +95,8 @@ _GAP: dict = {}
 
 def gap_file(tmp_path, smol):
     """A small saved gap result, so CLI edit tests do not re-evaluate the whole shipped set."""
-    from patchlab.evaluate import evaluate_gap
-    from patchlab.prompts import PromptSet
+    from patchlab.methods.gap import evaluate_gap
+    from patchlab.core.prompts import PromptSet
 
     if "path" not in _GAP:
         result = evaluate_gap(smol, PromptSet.shipped().stratified(3), progress=False)

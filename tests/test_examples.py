@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from patchlab.prompts import PromptSet
+from patchlab.core.prompts import PromptSet
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 

@@ -12,8 +12,8 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 SETUP = '''import os
-from patchlab.models import load_model
-from patchlab.prompts import PromptSet
+from patchlab.runtime.models import load_model
+from patchlab.core.prompts import PromptSet
 
 QUICK = os.environ.get("PATCHLAB_NB_QUICK") == "1"   # the tests run every notebook on a small slice
 model = load_model("smollm2-135m")                  # the offline default model (a TransformerLens TransformerBridge)
@@ -29,9 +29,9 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
         ("md", "Each item has a first hop (subject → bridge), a second hop (bridge → answer) and the composed question. "
                "An answer counts as right when it appears in the greedy continuation (aliases allowed)."),
         ("code", "item = prompts[0]\nprint(item.hop1, '->', item.bridge)\nprint(item.hop2, '->', item.answer)\nprint(item.composed, '->', item.answer)"),
-        ("code", "from patchlab.evaluate import evaluate_gap\n\ngap = evaluate_gap(model, prompts)\ngap.summary['all']"),
+        ("code", "from patchlab.methods.gap import evaluate_gap\n\ngap = evaluate_gap(model, prompts)\ngap.summary['all']"),
         ("md", "The **gap** is the share of items with both hops right whose composed question is wrong."),
-        ("code", "from patchlab.tables import gap_table\nfrom rich import print as rprint\n\nrprint(gap_table(gap).to_rich())"),
+        ("code", "from patchlab.results.tables import gap_table\nfrom rich import print as rprint\n\nrprint(gap_table(gap).to_rich())"),
         ("code", "gap.figure()"),
         ("code", "# the failures are what the next notebooks look into\nprint(len(gap.failures), 'failures, e.g.', gap.failures[:5])\n"
                  "assert 0 <= gap.summary['all']['gap_share'] <= 1"),
@@ -41,14 +41,14 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
                "last position through the final norm and the unembedding, and follow the rank of the bridge entity "
                "(*France*) and of the answer (*Paris*), for composed questions the model gets right vs wrong."),
         ("code", SETUP),
-        ("code", "from patchlab.evaluate import evaluate_gap\nfrom patchlab.lens import lens_items\n\ngap = evaluate_gap(model, prompts, progress=False)\n"
+        ("code", "from patchlab.methods.gap import evaluate_gap\nfrom patchlab.methods.lens import lens_items\n\ngap = evaluate_gap(model, prompts, progress=False)\n"
                  "lens = lens_items(model, list(prompts), gap=gap)\nlens.first_top10   # first layer whose geometric-mean rank is <= 10"),
         ("code", "lens.figure()"),
         ("md", "One prompt, every position: the top tokens per layer, with the bridge and answer tracked."),
-        ("code", "from patchlab.lens import top_tokens\n\nitem = prompts[0]\nview = top_tokens(model, item.composed, k=3, track_words=[item.bridge, item.answer])\nview.figure()"),
+        ("code", "from patchlab.methods.lens import top_tokens\n\nitem = prompts[0]\nview = top_tokens(model, item.composed, k=3, track_words=[item.bridge, item.answer])\nview.figure()"),
         ("md", "**Bridge-entity intervention**: remove the bridge's unembedding direction from the residual stream at "
                "one layer and see how much the answer's probability drops, beside random control tokens."),
-        ("code", "from patchlab.lens import bridge_intervention\n\ncorrect = gap.correct_items(prompts)[:4 if QUICK else 16]\n"
+        ("code", "from patchlab.methods.lens import bridge_intervention\n\ncorrect = gap.correct_items(prompts)[:4 if QUICK else 16]\n"
                  "iv = bridge_intervention(model, correct, layers=list(range(0, model.cfg.n_layers, 4 if QUICK else 2)))\niv.figure()"),
     ],
     "03_locate_heads": [
@@ -58,10 +58,10 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
                "logit(answer) − logit(wrong answer). Attribution patching screens all heads with one backward pass; "
                "exact patching verifies the best ones."),
         ("code", SETUP),
-        ("code", "from patchlab.evaluate import evaluate_gap\nfrom patchlab.locate import locate\n\ngap = evaluate_gap(model, prompts, progress=False)\n"
+        ("code", "from patchlab.methods.gap import evaluate_gap\nfrom patchlab.methods.locate import locate\n\ngap = evaluate_gap(model, prompts, progress=False)\n"
                  "failures = gap.failed_items(prompts)[:4 if QUICK else 12]\n"
                  "result = locate(model, failures, setup='guide', method='both', verify=10 if QUICK else 20)\nresult.heads(5)"),
-        ("code", "from patchlab.tables import locate_table\nfrom rich import print as rprint\n\nrprint(locate_table(result, 8).to_rich())"),
+        ("code", "from patchlab.results.tables import locate_table\nfrom rich import print as rprint\n\nrprint(locate_table(result, 8).to_rich())"),
         ("code", "result.figure()"),
         ("code", "# save it; `patchlab edit --heads-from DIR/result.json` reads it back\npaths = result.save('locate-out')\npaths"),
     ],
@@ -71,17 +71,17 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
                "correction, paraphrase, generalization and irrelevance metrics. Every edit can be reverted to "
                "bit-identical weights."),
         ("code", SETUP),
-        ("code", "from patchlab.evaluate import evaluate_gap\nfrom patchlab.locate import locate\nfrom patchlab.spec import parse_heads\n\n"
+        ("code", "from patchlab.methods.gap import evaluate_gap\nfrom patchlab.methods.locate import locate\nfrom patchlab.core.spec import parse_heads\n\n"
                  "gap = evaluate_gap(model, prompts, progress=False)\nfailures = gap.failed_items(prompts)\n"
                  "screen = locate(model, failures[:4], setup='guide', method='attribution', progress=False)\n"
                  "heads = parse_heads(','.join(screen.heads(2)), model.cfg.n_layers, model.cfg.n_heads)\nheads"),
-        ("code", "from patchlab.edit import EditConfig, edit_each\nfrom patchlab.editeval import evaluate_edits, kl_prompts\n\n"
+        ("code", "from patchlab.methods.edit import EditConfig, edit_each\nfrom patchlab.methods.editeval import evaluate_edits, kl_prompts\n\n"
                  "unrelated, exclude = kl_prompts(list(prompts), gap)\n"
                  "edits = edit_each(model, failures[:1 if QUICK else 10], heads, EditConfig(target='optimize'), unrelated=unrelated)\n"
                  "report = evaluate_edits(model, edits, list(prompts), gap, exclude=exclude)\nreport.summary['correction']"),
         ("code", "report.figure()"),
         ("md", "Apply one edit, look at the answer, and revert: the weights are bit-identical again."),
-        ("code", "import torch\nfrom patchlab.scoring import greedy_continuations\n\n(item,), edit, _ = edits[0]\n"
+        ("code", "import torch\nfrom patchlab.runtime.scoring import greedy_continuations\n\n(item,), edit, _ = edits[0]\n"
                  "before = {k: v.clone() for k, v in model.original_model.state_dict().items()}\n"
                  "print('before:', greedy_continuations(model, [item.composed])[0])\nwith edit.applied(model):\n"
                  "    print('edited:', greedy_continuations(model, [item.composed])[0], '| answer:', item.answer)\n"
@@ -94,10 +94,10 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
                "(mutual-information alignment), and a penalty on how much consecutive layers' outputs differ "
                "(stability). Here: plain fine-tuning vs CARMA on inverse dictionary modelling (definition → word), "
                "then accuracy and robustness to synonym substitution on held-out definitions."),
-        ("code", "import os\nfrom patchlab.models import load_model\nfrom patchlab import tasks\n\n"
+        ("code", "import os\nfrom patchlab.runtime.models import load_model\nfrom patchlab import tasks\n\n"
                  "QUICK = os.environ.get('PATCHLAB_NB_QUICK') == '1'\nmodel = load_model('smollm2-135m')\n"
                  "task = tasks.load('idm')\nprint(len(task.train), 'training pairs; e.g.', task.train[0].prompt, '->', task.train[0].answers[0])"),
-        ("code", "from patchlab.carma import CarmaConfig\nfrom patchlab.retune import restoring, retune\n\n"
+        ("code", "from patchlab.studies.carma import CarmaConfig\nfrom patchlab.studies.retune import restoring, retune\n\n"
                  "steps = 3 if QUICK else 24\nheld_out = task.test['held-out'][:20 if QUICK else None]\nruns = {}\n"
                  "for name, carma in [('plain', None), ('carma', CarmaConfig(lam=0.3, gamma=0.3, eta=0.2))]:\n"
                  "    with restoring(model):   # every weight is put back bit-exactly afterwards\n"

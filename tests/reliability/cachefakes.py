@@ -1,7 +1,7 @@
 """Fake offline models for test_cache_lock.py, in a module of their own so that child processes
 started with 'spawn' can import them (a test module's functions would re-import pytest fixtures).
 
-The fake build stands in for `patchlab.models._dequantize_into`: it appends to a marker file,
+The fake build stands in for `patchlab.runtime.models._dequantize_into`: it appends to a marker file,
 sleeps, then writes a small folder with a `patchlab-cache.json` of the right format.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 def install(key: str, marker: str | Path, sleep: float, monkeypatch=None) -> None:
     """Register offline model `key` and replace the de-quantizer with a slow fake (in this process)."""
-    from patchlab import models
-    from patchlab.io import atomic_write_json
+    from patchlab.runtime import models
+    from patchlab.core.io import atomic_write_json
 
     def find_gguf(_scratch: Path) -> Path:  # pragma: no cover - the fake build never looks
         raise AssertionError("the fake build does not read a GGUF file")
@@ -43,7 +43,7 @@ def child(cache: str, key: str, marker: str, sleep: float, barrier, results) -> 
     """Process body: install the fakes, wait for the others at `barrier`, then ensure_cached(key)."""
     os.environ["PATCHLAB_CACHE"] = cache
     install(key, marker, sleep)
-    from patchlab import models
+    from patchlab.runtime import models
 
     if barrier is not None:
         barrier.wait(timeout=120)

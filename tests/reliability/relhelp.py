@@ -69,7 +69,7 @@ class Shape:
 
 def serve_models(monkeypatch, table: dict) -> None:
     """`load_model(name)` returns table[name] (a session model or a stand-in); other names load for real."""
-    from patchlab import models
+    from patchlab.runtime import models
 
     real = models.load_model
 

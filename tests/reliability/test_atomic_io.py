@@ -1,4 +1,4 @@
-"""Faults for patchlab.io: a writer killed mid-write, a full disk, a failing block, file modes."""
+"""Faults for patchlab.core.io: a writer killed mid-write, a full disk, a failing block, file modes."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 
 from relhelp import HalfWrite, enospc
 
-from patchlab import io as pio
-from patchlab.io import TMP_PREFIX, atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, sweep_orphans
+from patchlab.core import io as pio
+from patchlab.core.io import TMP_PREFIX, atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, sweep_orphans
 
 OLD = b"old complete content\n" * 1000
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,7 +32,7 @@ def temps(folder: Path) -> list[Path]:
 WRITER = textwrap.dedent(
     """
     import sys
-    from patchlab.io import atomic_write_bytes
+    from patchlab.core.io import atomic_write_bytes
     data = b"N" * (200 * 1024 * 1024)
     print("ready", flush=True)
     while True:

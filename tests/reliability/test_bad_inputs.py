@@ -24,20 +24,20 @@ import pytest
 import torch
 from relhelp import ITEMS, Shape, assert_refused, cli, serve_models, write_set
 
-from patchlab import edit as E
-from patchlab import locate as L
-from patchlab.errors import PatchlabError
-from patchlab.evaluate import evaluate_gap
-from patchlab.io import json_bytes
-from patchlab.models import weights_hash
-from patchlab.prompts import PromptSet, TwoHopItem
-from patchlab.spec import Head
+from patchlab.methods import edit as E
+from patchlab.methods import locate as L
+from patchlab.core.errors import PatchlabError
+from patchlab.methods.gap import evaluate_gap
+from patchlab.core.io import json_bytes
+from patchlab.runtime.identity import weights_hash
+from patchlab.core.prompts import PromptSet, TwoHopItem
+from patchlab.core.spec import Head, HeadSet
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_pair(tiny, pid="t", clean="the capital of france is", corrupted="the capital of germany is"):
-    from patchlab.scoring import answer_token_id
+    from patchlab.runtime.scoring import answer_token_id
 
     enc = lambda s: tiny.to_tokens(s)[0].tolist()  # noqa: E731
     return L.PatchPair(pid, enc(clean), enc(corrupted), answer_token_id(tiny, "paris"), answer_token_id(tiny, "berlin"))
@@ -45,7 +45,7 @@ def tiny_pair(tiny, pid="t", clean="the capital of france is", corrupted="the ca
 
 def tiny_edit(tiny, heads=((1, 2),), seed=0, base=None) -> E.Edit:
     g = torch.Generator().manual_seed(seed)
-    hs = E.by_layer([Head(*h) for h in heads])
+    hs = HeadSet([Head(*h) for h in heads]).by_layer()
     deltas = {l: 0.1 * torch.randn(tiny.cfg.d_model, len(v) * tiny.cfg.d_head, generator=g) for l, v in hs.items()}
     return E.Edit("tiny", base or E.base_hash(tiny), hs, deltas, ["t-1"], {"target": "test"})
 
@@ -63,7 +63,7 @@ def env(tmp_path_factory, tiny, tiny_dir):
     from safetensors.torch import save_file
     from tiny import build_tiny_model
 
-    from patchlab.models import load_model
+    from patchlab.runtime.models import load_model
 
     d = tmp_path_factory.mktemp("battery")
     e = SimpleNamespace(tiny=str(tiny_dir), missing=str(d / "missing.json"))
@@ -241,7 +241,7 @@ def test_cli_refuses(name, env, tiny, tiny_dir, tmp_path, monkeypatch, capsys):
     args, needle = CLI_CASES[name]
     monkeypatch.setenv("PATCHLAB_QUIET", "1")
     serve_models(monkeypatch, {str(tiny_dir): tiny, "smollm2-135m": Shape()})
-    from patchlab import models
+    from patchlab.runtime import models
 
     monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)  # an offline machine, at once
     fill = vars(env)
@@ -295,7 +295,7 @@ CONFIG_CASES = {
     "opt_steps 2.5": ({"opt_steps": 2.5}, "opt_steps must be an integer >= 1"),
     "n_prefixes -1": ({"n_prefixes": -1}, "n_prefixes must be an integer >= 0"),
     "opt_prefixes -1": ({"opt_prefixes": -1}, "opt_prefixes must be an integer >= 0"),
-    "target magic": ({"target": "magic"}, "--target: target must be"),
+    "target magic": ({"target": "magic"}, "target: target must be"),
 }
 
 
@@ -379,7 +379,7 @@ def test_edit_file_round_trip_and_a_file_from_before_the_metadata_hash(tiny, env
 def test_locate_result_top_must_be_positive(tiny, env):
     result = L.LocateResult.from_json(env.loc)
     for top in (0, -1):
-        refused(lambda: result.heads(top), "--top must be >= 1")
+        refused(lambda: result.heads(top), "top: must be >= 1")
 
 
 @contextlib.contextmanager
@@ -402,7 +402,7 @@ def _vanishing_item() -> TwoHopItem:
 
 
 VANISH = {
-    "lens": lambda m, it: __import__("patchlab.lens", fromlist=["lens_items"]).lens_items(m, [it], progress=False),
+    "lens": lambda m, it: __import__("patchlab.methods.lens", fromlist=["lens_items"]).lens_items(m, [it], progress=False),
     "locate guide": lambda m, it: L.locate(m, [it], setup="guide", progress=False),
     "locate template": lambda m, it: L.template_pairs(m, [it, TwoHopItem.from_dict({**ITEMS[0], "id": "t-9"})]),
     "edit optimize": lambda m, it: E.compute_edit(m, [it], [Head(1, 2)], E.EditConfig(target="optimize", n_prefixes=0,
@@ -450,11 +450,11 @@ def test_clean_close_to_corrupted_is_flagged_for_every_method(tiny, tmp_path):
 
 def test_template_setup_without_pairs_is_a_clear_error(tiny):
     items = [TwoHopItem.from_dict(ITEMS[0])]  # no other item of its template
-    refused(lambda: L.locate(tiny, items, setup="template", progress=False), "--prompt-set: no prompt pairs to patch")
+    refused(lambda: L.locate(tiny, items, setup="template", progress=False), "prompt_set: no prompt pairs to patch")
 
 
 def test_unknown_model_names_fail_at_once(monkeypatch, tmp_path):
-    from patchlab import models
+    from patchlab.runtime import models
 
     monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
     for name in ("no-such-model-xyz", "smollm3-135m", "org/no..such--id", "bad name with spaces"):

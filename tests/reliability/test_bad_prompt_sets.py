@@ -1,6 +1,6 @@
 """Explicit bad (and odd-but-good) prompt sets: each error is one line naming file, line and field.
 
-tests/test_prompts.py covers the basic shapes (empty, blank, bad JSON, missing / wrongly typed field,
+tests/core/test_prompts.py covers the basic shapes (empty, blank, bad JSON, missing / wrongly typed field,
 duplicate id, array line, lone surrogate in `subject`, \\xff byte, BOM + CRLF with U+2028 in one
 field); these are the cases around them.
 """
@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from patchlab.errors import PatchlabError
-from patchlab.prompts import PromptSet
+from patchlab.core.errors import PatchlabError
+from patchlab.core.prompts import PromptSet
 
 ITEM = {
     "id": "t-1", "kind": "landmark>country>capital", "subject": "Eiffel Tower", "bridge": "France",

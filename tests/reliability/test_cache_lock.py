@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 import cachefakes
-from patchlab import models
-from patchlab.errors import PatchlabError
-from patchlab.io import TMP_PREFIX
+from patchlab.runtime import models
+from patchlab.core.errors import PatchlabError
+from patchlab.core.io import TMP_PREFIX
 
 CTX = multiprocessing.get_context("spawn")
 

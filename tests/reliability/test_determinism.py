@@ -10,15 +10,15 @@ import pytest
 import torch
 from relhelp import ITEMS
 
-from patchlab import edit as E
-from patchlab import lens as LN
-from patchlab import locate as L
-from patchlab.editeval import evaluate_edits
-from patchlab.evaluate import evaluate_gap
-from patchlab.models import weights_hash
-from patchlab.prompts import TwoHopItem
-from patchlab.results import provenance
-from patchlab.spec import Head
+from patchlab.methods import edit as E
+from patchlab.methods import lens as LN
+from patchlab.methods import locate as L
+from patchlab.methods.editeval import evaluate_edits
+from patchlab.methods.gap import evaluate_gap
+from patchlab.runtime.identity import weights_hash
+from patchlab.core.prompts import TwoHopItem
+from patchlab.runtime.identity import provenance
+from patchlab.core.spec import Head
 
 PROVENANCE = {"seed", "patchlab", "torch", "transformers", "transformer_lens", "python", "threads", "model", "dtype",
               "n_layers", "n_heads", "weights_sha256"}
@@ -35,7 +35,7 @@ def without_timing(obj):
 
 def tiny_pairs(tiny):
     enc = lambda s: tiny.to_tokens(s)[0].tolist()  # noqa: E731
-    from patchlab.scoring import answer_token_id
+    from patchlab.runtime.scoring import answer_token_id
 
     a, b = answer_token_id(tiny, "paris"), answer_token_id(tiny, "berlin")
     return [L.PatchPair("p1", enc("the capital of france is"), enc("the capital of germany is"), a, b),
@@ -104,18 +104,21 @@ def test_every_result_file_records_its_provenance(tiny, tiny_results, name):
 
 def test_the_weights_hash_is_computed_once_per_model(tiny, monkeypatch):
     calls = []
-    real = E.weights_hash
-    monkeypatch.setattr(E, "weights_hash", lambda m: calls.append(1) or real(m))
+    from patchlab.runtime import identity
+
+    real = identity.weights_hash
+    monkeypatch.setattr(identity, "weights_hash", lambda m: calls.append(1) or real(m))
     saved = getattr(tiny, "_patchlab_hash", None)
     tiny._patchlab_hash = None
     try:
         metas = [provenance(tiny) for _ in range(3)]
         assert len(calls) == 1 and {m["weights_sha256"] for m in metas} == {real(tiny)}
         edit = E.Edit("tiny", metas[0]["weights_sha256"], {1: [2]}, {1: torch.full((64, 16), 0.01)}, ["x"])
-        with edit.applied(tiny):  # while an edit is applied: the edited weights' hash, and which edit
+        with edit.applied(tiny):  # while an edit is applied: the edited weights' hash (computed afresh), and which edit
             meta = provenance(tiny)
         assert meta["weights_sha256"] != metas[0]["weights_sha256"] and meta["edits_applied"] == [["1.2"]]
-        assert provenance(tiny)["weights_sha256"] == metas[0]["weights_sha256"] and len(calls) == 1  # still cached
+        assert len(calls) == 2
+        assert provenance(tiny)["weights_sha256"] == metas[0]["weights_sha256"] and len(calls) == 2  # still cached
     finally:
         tiny._patchlab_hash = saved
 

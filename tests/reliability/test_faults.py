@@ -22,16 +22,16 @@ import pytest
 import torch
 from relhelp import HalfWrite, assert_refused, cli, diff, hook_inventory, serve_models, warm, write_set
 
-from patchlab import edit as E
-from patchlab import io as pio
-from patchlab import locate as L
-from patchlab.errors import PatchlabError
-from patchlab.evaluate import GapResult, evaluate_gap, summarize
-from patchlab.io import TMP_PREFIX, WriteError, atomic_dir, sweep_stale
-from patchlab.models import weights_hash
-from patchlab.prompts import PromptSet
-from patchlab.report import build_report
-from patchlab.spec import Head
+from patchlab.methods import edit as E
+from patchlab.core import io as pio
+from patchlab.methods import locate as L
+from patchlab.core.errors import PatchlabError
+from patchlab.methods.gap import GapResult, evaluate_gap, summarize
+from patchlab.core.io import TMP_PREFIX, WriteError, atomic_dir, sweep_stale
+from patchlab.runtime.identity import weights_hash
+from patchlab.core.prompts import PromptSet
+from patchlab.results.report import build_report
+from patchlab.core.spec import Head
 
 
 def temps(folder: Path) -> list[Path]:
@@ -320,7 +320,7 @@ def test_non_finite_activation_during_target_optimisation_names_the_step(tiny, p
                                                                           value, step):
     from relhelp import ITEMS
 
-    from patchlab.prompts import TwoHopItem
+    from patchlab.core.prompts import TwoHopItem
 
     monkeypatch.setenv("PATCHLAB_CACHE", str(tmp_path))
     before, hashed = poisoned("blocks.1.hook_resid_pre", Poison(value, start=step, grad_only=True))
@@ -335,7 +335,7 @@ def test_non_finite_activation_during_target_optimisation_names_the_step(tiny, p
 def test_non_finite_head_output_for_a_guide_target_is_refused(tiny, poisoned, tmp_path, monkeypatch, covariance, needle):
     from relhelp import ITEMS
 
-    from patchlab.prompts import TwoHopItem
+    from patchlab.core.prompts import TwoHopItem
 
     monkeypatch.setenv("PATCHLAB_CACHE", str(tmp_path))
     before, hashed = poisoned("blocks.1.attn.hook_z", Poison(float("nan")))
@@ -350,7 +350,7 @@ def test_non_finite_head_output_for_a_guide_target_is_refused(tiny, poisoned, tm
                                            ("both", float("inf"))])
 def test_patching_flags_an_item_with_non_finite_activations_and_stays_finite(tiny, poisoned, tmp_path, method, value):
     enc = lambda s: tiny.to_tokens(s)[0].tolist()  # noqa: E731
-    from patchlab.scoring import answer_token_id
+    from patchlab.runtime.scoring import answer_token_id
 
     a, b = answer_token_id(tiny, "paris"), answer_token_id(tiny, "berlin")
     good = [L.PatchPair("good-1", enc("the capital of france is"), enc("the capital of germany is"), a, b),

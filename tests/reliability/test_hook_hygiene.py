@@ -15,15 +15,16 @@ import pytest
 import torch
 from relhelp import ITEMS, diff, hook_inventory, warm
 
-from patchlab import edit as E
-from patchlab import lens as LN
-from patchlab import locate as L
-from patchlab import scoring as S
-from patchlab.editeval import evaluate_edits
-from patchlab.evaluate import evaluate_gap
-from patchlab.models import hf_module, weights_hash
-from patchlab.prompts import TwoHopItem
-from patchlab.spec import Head
+from patchlab.methods import edit as E
+from patchlab.methods import lens as LN
+from patchlab.methods import locate as L
+from patchlab.runtime import scoring as S
+from patchlab.methods.editeval import evaluate_edits
+from patchlab.methods.gap import evaluate_gap
+from patchlab.runtime.bridge import hf_module
+from patchlab.runtime.identity import weights_hash
+from patchlab.core.prompts import TwoHopItem
+from patchlab.core.spec import Head
 
 
 class Interrupter:
@@ -156,8 +157,10 @@ def test_the_inventory_sees_what_a_careless_call_would_leave(tiny):
     tiny.add_hook("blocks.0.hook_resid_pre", lambda act, hook: None)
     assert "('hookpoint', 'blocks.0.hook_in')" in [k for k, *_ in diff(before, hook_inventory(tiny))]  # resid_pre
     tiny.hook_dict["blocks.0.hook_resid_pre"].remove_hooks("both")
-    layers = L._decoder(tiny)[1]
-    with L._skipping(layers, 1):
+    from patchlab.runtime import trace
+
+    layers = trace._decoder(tiny)[1]
+    with trace._skipping(layers, 1):
         assert any("('module', 'blocks.0" in k for k, *_ in diff(before, hook_inventory(tiny)))
     p = next(tiny.parameters())
     p.requires_grad_(False)

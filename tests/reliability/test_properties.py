@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from patchlab.errors import PatchlabError
-from patchlab.prompts import OPTIONAL_LIST, REQUIRED, PromptSet, TwoHopItem
-from patchlab.spec import Head, parse_heads, parse_layers
+from patchlab.core.errors import PatchlabError
+from patchlab.core.prompts import OPTIONAL_LIST, REQUIRED, PromptSet, TwoHopItem
+from patchlab.core.spec import Head, parse_heads, parse_layers
 
 PROPS = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -266,7 +266,7 @@ def test_parse_heads_gives_valid_heads_or_one_line_error(spec, size):
     try:
         heads = parse_heads(spec, n_layers, n_heads)
     except PatchlabError as exc:
-        _check_error(exc, "--heads")
+        _check_error(exc, "heads")
         return
     except Exception as exc:  # pragma: no cover
         pytest.fail(f"{type(exc).__name__} escaped parse_heads({spec!r}): {exc!r}")
@@ -291,7 +291,7 @@ def test_parse_layers_gives_valid_layers_or_one_line_error(spec, n_layers):
     try:
         layers = parse_layers(spec, n_layers)
     except PatchlabError as exc:
-        _check_error(exc, "--layers")
+        _check_error(exc, "layers")
         return
     except Exception as exc:  # pragma: no cover
         pytest.fail(f"{type(exc).__name__} escaped parse_layers({spec!r}): {exc!r}")
@@ -323,7 +323,7 @@ def test_parse_layers_gives_valid_layers_or_one_line_error(spec, n_layers):
 def test_head_near_misses(spec, needle):
     with pytest.raises(PatchlabError, match=re.escape(needle)) as err:
         parse_heads(spec, 30, 9)
-    _check_error(err.value, "--heads")
+    _check_error(err.value, "heads")
 
 
 @pytest.mark.parametrize(
@@ -341,11 +341,11 @@ def test_layer_near_misses(spec, needle):
         return
     with pytest.raises(PatchlabError, match=re.escape(needle)) as err:
         parse_layers(spec, 30)
-    _check_error(err.value, "--layers")
+    _check_error(err.value, "layers")
 
 
 def test_layer_specs_that_are_fine():
     assert parse_layers(" all ", 4) == [0, 1, 2, 3]
     assert parse_layers("0-29:3", 30) == list(range(0, 30, 3))
     assert parse_layers("007, 3", 30) == [7, 3]
-    assert parse_heads(" 14.3 , 0.0 ", 30, 9) == [Head(14, 3), Head(0, 0)]
+    assert list(parse_heads(" 14.3 , 0.0 ", 30, 9)) == [Head(14, 3), Head(0, 0)]

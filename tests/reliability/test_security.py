@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from relhelp import ITEMS
 
-from patchlab import edit as E
-from patchlab import lens as LN
-from patchlab import locate as L
-from patchlab.editeval import evaluate_edits
-from patchlab.evaluate import evaluate_gap
-from patchlab.prompts import TwoHopItem
-from patchlab.report import build_report
-from patchlab.spec import Head
+from patchlab.methods import edit as E
+from patchlab.methods import lens as LN
+from patchlab.methods import locate as L
+from patchlab.methods.editeval import evaluate_edits
+from patchlab.methods.gap import evaluate_gap
+from patchlab.core.prompts import TwoHopItem
+from patchlab.results.report import build_report
+from patchlab.core.spec import Head
 
 PACKAGE = Path(__file__).resolve().parents[2] / "patchlab"
 EVIL = "</script><img src=x onerror=alert(1)>"
@@ -119,7 +119,7 @@ def pages(tiny, tmp_path_factory) -> dict[str, Path]:
     lens = LN.lens_items(tiny, items, gap=gap, extra=[EVIL_TITLE], progress=False)
     topk = LN.top_tokens(tiny, f"the capital of {EVIL}", track_words=[EVIL])
     enc = lambda s: tiny.to_tokens(s)[0].tolist()  # noqa: E731
-    from patchlab.scoring import answer_token_id
+    from patchlab.runtime.scoring import answer_token_id
 
     pair = L.PatchPair(items[0].id, enc("the capital of france is"), enc("the capital of germany is"),
                        answer_token_id(tiny, "paris"), answer_token_id(tiny, "berlin"), setup=EVIL_TITLE)

@@ -1,0 +1,1 @@
+"""Errors, atomic files, prompt sets, head specs, progress bars: imports nothing else of patchlab."""

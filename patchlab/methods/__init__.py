@@ -1,0 +1,1 @@
+"""The value chain, one file per step: gap, lens, locate, edit, editeval."""

@@ -1,0 +1,624 @@
+"""The rank-one head editor: CREME's update of the attention output projection, restricted to chosen heads.
+
+Notation for one layer L with chosen heads S (columns S of `o_proj.weight`, W: [d_model, n_heads*d_head]):
+  k   = the heads' concatenated output z at the last position of the composed query (mean over prefixes)
+  v*  = the target output of o_proj there: CREME's guide target W·z_guide (the same layer on the guide
+        prompt, bridge written in), or W·k + δ with δ optimised on the answer's log-probability
+  r   = v* − W·k
+  ΔW_S = R (K_Sᵀ C⁻¹ K_S + λ I)⁻¹ K_Sᵀ C⁻¹      (only columns S change; K_S: [|S|·d_head, n])
+For one item and λ = 0 this is ROME's ΔW_S = r (C⁻¹k_S)ᵀ / (k_Sᵀ C⁻¹ k_S), so W'k = v* exactly; with
+C = I and every head of the layer selected it is CREME's layer edit; with many items it is MEMIT's
+least-squares batch edit. Layers are edited in ascending order, each computed with the earlier
+layers' edits in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from patchlab.core.errors import PatchlabError
+from patchlab.core.io import atomic_write_bytes
+from patchlab.runtime.models import cache_root
+from patchlab.runtime.bridge import model_name
+from patchlab.runtime.identity import applied_edits, base_hash, weights_hash
+from patchlab.core.prompts import TwoHopItem
+from patchlab.runtime.scoring import answer_token_id, encode, length_batches, pad_id, pad_right
+from patchlab.core.spec import Head, HeadSet, columns
+from patchlab.runtime import sites
+from patchlab.runtime.trace import frozen, run_from_layer, trace
+
+FORMAT = "patchlab-edit/1"
+
+
+# --- where the weights are ---------------------------------------------------------------------
+
+
+def o_proj(model, layer: int) -> torch.nn.Linear:
+    """The attention output projection of `layer` (the real HF Linear under the bridge)."""
+    o = model.blocks[layer].attn.o
+    return getattr(o, "original_component", o)
+
+
+def head_columns(model, heads: Sequence[int]) -> torch.Tensor:
+    """Column indices of `o_proj.weight` that belong to `heads` of one layer (see `core.spec.columns`)."""
+    return columns(heads, model.cfg.d_head)
+
+
+def check_editable(model, layers: Sequence[int] | None = None) -> None:
+    """Refuse quantised or offloaded weights: an edit adds a float update to W_O in place, which packed integer
+    storage cannot hold (and re-quantising would not revert bit-exactly) and a meta placeholder does not have."""
+    hf = getattr(model, "original_model", None)
+    quant = getattr(getattr(hf, "config", None), "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+        raise PatchlabError(f"the model's weights are quantised ({method or 'quantization_config'}): an edit adds a "
+                            "float update to W_O that quantised storage cannot hold; load a float32 or bfloat16 "
+                            "checkpoint")
+    for layer in range(model.cfg.n_layers) if layers is None else layers:
+        w = o_proj(model, layer).weight
+        if not w.is_floating_point() or w.element_size() < 2:
+            raise PatchlabError(f"W_O of layer {layer} is stored as {w.dtype} (quantised): an edit needs float16, "
+                                "bfloat16 or float32 weights")
+        if w.device.type == "meta":
+            raise PatchlabError(f"W_O of layer {layer} is offloaded (on the meta device): an edit needs it resident")
+
+
+def _fingerprint(t: Tensor) -> tuple[float, float]:
+    """(sum, sum of squares) of a tensor where it lives, without a copy of it for float32 (chunked otherwise)."""
+    v = t.detach().reshape(-1)
+    if v.dtype == torch.float32:
+        return v.sum().item(), torch.dot(v, v).item()
+    if not v.is_floating_point():
+        v = v.view(torch.uint8)
+    buf = torch.empty(min(v.numel(), 1 << 20), dtype=torch.float32, device=v.device)
+    total = squares = 0.0
+    for start in range(0, v.numel(), buf.numel()):
+        part = buf[: min(buf.numel(), v.numel() - start)]
+        part.copy_(v[start : start + part.numel()])
+        total, squares = total + part.sum().item(), squares + torch.dot(part, part).item()
+    return total, squares
+
+
+def _fingerprints(model, skip: set[int]) -> dict[str, tuple[float, float]]:
+    """A cheap fingerprint of every parameter except those whose id is in `skip` (checked with column sums)."""
+    seen, out = set(skip), {}
+    for name, p in model.original_model.named_parameters():
+        if id(p) not in seen and p.device.type != "meta":
+            seen.add(id(p))
+            out[name.replace("._original_component", "")] = _fingerprint(p)
+    return out
+
+
+def _column_sums(w: Tensor) -> Tensor:
+    """Per-column sums and norms of W_O (float32, on its device): they show a change outside the edited columns."""
+    return torch.stack([w.detach().sum(0, dtype=torch.float32), torch.linalg.vector_norm(w.detach().float(), dim=0)])
+
+
+def prefixes(n: int) -> list[str]:
+    """The empty prefix plus `n` short neutral context prefixes shipped with patchlab."""
+    text = (resources.files("patchlab") / "data" / "prefixes.txt").read_text(encoding="utf-8")
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    return [""] + lines[:n]
+
+
+def with_prefixes(prompt: str, pre: Sequence[str]) -> list[str]:
+    return [f"{p} {prompt}" if p else prompt for p in pre]
+
+
+# --- reading z at the last position -----------------------------------------------------------
+
+
+def last_z(model, prompts: Sequence[str], layers: Sequence[int], batch_size: int = 64) -> dict[int, Tensor]:
+    """Each layer's concatenated head outputs z at each prompt's last token: {layer: [n, n_heads*d_head]}."""
+    seqs = [encode(model, p, where=f"prompt[{i}]") for i, p in enumerate(prompts)]
+    out = {l: torch.zeros(len(seqs), model.cfg.n_heads * model.cfg.d_head) for l in layers}
+    stop = max(layers) + 1
+    for rows in length_batches([len(s) for s in seqs], batch_size):
+        tokens, lengths = pad_right([seqs[i] for i in rows], pad_id(model))
+        with torch.inference_mode():
+            t = trace(model, tokens, [sites.z(l) for l in layers], at="last", lengths=lengths, to_cpu=True,
+                      stop_at_layer=stop if stop < model.cfg.n_layers else None)
+        for l in layers:
+            out[l][rows] = t[sites.z(l)].reshape(len(rows), -1)
+    return out
+
+
+# --- covariance of z (ROME's C) ------------------------------------------------------------------
+
+
+def covariance(model, layer: int, max_tokens: int = 4000) -> Float[Tensor, "d d"]:
+    """Second moment E[z zᵀ] of a layer's head outputs over patchlab's neutral corpus, cached per model."""
+    key = f"{model_name(model).replace('/', '_')}-{_weights_key(model)[:16]}"
+    path = cache_root() / "covariance" / key / f"layer{layer}.pt"
+    width = model.cfg.n_heads * model.cfg.d_head
+    if path.is_file():
+        try:
+            cached = torch.load(path, weights_only=True)
+            if isinstance(cached, Tensor) and tuple(cached.shape) == (width, width):
+                return cached
+        except Exception:  # noqa: BLE001 - an unreadable cache entry is recomputed and replaced
+            pass
+    text = (resources.files("patchlab") / "data" / "corpus.txt").read_text(encoding="utf-8")
+    sentences = [l for l in text.splitlines() if l.strip()]
+    acc, count = None, 0
+    for rows in length_batches([len(s) for s in sentences], 32):
+        seqs = [encode(model, sentences[i]) for i in rows]
+        tokens, lengths = pad_right(seqs, pad_id(model))
+        with torch.inference_mode():
+            got = trace(model, tokens, [sites.z(layer)], stop_at_layer=layer + 1)[sites.z(layer)]
+        z = got.reshape(*got.shape[:2], -1).float().cpu()
+        real = torch.arange(tokens.shape[1])[None] < lengths[:, None]
+        z = z[real]
+        acc = z.T @ z if acc is None else acc + z.T @ z
+        count += z.shape[0]
+        if count >= max_tokens:
+            break
+    cov = acc / count
+    if not torch.isfinite(cov).all():  # never cache it: every later edit of this layer would inherit it
+        raise PatchlabError(f"non-finite head outputs (NaN or inf) at layer {layer} while computing their covariance")
+    atomic_write_bytes(path, _torch_bytes(cov))
+    return cov
+
+
+def _weights_key(model) -> str:
+    """The cached hash of the model's base weights, or of its current weights while an edit is applied."""
+    return weights_hash(model) if applied_edits(model) else base_hash(model)
+
+
+def _torch_bytes(t: Tensor) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    return buf.getvalue()
+
+
+# --- the update ------------------------------------------------------------------------------------
+
+
+def solve_delta(
+    R: Float[Tensor, "d_model n"], K: Float[Tensor, "s n"], C: Float[Tensor, "s s"] | None, ridge: float = 0.0
+) -> Float[Tensor, "d_model s"]:
+    """ΔW_S = R (Kᵀ C⁻¹ K + λI)⁻¹ Kᵀ C⁻¹: the minimum C-norm change with ΔW_S K = R (λ = 0)."""
+    R, K = R.double(), K.double()
+    CinvK = K if C is None else torch.linalg.solve(C.double(), K)
+    gram = K.T @ CinvK
+    gram = gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype) * gram.diagonal().mean()
+    return (R @ torch.linalg.solve(gram, CinvK.T)).float()
+
+
+@dataclass
+class EditConfig:
+    """How an edit is computed."""
+
+    target: str = "guide"  # guide | optimize
+    covariance: bool = True  # ROME's C over the heads' z (else C = I, CREME's code)
+    cov_ridge: float = 0.01  # C + ridge·mean(diag C)·I
+    n_prefixes: int = 20
+    batch_ridge: float = 0.0  # λ of the batch (MEMIT-style) solve, relative to the Gram diagonal
+    opt_steps: int = 25
+    opt_lr: float = 0.5
+    opt_prefixes: int = 6
+    kl_weight: float = 1.0
+    norm_weight: float = 0.05
+    target_prob: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.target not in ("guide", "optimize"):
+            raise PatchlabError(f"target must be 'guide' or 'optimize', got '{self.target}'", param="target")
+        for name in ("cov_ridge", "batch_ridge", "opt_lr", "kl_weight", "norm_weight"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v == v and abs(v) != float("inf") and v >= 0):
+                raise PatchlabError(f"{name} must be a finite number >= 0, got {v}")
+        if not (isinstance(self.target_prob, (int, float)) and 0 < self.target_prob <= 1):
+            raise PatchlabError(f"target_prob must be in (0, 1], got {self.target_prob}")
+        for name, least in (("opt_steps", 1), ("n_prefixes", 0), ("opt_prefixes", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                raise PatchlabError(f"{name} must be an integer >= {least}, got {v!r}")
+
+
+def _regularised(C: Tensor, ridge: float) -> Tensor:
+    return C + ridge * C.diagonal().mean() * torch.eye(C.shape[0])
+
+
+@dataclass
+class Edit:
+    """Head-restricted deltas of W_O for one or more layers, with what they apply to.
+
+    `deltas[L]` is the change of the o_proj columns of `heads[L]` ([d_model, len(heads)*d_head]).
+    Apply / revert restore the exact original columns (bit-identical), never by subtraction.
+    """
+
+    model: str
+    weights_sha256: str
+    heads: dict[int, list[int]]
+    deltas: dict[int, Tensor]
+    item_ids: list[str]
+    method: dict[str, Any] = field(default_factory=dict)
+    _saved: dict[int, Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def head_set(self) -> HeadSet:
+        return HeadSet.from_by_layer(self.heads)
+
+    @property
+    def head_list(self) -> list[str]:
+        return [str(h) for h in self.head_set]
+
+    def _check(self, model, verify_hash: bool) -> None:
+        n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+        if not self.heads or set(self.heads) != set(self.deltas):
+            raise PatchlabError(f"edit's deltas (layers {sorted(self.deltas)}) do not match its heads "
+                                f"(layers {sorted(self.heads)})")
+        for layer, hs in self.heads.items():
+            # check the numbers before indexing with them: -1 would wrap around to the last layer / head
+            if (not _index(layer, n_layers) or not hs or not all(_index(h, n_heads) for h in hs)
+                    or len(set(hs)) != len(hs)):
+                raise PatchlabError(f"edit does not fit this model (layer {layer}, heads {hs}; the model has layers "
+                                    f"0..{n_layers - 1} and heads 0..{n_heads - 1})")
+            delta, w = self.deltas[layer], o_proj(model, layer).weight
+            want = (w.shape[0], len(hs) * model.cfg.d_head)
+            shape = tuple(delta.shape) if torch.is_tensor(delta) else type(delta).__name__
+            if shape != want or not delta.is_floating_point():
+                raise PatchlabError(f"edit does not fit this model (layer {layer}, heads {hs}, delta "
+                                    f"{shape} {getattr(delta, 'dtype', '')} vs {want})")
+            if not torch.isfinite(delta).all():
+                raise PatchlabError(f"edit has a non-finite delta at layer {layer}")
+        if verify_hash:
+            have = base_hash(model)
+            if have != self.weights_sha256:
+                raise PatchlabError(f"edit was made for weights {self.weights_sha256[:12]}… ('{self.model}'); "
+                                    f"this model's weights are {have[:12]}…")
+
+    def apply(self, model, verify_hash: bool = True) -> Edit:
+        """Add the deltas to the model's W_O columns (refuses a model with other weights, or a second apply).
+
+        Each update is built on the device and in the dtype of its own W_O (a split model's W_O never moves);
+        afterwards every other parameter, and W_O outside the edited columns, must be unchanged."""
+        if self._saved:
+            raise PatchlabError("edit is already applied")
+        self._check(model, verify_hash)
+        check_editable(model, list(self.heads))
+        weights = {layer: o_proj(model, layer).weight for layer in self.heads}
+        others, columns = _fingerprints(model, {id(w) for w in weights.values()}), {}
+        with torch.no_grad():
+            for layer, hs in self.heads.items():
+                w = weights[layer]
+                cols = head_columns(model, hs).to(w.device)
+                columns[layer] = (cols, _column_sums(w))
+                self._saved[layer] = w[:, cols].clone()
+                w[:, cols] = _updated(self._saved[layer], self.deltas[layer])
+            moved = _moved(model, others, weights, columns)
+        if moved:
+            self._restore(model)
+            raise PatchlabError(f"applying the edit changed {moved}, not only the edited W_O columns; the edit was "
+                                "taken back, but that parameter may stay changed: reload the model")
+        applied_edits(model).append(self)
+        return self
+
+    def _restore(self, model) -> None:
+        """Write the saved original columns back (bit-identical) and forget them."""
+        with torch.no_grad():
+            for layer, hs in self.heads.items():
+                if layer in self._saved:
+                    w = o_proj(model, layer).weight
+                    w[:, head_columns(model, hs).to(w.device)] = self._saved[layer]
+        self._saved.clear()
+
+    def revert(self, model) -> None:
+        """Put back the exact original columns."""
+        if not self._saved:
+            raise PatchlabError("edit is not applied")
+        stack = applied_edits(model)
+        if stack and stack[-1] is not self:
+            raise PatchlabError("revert edits in the reverse order of applying them")
+        self._restore(model)
+        stack.pop()
+
+    @contextlib.contextmanager
+    def applied(self, model, verify_hash: bool = True) -> Iterator[Edit]:
+        """`with edit.applied(model): ...` — the edit is reverted however the block exits."""
+        self.apply(model, verify_hash)
+        try:
+            yield self
+        finally:
+            self.revert(model)
+
+    # --- files: safetensors + JSON metadata, tensors hashed against tampering ---
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {f"layer.{l}.delta": d.contiguous().float() for l, d in self.deltas.items()}
+
+    def metadata(self) -> dict[str, str]:
+        """The edit's identity as file metadata (format, model, weights hash, heads, items, method)."""
+        return {"format": FORMAT, "model": self.model, "weights_sha256": self.weights_sha256,
+                "heads": json.dumps({str(k): v for k, v in self.heads.items()}), "item_ids": json.dumps(self.item_ids),
+                "method": json.dumps(self.method)}
+
+    def save(self, path: str | Path) -> Path:
+        return write_signed(path, self.tensors(), self.metadata())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Edit:
+        """Read an edit file; refuses a tampered, truncated or foreign file with one line naming it."""
+        meta, tensors = read_signed(path, FORMAT, "edit")
+        return cls.from_file(meta, tensors, str(path))
+
+    @classmethod
+    def from_file(cls, meta: dict[str, str], tensors: dict[str, Tensor], where: str) -> Edit:
+        """Rebuild an edit from verified file contents (`read_signed`); refuses missing fields and non-finite deltas."""
+        try:
+            heads = {int(k): [int(h) for h in v] for k, v in json.loads(meta["heads"]).items()}
+            deltas = {l: tensors[f"layer.{l}.delta"] for l in heads}
+            edit = cls(meta["model"], meta["weights_sha256"], heads, deltas, json.loads(meta["item_ids"]),
+                       json.loads(meta["method"]))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise PatchlabError(f"edit metadata is incomplete ({exc})", where=where) from None
+        bad = [l for l, d in deltas.items() if not d.is_floating_point() or not torch.isfinite(d).all()]
+        if bad:
+            raise PatchlabError(f"edit has a non-finite (or non-float) delta at layer {bad[0]}", where=where)
+        return edit
+
+
+def _updated(saved: Tensor, delta: Tensor) -> Tensor:
+    """The edited columns: saved + delta, added in float32 on the columns' own device, stored in their dtype."""
+    return (saved.float() + delta.to(device=saved.device, dtype=torch.float32)).to(saved.dtype)
+
+
+def _moved(model, others: dict[str, tuple[float, float]], weights: dict[int, Tensor],
+           columns: dict[int, tuple[Tensor, Tensor]]) -> str | None:
+    """The first parameter (or W_O outside the edited columns) whose fingerprint changed, else None."""
+    after = _fingerprints(model, {id(w) for w in weights.values()})
+    for name, value in others.items():
+        if after.get(name) != value:
+            return f"parameter '{name}'"
+    for layer, (cols, before) in columns.items():
+        keep = torch.ones(before.shape[1], dtype=torch.bool, device=before.device)
+        keep[cols] = False
+        if not torch.equal(_column_sums(weights[layer])[:, keep], before[:, keep]):
+            return f"W_O of layer {layer} outside the edited heads' columns"
+    return None
+
+
+def write_signed(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> Path:
+    """Write tensors + metadata as one safetensors file (atomically), sealed by a sha256 of the tensors and of
+    the metadata: safetensors itself notices neither a flipped data byte nor an edited header."""
+    from safetensors.torch import save
+
+    meta = {**meta, "tensors_sha256": tensors_hash(tensors)}
+    meta["meta_sha256"] = meta_hash(meta)
+    return atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def read_signed(path: str | Path, fmt: str, what: str) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """Read a `write_signed` file of format `fmt`; a damaged, foreign or tampered file is one line naming it."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise PatchlabError(f"not a readable {what} file ({type(exc).__name__}: {str(exc)[:120]})".replace("\n", " "),
+                            where=str(path)) from None
+    if meta.get("format") != fmt:
+        raise PatchlabError(f"not a patchlab {what} file (format {meta.get('format')!r})", where=str(path))
+    if tensors_hash(tensors) != meta.get("tensors_sha256"):
+        raise PatchlabError(f"{what} tensors do not match their recorded sha256 (file changed after saving)",
+                            where=str(path))
+    if "meta_sha256" in meta and meta_hash(meta) != meta["meta_sha256"]:  # files before it have none
+        raise PatchlabError(f"{what} metadata does not match its recorded sha256 (file changed after saving)",
+                            where=str(path))
+    return meta, tensors
+
+
+def _index(value: Any, size: int) -> bool:
+    """A valid 0-based index below `size` (an int, not a bool, never negative)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < size
+
+
+def meta_hash(meta: dict[str, str]) -> str:
+    """sha256 over an edit file's metadata (all but this hash): heads, model, weights hash, tensors hash."""
+    h = hashlib.sha256()
+    for key in sorted(k for k in meta if k != "meta_sha256"):
+        h.update(json.dumps([key, meta[key]]).encode())
+    return h.hexdigest()
+
+
+def tensors_hash(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# --- targets ------------------------------------------------------------------------------------------
+
+
+def _mean_last_z(model, prompts_per_item: list[list[str]], layer: int) -> Tensor:
+    flat = [p for ps in prompts_per_item for p in ps]
+    z = last_z(model, flat, [layer])[layer]
+    n = len(prompts_per_item[0])
+    return z.view(len(prompts_per_item), n, -1).mean(1)  # [items, H*dh]
+
+
+def optimize_delta(model, item: TwoHopItem, layer: int, k_full: Tensor, cfg: EditConfig, pre: Sequence[str],
+                   unrelated: Sequence[str] = (), key_S: Tensor | None = None, cols: Tensor | None = None,
+                   C_inv: Tensor | None = None) -> Tensor:
+    """δ added to o_proj's output at the last position that makes the answer likely (ROME-style).
+
+    Loss = −log p(answer) over prefixed composed queries + kl_weight · KL on unrelated prompts where δ is
+    added at every position in proportion to how strongly the edit would fire there (its key
+    similarity) + norm_weight · ‖δ‖²/‖W k‖².
+    """
+    W = o_proj(model, layer).weight
+    answer = answer_token_id(model, item.answer, where=f"{item.id}: answer")
+    prompts = with_prefixes(item.composed, pre)
+    seqs = [encode(model, p) for p in prompts]
+    tokens, lengths = pad_right(seqs, pad_id(model))
+    resid = _resid_at(model, tokens, layer)
+    scale = (W.float() @ k_full).norm().item()
+    delta = torch.zeros(W.shape[0], requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.opt_lr * scale / (W.shape[0] ** 0.5))
+    rows = torch.arange(len(seqs))
+    un = _unrelated_setup(model, unrelated, layer, key_S, cols, C_inv) if unrelated and cfg.kl_weight > 0 else None
+    with frozen(model):
+        _descend(model, layer, delta, opt, resid, rows, lengths, answer, scale, un, cfg)
+    return delta.detach()
+
+
+def _descend(model, layer, delta, opt, resid, rows, lengths, answer, scale, un, cfg) -> None:
+    for step in range(cfg.opt_steps):
+        def add(act, hook):
+            out = act.clone()
+            out[rows, lengths - 1] = out[rows, lengths - 1] + delta.to(act.dtype)
+            return out
+
+        with torch.enable_grad():
+            logits = run_from_layer(model, resid, layer, lengths - 1, patch=[(sites.o_out(layer), add)])
+            logp = torch.log_softmax(logits.float(), -1)[:, answer]
+        loss = -logp.mean() + cfg.norm_weight * (delta.norm() / scale) ** 2
+        if un is not None:
+            with torch.enable_grad():
+                loss = loss + cfg.kl_weight * _kl_preview(model, un, layer, delta)
+        if logp.exp().min().item() >= cfg.target_prob:
+            break
+        if not torch.isfinite(loss):
+            raise PatchlabError(f"target optimisation: non-finite loss at step {step}")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _resid_at(model, tokens: Tensor, layer: int) -> Tensor:
+    with torch.inference_mode():
+        got = trace(model, tokens, [sites.resid_pre(layer)], stop_at_layer=layer + 1)[sites.resid_pre(layer)]
+    return got.clone()  # out of inference mode: usable under autograd
+
+
+def _unrelated_setup(model, prompts, layer, key_S, cols, C_inv) -> dict[str, Tensor]:
+    """For the KL preview: resid at `layer`, the original last-position log-probs, and how strongly the
+    edit fires at every position (α = z_Sᵀ C⁻¹ k_S / k_Sᵀ C⁻¹ k_S)."""
+    seqs = [encode(model, p) for p in prompts]
+    tokens, lengths = pad_right(seqs, pad_id(model))
+    with torch.inference_mode():
+        t = trace(model, tokens, [sites.resid_pre(layer), sites.z(layer)], stop_at_layer=layer + 1)
+    got = {"r": t[sites.resid_pre(layer)].clone(), "z": t[sites.z(layer)].clone()}  # usable under autograd
+    z = got["z"].reshape(*got["z"].shape[:2], -1)[..., cols].float()
+    u = key_S if C_inv is None else C_inv @ key_S
+    alpha = (z @ u) / (key_S @ u)
+    alpha = alpha * (torch.arange(tokens.shape[1])[None] < lengths[:, None])
+    with torch.inference_mode():
+        base = torch.log_softmax(run_from_layer(model, got["r"], layer, lengths - 1).float(), -1)
+    return {"resid": got["r"], "lengths": lengths, "alpha": alpha, "base": base}
+
+
+def _kl_preview(model, un: dict[str, Tensor], layer: int, delta: Tensor) -> Tensor:
+    def add(act, hook):
+        return act + un["alpha"][..., None].to(act.dtype) * delta.to(act.dtype)
+
+    logits = run_from_layer(model, un["resid"], layer, un["lengths"] - 1, patch=[(sites.o_out(layer), add)])
+    logp = torch.log_softmax(logits.float(), -1)
+    return (un["base"].exp() * (un["base"] - logp)).sum(-1).mean()
+
+
+# --- computing an edit -------------------------------------------------------------------------------
+
+
+def compute_edit(
+    model,
+    items: Sequence[TwoHopItem],
+    heads: Sequence[Head],
+    cfg: EditConfig | None = None,
+    unrelated: Sequence[str] = (),
+) -> Edit:
+    """Compute the head-restricted edit that makes the chosen heads output their targets on `items`.
+
+    One item: a rank-one edit per layer. Several items: one least-squares update per layer (batch).
+    """
+    cfg = cfg or EditConfig()
+    if not items:
+        raise PatchlabError("no items to edit")
+    if not heads:
+        raise PatchlabError("no heads to edit", param="heads")
+    base = base_hash(model)
+    pre = prefixes(cfg.n_prefixes)
+    for it in items:  # refuse a prompt too long for the model now, naming it, before any work
+        for name in ("composed", "hop2"):
+            for p in with_prefixes(getattr(it, name), pre):
+                encode(model, p, where=f"{it.id}: {name}" + (" (with a context prefix)" if p != getattr(it, name) else ""))
+    layer_heads = HeadSet(heads, model.cfg.n_layers, model.cfg.n_heads).by_layer()
+    # ROME / MEMIT's C: statistics of the unedited model, read before any layer's edit is staged
+    covs = {layer: covariance(model, layer) for layer in layer_heads} if cfg.covariance else {}
+    deltas: dict[int, Tensor] = {}
+    staged: list[Edit] = []
+    try:
+        for layer, hs in layer_heads.items():
+            deltas[layer] = _layer_delta(model, items, layer, hs, cfg, pre, unrelated, covs.get(layer))
+            step = Edit(model_name(model), base, {layer: hs}, {layer: deltas[layer]}, [])
+            staged.append(step.apply(model, verify_hash=False))  # later layers see this one
+    finally:
+        for step in reversed(staged):
+            step.revert(model)
+    method = {"target": cfg.target, "covariance": cfg.covariance, "n_prefixes": cfg.n_prefixes,
+              "batch": len(items) > 1, "config": cfg.__dict__}
+    return Edit(model_name(model), base, layer_heads, deltas, [it.id for it in items], method)
+
+
+def _layer_delta(model, items, layer: int, hs: list[int], cfg: EditConfig, pre, unrelated,
+                 cov: Tensor | None = None) -> Tensor:
+    W = o_proj(model, layer).weight.detach().float().cpu()
+    cols = head_columns(model, hs)
+    K = _mean_last_z(model, [with_prefixes(it.composed, pre) for it in items], layer)  # [n, H*dh]
+    C = _regularised(cov[cols][:, cols], cfg.cov_ridge) if cov is not None else None
+    if cfg.target == "guide":
+        V = _mean_last_z(model, [with_prefixes(it.hop2, pre) for it in items], layer) @ W.T
+    else:
+        C_inv = torch.linalg.inv(C) if C is not None else None
+        opt_pre = pre[: cfg.opt_prefixes + 1]
+        V = torch.stack([
+            W @ K[i] + optimize_delta(model, it, layer, K[i], cfg, opt_pre, unrelated, K[i, cols], cols, C_inv)
+            for i, it in enumerate(items)
+        ])
+    if not (torch.isfinite(K).all() and torch.isfinite(V).all()):
+        raise PatchlabError(f"non-finite head outputs or targets (NaN or inf) at layer {layer}")
+    R = (V - K @ W.T).T  # [d_model, n]
+    return solve_delta(R, K[:, cols].T, C, cfg.batch_ridge)
+
+
+class ComputedEdit(NamedTuple):
+    """One computed edit: the items it was made for, the edit, and the seconds it took."""
+
+    items: list[TwoHopItem]
+    edit: Edit
+    seconds: float
+
+
+def edit_each(model, items: Sequence[TwoHopItem], heads: Sequence[Head], cfg: EditConfig | None = None,
+              batch: bool = False, unrelated: Sequence[str] = (), progress: bool = True) -> list[ComputedEdit]:
+    """One edit per item (or one batch edit for all), each with the seconds it took to compute."""
+    import time
+
+    from patchlab.core.progress import track
+
+    groups = [list(items)] if batch else [[it] for it in items]
+    out = []
+    for group in track(groups, "computing edits" if progress else None):
+        start = time.perf_counter()
+        edit = compute_edit(model, group, heads, cfg, unrelated)
+        out.append(ComputedEdit(group, edit, time.perf_counter() - start))
+    return out

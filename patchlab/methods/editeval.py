@@ -1,0 +1,226 @@
+"""Edit metrics (CREME's): event rate and relative probability increase on four test sets.
+
+For an edited item:
+  correction      its composed query
+  paraphrase      its paraphrases
+  generalization  composed queries of other items with the same subject (another second hop)
+  irrelevance     composed queries of other items the model answered right before (must stay right)
+  facts           single-hop facts (hop2 prompts of other items) answered right before (must stay right)
+Event rate = share of queries whose greedy continuation contains the answer. C = mean of
+(p_after − p_before) / p_before of the answer's first token. `beats_wrong` = share of queries whose
+answer ends up more probable than the query's original top token (its wrong answer, where it was wrong).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from patchlab.methods.edit import Edit
+from patchlab.runtime.bridge import model_name
+from patchlab.core.progress import track
+from patchlab.core.prompts import TwoHopItem
+from patchlab.results.base import Result
+from patchlab.runtime.identity import provenance
+from patchlab.runtime.scoring import answer_token_id, correct, last_logits
+from patchlab.runtime.shards import shard_task
+from patchlab.core.errors import PatchlabError
+
+SETS = ("correction", "paraphrase", "generalization", "irrelevance", "facts")
+
+
+@dataclass(frozen=True)
+class Query:
+    prompt: str
+    answers: tuple[str, ...]
+
+
+def test_sets(item: TwoHopItem, pool: Sequence[TwoHopItem], right_composed: set[str], right_hop2: set[str],
+              n_irrelevant: int = 30, seed: int = 0, exclude: set[str] = frozenset()) -> dict[str, list[Query]]:
+    """The five test sets of one edited item (irrelevance and facts: a seeded sample of other items,
+    never one in `exclude` — the prompts an edit's KL term saw)."""
+    rng = random.Random(seed)
+    others = [it for it in pool if it.id != item.id and it.id not in exclude]
+    irrelevant = [it for it in others if it.id in right_composed and it.subject != item.subject]
+    facts = [it for it in others if it.id in right_hop2 and it.bridge != item.bridge]
+    return {
+        "correction": [Query(item.composed, item.answers)],
+        "paraphrase": [Query(p, item.answers) for p in item.paraphrases],
+        "generalization": [Query(it.composed, it.answers) for it in others if it.subject == item.subject],
+        "irrelevance": [Query(it.composed, it.answers) for it in rng.sample(irrelevant, min(n_irrelevant, len(irrelevant)))],
+        "facts": [Query(it.hop2, it.answers) for it in rng.sample(facts, min(n_irrelevant, len(facts)))],
+    }
+
+
+def measure(model, queries: Sequence[Query]) -> list[dict[str, Any]]:
+    """Greedy correctness, the answer's first-token probability and the top token of every query."""
+    if not queries:
+        return []
+    ok, conts = correct(model, [q.prompt for q in queries], [q.answers for q in queries])
+    probs = torch.softmax(last_logits(model, [q.prompt for q in queries]), -1)
+    out = []
+    for q, o, c, p in zip(queries, ok, conts, probs):
+        a = answer_token_id(model, q.answers[0])
+        out.append({"correct": o, "text": c, "p": p[a].item(), "top": int(p.argmax()), "p_all": p})
+    return out
+
+
+def measure_before(model, queries: Sequence[Query], cache: dict[Query, dict[str, Any]]) -> list[dict[str, Any]]:
+    """`measure` on the unedited model, each query measured once across all edits (test sets overlap)."""
+    todo = list(dict.fromkeys(q for q in queries if q not in cache))
+    cache.update((q, {k: v for k, v in m.items() if k != "p_all"}) for q, m in zip(todo, measure(model, todo)))
+    return [cache[q] for q in queries]
+
+
+def _summarise(before: list[dict], after: list[dict]) -> dict[str, Any]:
+    if not before:
+        return {"n": 0, "before": None, "after": None, "C": None, "beats_wrong": None}
+    rel = [(a["p"] - b["p"]) / max(b["p"], 1e-12) for b, a in zip(before, after)]
+    return {"n": len(before), "before": float(np.mean([b["correct"] for b in before])),
+            "after": float(np.mean([a["correct"] for a in after])), "C": float(np.mean(rel)),
+            "beats_wrong": float(np.mean([a["p"] >= float(a["p_all"][b["top"]]) for b, a in zip(before, after)]))}
+
+
+@dataclass
+class EditReport(Result):
+    """Before/after metrics of one or more edits, per test set, and what they cost."""
+
+    kind = "edit-report"
+    heading = "Edit"
+    intro = ("A rank-one update of the located heads' output columns (W_O) per failed item, measured before and "
+              "after on the corrected query, its paraphrases, other second hops of the same subject, and items and "
+              "facts the edit must leave alone.")
+    order = 50
+    model: str
+    heads: list[str]
+    target: str
+    batch: bool
+    items: list[dict[str, Any]]  # per edited item: id, per-set summaries, seconds
+    summary: dict[str, dict[str, Any]]  # per set: mean before / after rate, C, beats_wrong, n
+    seconds_per_edit: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def table(self):
+        from patchlab.results import tables
+
+        return tables.edit_table(self)
+
+    def figure(self):
+        from patchlab.results.figures import edit_figure
+
+        return edit_figure(self)
+
+
+def _pool_summary(rows: list[dict], name: str) -> dict[str, Any]:
+    vals = [r["sets"][name] for r in rows if r["sets"][name]["n"]]
+    if not vals:
+        return {"n": 0, "before": None, "after": None, "C": None, "beats_wrong": None}
+    w = np.array([v["n"] for v in vals], dtype=float)
+    avg = lambda k: float(np.average([v[k] for v in vals], weights=w))  # noqa: E731
+    return {"n": int(w.sum()), "items": len(vals), "before": avg("before"), "after": avg("after"),
+            "C": avg("C"), "beats_wrong": avg("beats_wrong")}
+
+
+def evaluate_edits(
+    model,
+    edits: Sequence[tuple[list[TwoHopItem], Edit, float]],
+    pool: Sequence[TwoHopItem],
+    gap,
+    n_irrelevant: int = 30,
+    progress: bool = True,
+    held_out: Sequence[TwoHopItem] = (),
+    exclude: set[str] = frozenset(),
+) -> EditReport:
+    """Measure every (items, edit, seconds) before and after; a batch edit may also be scored on held-out items."""
+    right_composed = {r["id"] for r in gap.items if r["composed"]}
+    right_hop2 = {r["id"] for r in gap.items if r["hop2"]}
+    rows, seen = [], {}
+    for items, edit, seconds in track(list(edits), "evaluating edits" if progress else None):
+        rows += edit_rows(model, edit, items, pool, right_composed, right_hop2, n_irrelevant, exclude, seen, seconds)
+    if held_out:
+        edit = edits[0][1]
+        queries = [Query(it.composed, it.answers) for it in held_out]
+        before = measure(model, queries)
+        with edit.applied(model, verify_hash=False):
+            after = measure(model, queries)
+        for it, b, a in zip(held_out, before, after):
+            rows.append({"id": it.id, "edited": False, "seconds": 0.0,
+                         "sets": {**{s: _summarise([], []) for s in SETS}, "held_out": _summarise([b], [a])}})
+    meta = provenance(model, seed=0, n_irrelevant=n_irrelevant, method=edits[0][1].method, metric=METRIC)
+    return report_from_rows(rows, model_name(model), edits[0][1], float(np.mean([s for _, _, s in edits])), meta)
+
+
+METRIC = "greedy 6 tokens"
+
+
+def edit_rows(model, edit: Edit, items: Sequence[TwoHopItem], pool: Sequence[TwoHopItem], right_composed: set[str],
+              right_hop2: set[str], n_irrelevant: int = 30, exclude: set[str] = frozenset(),
+              seen: dict | None = None, seconds: float = 0.0) -> list[dict[str, Any]]:
+    """One row per item an edit was made for: each test set measured unedited (reusing `seen`) and edited."""
+    seen = {} if seen is None else seen
+    rows = []
+    for it in items:
+        sets = test_sets(it, pool, right_composed, right_hop2, n_irrelevant, exclude=exclude)
+        queries = [q for name in SETS for q in sets[name]]
+        before = measure_before(model, queries, seen)
+        with edit.applied(model, verify_hash=False):
+            after = measure(model, queries)
+        i, per = 0, {}
+        for name in SETS:
+            n = len(sets[name])
+            per[name] = _summarise(before[i : i + n], after[i : i + n])
+            i += n
+        rows.append({"id": it.id, "sets": per, "seconds": seconds, "edited": True,
+                     "text_after": after[0]["text"] if after else ""})
+    return rows
+
+
+def report_from_rows(rows: list[dict[str, Any]], model: str, first: Edit, seconds_per_edit: float,
+                     meta: dict[str, Any]) -> EditReport:
+    """The report of item rows: per test set, the n-weighted means over the edited items (and held-out ones)."""
+    edited = [r for r in rows if r["edited"]]
+    summary = {name: _pool_summary(edited, name) for name in SETS}
+    if any(not r["edited"] for r in rows):
+        summary["held_out"] = _pool_summary([r for r in rows if not r["edited"]], "held_out")
+    return EditReport(
+        model=model, heads=first.head_list, target=first.method.get("target", "?"),
+        batch=bool(first.method.get("batch")), items=rows, summary=summary, seconds_per_edit=seconds_per_edit,
+        meta=meta,
+    )
+
+
+def timed(fn: Callable[[], Edit]) -> tuple[Edit, float]:
+    start = time.perf_counter()
+    edit = fn()
+    return edit, time.perf_counter() - start
+
+
+def kl_prompts(pool: Sequence[TwoHopItem], gap, n: int = 8) -> tuple[list[str], set[str]]:
+    """Prompts for the optimised target's KL term — composed queries and facts of items answered right —
+    and their ids, which the irrelevance sets then leave out (no test on what the edit was fit on)."""
+    right = {r["id"] for r in gap.items if r["composed"] and r["hop2"]}
+    chosen = [it for it in pool if it.id in right][:n]
+    return [it.composed for it in chosen] + [it.hop2 for it in chosen], {it.id for it in chosen}
+
+
+@shard_task("edit-eval")
+def edit_eval_shard(model, config: dict, items: list[dict], pool: list[dict]) -> list[dict]:
+    """Before/after rows of one saved edit on a shard of its items (the edit file must be the one hashed)."""
+    path = Path(config["edit"])
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PatchlabError(f"cannot read the edit file ({exc.strerror}): every worker needs it", where=str(path)) from None
+    if hashlib.sha256(data).hexdigest() != config["edit_sha256"]:
+        raise PatchlabError("edit file changed since the run started", where=str(path))
+    its = [TwoHopItem.from_dict(d, where=f"item {d.get('id')}") for d in items]
+    return edit_rows(model, Edit.load(path), its, [TwoHopItem.from_dict(d) for d in pool],
+                     set(config["right_composed"]), set(config["right_hop2"]), config["n_irrelevant"],
+                     set(config["exclude"]))

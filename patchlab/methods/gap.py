@@ -1,0 +1,128 @@
+"""The compositionality gap: hop1 / hop2 / composed accuracy, and the composed failures whose hops are right."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from patchlab.core.prompts import PromptSet, TwoHopItem
+from patchlab.runtime.shards import shard_task
+from patchlab.results.base import Result
+from patchlab.runtime.identity import provenance
+from patchlab.runtime.scoring import DEFAULT_BATCH, MAX_NEW_TOKENS, Hooks, correct
+
+HOPS = ("hop1", "hop2", "composed")
+
+
+@dataclass
+class GapResult(Result):
+    """Per-item outcomes and per-kind summaries of a gap evaluation."""
+
+    kind = "gap"
+    heading = "Compositionality gap"
+    intro = ("Greedy answers to hop 1 (subject → bridge), hop 2 (bridge → answer) and the composed question. The "
+              "gap is the share of items with both hops right whose composed question is wrong.")
+    order = 10
+    model: str
+    prompt_set: str
+    items: list[dict[str, Any]]  # id, kind, hop1/hop2/composed (bool) and their continuations
+    summary: dict[str, dict[str, Any]]  # "all" and every kind -> counts and accuracies
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failures(self) -> list[str]:
+        """Ids of items with both hops right and the composed query wrong: what locate/edit work on."""
+        return [r["id"] for r in self.items if r["hop1"] and r["hop2"] and not r["composed"]]
+
+    @property
+    def composed_correct(self) -> list[str]:
+        return [r["id"] for r in self.items if r["composed"]]
+
+    def failed_items(self, items: Iterable[TwoHopItem]) -> list[TwoHopItem]:
+        """The `items` (in their order) that are failures of this evaluation."""
+        wanted = set(self.failures)
+        return [it for it in items if it.id in wanted]
+
+    def correct_items(self, items: Iterable[TwoHopItem]) -> list[TwoHopItem]:
+        """The `items` (in their order) whose composed query this evaluation found right."""
+        wanted = set(self.composed_correct)
+        return [it for it in items if it.id in wanted]
+
+    def table(self):
+        from patchlab.results import tables
+
+        return tables.gap_table(self)
+
+    def figure(self):
+        from patchlab.results.figures import gap_figure
+
+        return gap_figure(self)
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Counts and accuracies of one group of item rows; gap share is over items with both hops right."""
+    n = len(rows)
+    both = [r for r in rows if r["hop1"] and r["hop2"]]
+    gap = sum(not r["composed"] for r in both)
+    out: dict[str, Any] = {"n": n, "both_hops": len(both), "gap_count": gap}
+    for hop in HOPS:
+        out[f"{hop}_correct"] = sum(r[hop] for r in rows)
+        out[f"{hop}_acc"] = out[f"{hop}_correct"] / n if n else 0.0
+    out["gap_share"] = gap / len(both) if both else 0.0
+    return out
+
+
+def evaluate_gap(
+    model,
+    prompt_set: PromptSet | Sequence[TwoHopItem],
+    batch_size: int = DEFAULT_BATCH,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    fwd_hooks: Hooks = (),
+    progress: bool = True,
+) -> GapResult:
+    """Answer every item's hop1, hop2 and composed prompt greedily and measure the compositionality gap."""
+    from patchlab.runtime.bridge import model_name
+
+    source = getattr(prompt_set, "source", "<items>")
+    rows = gap_rows(model, list(prompt_set), source, batch_size, max_new_tokens, fwd_hooks, progress)
+    meta = provenance(model, max_new_tokens=max_new_tokens, criterion=CRITERION)
+    return gap_from_rows(rows, model_name(model), source, meta)
+
+
+CRITERION = "answer in greedy continuation"
+
+
+def gap_rows(model, items: Sequence[TwoHopItem], source: str = "<items>", batch_size: int = DEFAULT_BATCH,
+             max_new_tokens: int = MAX_NEW_TOKENS, fwd_hooks: Hooks = (), progress: bool = True) -> list[dict[str, Any]]:
+    """One row per item: whether hop1, hop2 and the composed query are answered right, and the continuations."""
+    prompts = [getattr(it, hop) for it in items for hop in HOPS]
+    answers = [it.bridges if hop == "hop1" else it.answers for it in items for hop in HOPS]
+    names = [f"{source}: item {it.id!r} field '{hop}'" for it in items for hop in HOPS]
+    ok, conts = correct(
+        model, prompts, answers, max_new_tokens, batch_size, fwd_hooks, "evaluating gap" if progress else None, names
+    )
+    rows = []
+    for i, it in enumerate(items):
+        row: dict[str, Any] = {"id": it.id, "kind": it.kind}
+        for j, hop in enumerate(HOPS):
+            row[hop] = ok[3 * i + j]
+            row[f"{hop}_text"] = conts[3 * i + j]
+        rows.append(row)
+    return rows
+
+
+def gap_from_rows(rows: Sequence[dict[str, Any]], model: str, source: str, meta: dict[str, Any]) -> GapResult:
+    """The gap result of item rows (in the order given): per-kind and overall summaries."""
+    by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_kind[r["kind"]].append(r)
+    summary = {"all": summarize(rows), **{k: summarize(v) for k, v in sorted(by_kind.items())}}
+    return GapResult(model=model, prompt_set=source, items=list(rows), summary=summary, meta=meta)
+
+
+@shard_task("gap")
+def gap_shard(model, config: dict, items: list[dict], pool: list[dict]) -> list[dict]:
+    """One shard of a sharded gap evaluation: the rows of `gap_rows`."""
+    its = [TwoHopItem.from_dict(d, where=f"item {d.get('id')}") for d in items]
+    return gap_rows(model, its, config["source"], config["batch_size"], config["max_new_tokens"], progress=False)

@@ -1,0 +1,608 @@
+"""Locate: causal mediation over attention heads (and whole MHSA / MLP layers), exact and by attribution.
+
+A *pair* is a clean and a corrupted prompt with an answer and a contrast token; the metric is
+logit(answer) − logit(contrast) at the last position. Exact patching copies a clean activation into
+the corrupted run and reruns the model: one generic loop (`exact_patch`) does every variant. It is
+fast because
+  * many patched copies run in one batch (one per head, or per head × position);
+  * the corrupted run's residual stream is reused: a patch at layer L starts at layer L, never
+    recomputing layers < L (`run_from_layer`; self-checked against a full forward per model);
+  * only the last position is unembedded.
+Attribution patching approximates every patch at once from one forward and one backward pass:
+effect ≈ (a_clean − a_corrupted) · ∂metric/∂a.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from patchlab.core.errors import PatchlabError
+from patchlab.runtime import sites
+from patchlab.runtime.shards import shard_task
+from patchlab.runtime.bridge import model_name
+from patchlab.core.progress import track
+from patchlab.core.prompts import TwoHopItem
+from patchlab.results.base import Result
+from patchlab.runtime.identity import provenance
+from patchlab.runtime.scoring import answer_token_id, encode
+from patchlab.core.spec import Head, HeadSet
+from patchlab.runtime.trace import attached, check_run_from_layer, frozen, run_from_layer, trace
+
+SITES = sites.PATCH_SITES
+POSITIONS = ("all", "each", "last")
+DIVIDE_EPS = 1e-3  # |clean − corrupted| metric below this: the normalised effect is undefined
+
+
+# --- pairs -------------------------------------------------------------------------------------
+
+
+@dataclass
+class PatchPair:
+    """A clean and a corrupted prompt (token ids), the answer and contrast tokens, and what is aligned."""
+
+    id: str
+    clean: list[int]
+    corrupted: list[int]
+    answer: int
+    contrast: int
+    setup: str = "custom"
+
+    @property
+    def same_length(self) -> bool:
+        return len(self.clean) == len(self.corrupted)
+
+    def check(self) -> None:
+        if self.answer == self.contrast:
+            raise PatchlabError("answer and contrast share their first token: the logit difference is always 0",
+                                where=f"item {self.id}")
+
+
+def _top_other(logits: Tensor, answer: int) -> int:
+    """The highest-scoring token that is not the answer: the model's own wrong answer."""
+    top2 = logits.topk(2).indices.tolist()
+    return top2[0] if top2[0] != answer else top2[1]
+
+
+def guide_pairs(model, items: Sequence[TwoHopItem]) -> list[PatchPair]:
+    """CREME's setup: clean = the guide (hop2, bridge written in), corrupted = the failing composed query.
+
+    The contrast is the composed query's own top token (its wrong answer). The prompts differ in
+    length, so only the last positions are aligned (positions="last").
+    """
+    pairs = []
+    for it in items:
+        composed = encode(model, it.composed, where=f"{it.id}: composed")
+        answer = answer_token_id(model, it.answer, where=f"{it.id}: answer")
+        with torch.inference_mode():
+            logits = model(torch.tensor([composed], device=model.cfg.device))[0, -1].float().cpu()
+        pair = PatchPair(it.id, encode(model, it.hop2, where=f"{it.id}: hop2"), composed, answer,
+                         _top_other(logits, answer), "guide")
+        pairs.append(pair)
+    return pairs
+
+
+def _template(it: TwoHopItem) -> str:
+    return it.composed.replace(it.subject, "\x00")
+
+
+def template_pairs(model, items: Sequence[TwoHopItem], pool: Sequence[TwoHopItem] | None = None) -> list[PatchPair]:
+    """The classic setup: clean = an item's composed query, corrupted = the same template with another
+    subject (same kind, same token length) whose answer differs; contrast = that subject's answer."""
+    pool = list(pool if pool is not None else items)
+    pairs = []
+    for it in items:
+        clean = encode(model, it.composed, where=f"{it.id}: composed")
+        answer = answer_token_id(model, it.answer, where=f"{it.id}: answer")
+        for other in pool:
+            if other.id == it.id or other.kind != it.kind or _template(other) != _template(it) or "\x00" not in _template(it):
+                continue
+            corrupted = encode(model, other.composed, where=f"{other.id}: composed")
+            contrast = answer_token_id(model, other.answer, where=f"{other.id}: answer")
+            if len(corrupted) == len(clean) and contrast != answer:
+                pairs.append(PatchPair(it.id, clean, corrupted, answer, contrast, "template"))
+                break
+    return pairs
+
+
+# --- exact patching: one generic loop -------------------------------------------------------------
+
+
+@dataclass
+class RunCache:
+    """What one prompt's run leaves behind for patching: logits at the last position, resid_pre and site acts."""
+
+    tokens: Tensor
+    last_logits: Tensor
+    resid: list[Tensor]  # per layer [pos, d_model]
+    acts: dict[str, list[Tensor]]  # site -> per layer [pos, ...]
+
+
+def run_cache(model, ids: Sequence[int], sites_: Sequence[str] = ("z",)) -> RunCache:
+    """One forward that records resid_pre and the given sites at every layer."""
+    n = model.cfg.n_layers
+    tokens = torch.tensor([list(ids)], device=model.cfg.device)
+    names = [sites.resid_pre(l) for l in range(n)] + [SITES[s](l) for s in sites_ for l in range(n)]
+    with torch.inference_mode():
+        t = trace(model, tokens, names)
+    return RunCache(
+        tokens=tokens, last_logits=t.logits[0, -1].float(),
+        resid=[t[sites.resid_pre(l)][0] for l in range(n)],
+        acts={s: [t[SITES[s](l)][0] for l in range(n)] for s in sites_},
+    )
+
+
+def patch_masks(site: str, positions: str, n_pos: int, n_heads: int, heads: Sequence[int] | None = None) -> tuple[Tensor, list[tuple]]:
+    """One boolean mask per patched copy over the site's [pos, (head)] axes, and each copy's index.
+
+    z: per head (all positions, each position, or the last); attn_out / mlp_out: the whole layer.
+    """
+    heads = list(range(n_heads)) if heads is None else list(heads)
+    pos_sets = {"all": [None], "last": [n_pos - 1], "each": list(range(n_pos))}[positions]
+    masks, index = [], []
+    for p in pos_sets:
+        units = heads if site == "z" else [None]
+        for h in units:
+            shape = (n_pos, n_heads) if site == "z" else (n_pos,)
+            m = torch.zeros(shape, dtype=torch.bool)
+            sel_p = slice(None) if p is None else p
+            if site == "z":
+                m[sel_p, h] = True
+            else:
+                m[sel_p] = True
+            masks.append(m)
+            index.append((p, h))
+    return torch.stack(masks), index
+
+
+def _patch_hook(masks: Tensor, clean: Tensor):
+    """Replace the masked entries of every copy's activation with the clean activation."""
+
+    def hook(act, hook):
+        m = masks.to(act.device).reshape(*masks.shape, *([1] * (act.dim() - masks.dim())))
+        return torch.where(m, clean.to(act.dtype)[None], act)
+
+    return hook
+
+
+def exact_patch(
+    model,
+    clean: RunCache,
+    corrupted: RunCache,
+    metric: Callable[[Tensor], Tensor],
+    site: str = "z",
+    positions: str = "all",
+    layers: Sequence[int] | None = None,
+    heads: dict[int, list[int]] | None = None,
+    max_batch: int = 64,
+    span: int = 4,
+    fast: bool = True,
+) -> dict[tuple, float]:
+    """Patch clean → corrupted at every (layer, position, head) and return {(layer, pos, head): metric}.
+
+    positions: "all" (TransformerLens' *_all_pos), "each" (*_by_pos) or "last" (aligned last
+    positions; prompts may differ in length). `heads` restricts each layer to some heads. Copies of
+    up to `span` consecutive layers share one batch of at most `max_batch` rows, started at the
+    lowest of those layers (a few layers recomputed, far fewer small forward passes).
+    """
+    if positions not in POSITIONS:
+        raise PatchlabError(f"positions must be one of {POSITIONS}, got '{positions}'")
+    n_pos = corrupted.tokens.shape[1]
+    if positions != "last" and clean.tokens.shape[1] != n_pos:
+        raise PatchlabError(f"clean and corrupted differ in length ({clean.tokens.shape[1]} vs {n_pos}); "
+                            "only positions='last' aligns them")
+    layers = sorted(range(model.cfg.n_layers) if layers is None else layers)
+    fast = fast and check_run_from_layer(model, corrupted.tokens, corrupted.resid)
+    jobs = []  # (layer, mask, key)
+    for layer in layers:
+        masks, index = patch_masks(site, positions, n_pos, model.cfg.n_heads, (heads or {}).get(layer))
+        jobs += [(layer, m, (layer, p if positions == "each" else None, h)) for m, (p, h) in zip(masks, index)]
+    out: dict[tuple, float] = {}
+    for chunk in _chunks(jobs, max_batch, span):
+        hooks = []
+        for layer in sorted({j[0] for j in chunk}):
+            masks = torch.stack([m if l == layer else torch.zeros_like(m) for l, m, _ in chunk])
+            clean_act = _aligned(clean.acts[site][layer], n_pos, positions)
+            hooks.append((SITES[site](layer), _patch_hook(masks, clean_act)))
+        with torch.inference_mode():
+            logits = _patched_logits(model, corrupted, chunk[0][0], len(chunk), hooks, fast)
+        for (_, _, key), v in zip(chunk, metric(logits.float()).tolist()):
+            out[key] = v
+    return out
+
+
+def _chunks(jobs: list, max_batch: int, span: int) -> Iterator[list]:
+    """Consecutive jobs (sorted by layer) in chunks of <= max_batch rows spanning < span layers."""
+    chunk: list = []
+    for job in jobs:
+        if chunk and (len(chunk) >= max_batch or job[0] - chunk[0][0] >= span):
+            yield chunk
+            chunk = []
+        chunk.append(job)
+    if chunk:
+        yield chunk
+
+
+def _aligned(act: Tensor, n_pos: int, positions: str) -> Tensor:
+    """The clean activation placed on the corrupted prompt's positions (last aligned with last)."""
+    if act.shape[0] == n_pos:
+        return act
+    placed = torch.zeros((n_pos, *act.shape[1:]), dtype=act.dtype, device=act.device)
+    placed[-1] = act[-1]
+    return placed
+
+
+def _patched_logits(model, corrupted: RunCache, layer: int, copies: int, hooks: list, fast: bool) -> Tensor:
+    """Last-position logits of `copies` corrupted runs with `hooks` active, starting at `layer` if fast."""
+    n_pos = corrupted.tokens.shape[1]
+    last = torch.full((copies,), n_pos - 1, device=corrupted.tokens.device)
+    if fast:
+        return run_from_layer(model, corrupted.resid[layer][None].expand(copies, -1, -1).clone(), layer, last, hooks)
+    with attached(model, hooks):
+        return model(corrupted.tokens.expand(copies, -1))[:, -1]
+
+
+def logit_diff_metric(answer: int, contrast: int) -> Callable[[Tensor], Tensor]:
+    """logit(answer) − logit(contrast) for a batch of last-position logits [b, vocab]."""
+    return lambda logits: logits[:, answer] - logits[:, contrast]
+
+
+# --- attribution patching ------------------------------------------------------------------------
+
+
+def attribution_patch(model, clean: RunCache, pair: PatchPair, site: str = "z", positions: str = "all") -> dict[tuple, float]:
+    """(a_clean − a_corrupted) · ∂metric/∂a at the corrupted run, for every layer × (position) × head."""
+    n, n_pos = model.cfg.n_layers, len(pair.corrupted)
+    tokens = torch.tensor([pair.corrupted], device=model.cfg.device)
+
+    def start_graph(act, hook):
+        return act.detach().requires_grad_(True)
+
+    names = [SITES[site](l) for l in range(n)]
+    with frozen(model), torch.enable_grad():
+        t = trace(model, tokens, names, patch=[(sites.resid_pre(0), start_graph)], graph=True,
+                  retain_grad=True)
+        logits = t.logits[0, -1]
+        (logits[pair.answer] - logits[pair.contrast]).backward()
+    acts = {l: t[names[l]] for l in range(n)}
+    out: dict[tuple, float] = {}
+    for layer in range(n):
+        a = acts[layer]
+        diff = _aligned(clean.acts[site][layer], n_pos, positions) - a.detach()[0]
+        contrib = (diff * a.grad[0]).float()  # [pos, heads, d_head] or [pos, d]
+        per = contrib.sum(-1)  # [pos, heads] or [pos]
+        if positions == "each":
+            for p in range(n_pos):
+                _put(out, layer, p, per[p])
+        else:
+            _put(out, layer, None, per[-1] if positions == "last" else per.sum(0))
+    return out
+
+
+def _put(out: dict, layer: int, pos, values: Tensor) -> None:
+    if values.dim() == 0:
+        out[(layer, pos, None)] = values.item()
+    else:
+        for h, v in enumerate(values.tolist()):
+            out[(layer, pos, h)] = v
+
+
+# --- over a prompt set ---------------------------------------------------------------------------
+
+
+@dataclass
+class LocateResult(Result):
+    """Normalised patching effects per item and their aggregate per head (or per layer for attn_out/mlp_out)."""
+
+    kind = "locate"
+    heading = "Located heads"
+    intro = ("Activation patching of each head's output (hook_z) from the guide prompt (bridge written in) into "
+              "the failing composed question: the normalised effect on logit(answer) − logit(wrong answer).")
+    order = 40
+    model: str
+    setup: str
+    method: str
+    site: str
+    positions: str
+    n_layers: int
+    n_heads: int
+    items: list[dict[str, Any]]  # id, clean, corrupted, flagged, effect [layer][unit] (+ by_pos [layer][pos][unit])
+    mean: list[list[float]]  # [layer][unit] over unflagged items
+    std: list[list[float]]
+    n: int
+    ranking: list[dict[str, Any]]  # unit, mean, std, share_top_k; best first (by |mean|)
+    top_k: int
+    attribution_mean: list[list[float]] | None = None
+    seconds: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def heads(self, top: int) -> HeadSet:
+        """The `top` heads whose patch restores the answer most (largest positive mean), best first."""
+        if self.site != "z":
+            raise PatchlabError(f"this result ranks whole layers ({self.site}), not heads")
+        if top < 1:
+            raise PatchlabError(f"must be >= 1, got {top}", param="top")
+        restoring = sorted((r for r in self.ranking if r["mean"] > 0), key=lambda r: -r["mean"])
+        return HeadSet(Head(*map(int, r["unit"].split("."))) for r in restoring[:top])
+
+    def table(self, top: int = 10):
+        from patchlab.results import tables
+
+        return tables.locate_table(self, top)
+
+    def figure(self):
+        from patchlab.results.figures import locate_figure
+
+        return locate_figure(self)
+
+
+def _units(site: str, n_heads: int) -> list:
+    return list(range(n_heads)) if site == "z" else [None]
+
+
+def _grid(values: dict[tuple, float], n_layers: int, units: list, pos=None) -> np.ndarray:
+    return np.array([[values.get((l, pos, u), np.nan) for u in units] for l in range(n_layers)])
+
+
+def _unit_name(layer: int, unit) -> str:
+    return f"{layer}.{unit}" if unit is not None else str(layer)
+
+
+def locate_pairs(
+    model,
+    pairs: Sequence[PatchPair],
+    method: str = "both",
+    site: str = "z",
+    positions: str = "last",
+    top_k: int = 10,
+    verify: int = 20,
+    progress: bool = True,
+) -> LocateResult:
+    """Patch every pair and aggregate normalised effects per head (or layer).
+
+    A pair whose effect is undefined — answer and contrast share a token, a non-finite metric, or clean ≈
+    corrupted — is flagged, left out of the means (and of the attribution screen) and never divided by.
+    Each pair's runs are cached, patched and dropped in turn: memory does not grow with the number of
+    pairs (method 'both' runs each pair twice: once for the screen, once to verify).
+    """
+    import time
+
+    check_options(method, site, top_k)
+    check_pairs(pairs, positions)
+    start = time.perf_counter()
+    screen = screen_rows(model, pairs, site, positions, progress) if method != "exact" else []
+    att_mean = attribution_mean(screen)
+    if method == "attribution":
+        rows = screen
+    else:
+        heads = screened_heads(att_mean, max(verify, top_k), model.cfg.n_heads, site) if method == "both" else None
+        rows = verify_rows(model, pairs, site, positions, heads, progress)
+    return aggregate(rows, model_name(model), model.cfg.n_layers, _units(site, model.cfg.n_heads), pairs[0].setup,
+                     method, site, positions, top_k, att_mean, time.perf_counter() - start,
+                     provenance(model, metric=METRIC))
+
+
+METRIC = "logit(answer) - logit(contrast), last position, normalised"
+
+
+def check_options(method: str, site: str, top_k: int) -> None:
+    """Refuse an unknown method or site and a non-positive top-k, naming the option."""
+    if method not in ("exact", "attribution", "both"):
+        raise PatchlabError(f"method must be exact, attribution or both, got '{method}'", param="method")
+    if site not in SITES:
+        raise PatchlabError(f"site must be one of {', '.join(SITES)}, got '{site}'", param="site")
+    if top_k < 1:
+        raise PatchlabError(f"must be >= 1, got {top_k}", param="top")
+
+
+def check_pairs(pairs: Sequence[PatchPair], positions: str, allow_empty: bool = False) -> None:
+    """Refuse an empty pair list, and position-wise patching of pairs that differ in length."""
+    if not pairs and not allow_empty:
+        raise PatchlabError("no prompt pairs to patch (see `setup`: guide needs failures, template needs "
+                            "correct items with a same-template partner)", param="prompt_set")
+    for p in pairs:
+        if positions != "last" and not p.same_length:
+            raise PatchlabError("clean and corrupted differ in length; use `positions` last", where=f"item {p.id}")
+
+
+def screen_rows(model, pairs: Sequence[PatchPair], site: str, positions: str, progress: bool = True) -> list[dict]:
+    """Attribution rows, one per pair: the normalised estimate as `effect`, the raw one as `attribution`
+    (the screen's input; None when the pair is flagged). Each pair is cached, estimated and dropped in turn."""
+    n_layers, units = model.cfg.n_layers, _units(site, model.cfg.n_heads)
+    rows = []
+    for p, clean, _, c, k, reason in _pair_runs(model, pairs, site, "attribution" if progress else None):
+        if reason:
+            rows.append({**_flagged_row(p, c, k, reason, n_layers, units), "attribution": None})
+            continue
+        att = _reduce_positions(attribution_patch(model, clean, p, site, positions), n_layers, units, positions,
+                                len(p.corrupted))
+        rows.append({**_item_row(p, c, k, None, n_layers, units, positions, delta_grid=att),
+                     "attribution": np.where(np.isfinite(att), att, None).tolist()})
+    return rows
+
+
+def _pair_runs(model, pairs: Sequence[PatchPair], site: str, description: str | None):
+    """Per pair, in turn: its clean and corrupted runs cached at `site`, their metrics and the flag reason."""
+    for p in track(pairs, description):
+        clean, corrupted = run_cache(model, p.clean, [site]), run_cache(model, p.corrupted, [site])
+        c, k = _pair_metrics(p, clean, corrupted)
+        yield p, clean, corrupted, c, k, flag_reason(p, c, k)
+
+
+def attribution_mean(rows: Sequence[dict]) -> np.ndarray | None:
+    """Mean raw attribution estimate per unit over the unflagged screen rows (NaN where never defined)."""
+    defined = [np.array(r["attribution"], dtype=float) for r in rows if r.get("attribution") is not None]
+    if not defined:
+        return None
+    with warnings.catch_warnings():  # a unit whose every estimate is NaN stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(defined, axis=0)
+
+
+def screened_heads(att_mean: np.ndarray | None, n: int, n_heads: int, site: str) -> dict[int, list]:
+    """The `n` units with the largest |mean attribution|, as {layer: [unit, ...]} (empty: nothing screened)."""
+    if att_mean is None:
+        return {}
+    units = _units(site, n_heads)
+    heads: dict[int, list] = {}
+    for flat in np.argsort(-np.abs(np.nan_to_num(att_mean)).ravel())[:n]:
+        l, u = divmod(int(flat), len(units))
+        heads.setdefault(l, []).append(units[u])
+    return heads
+
+
+def verify_rows(model, pairs: Sequence[PatchPair], site: str, positions: str, heads: dict[int, list] | None,
+                progress: bool = True) -> list[dict]:
+    """Exact patching rows, one per pair, of every unit or only of `heads` ({layer: [unit]})."""
+    n_layers, units = model.cfg.n_layers, _units(site, model.cfg.n_heads)
+    rows = []
+    for p, clean, corrupted, c, k, reason in _pair_runs(model, pairs, site, "patching" if progress else None):
+        if reason or heads == {}:
+            rows.append(_flagged_row(p, c, k, reason or "no pair could be screened", n_layers, units))
+            continue
+        raw = exact_patch(model, clean, corrupted, logit_diff_metric(p.answer, p.contrast), site, positions,
+                          layers=sorted(heads) if heads is not None else None, heads=heads)
+        rows.append(_item_row(p, c, k, {key: v - k for key, v in raw.items()}, n_layers, units, positions))
+    return rows
+
+
+def _pair_metrics(p: PatchPair, clean: RunCache, corrupted: RunCache) -> tuple[float, float]:
+    metric = logit_diff_metric(p.answer, p.contrast)
+    return metric(clean.last_logits[None]).item(), metric(corrupted.last_logits[None]).item()
+
+
+def flag_reason(p: PatchPair, clean: float, corrupted: float) -> str | None:
+    """Why a pair's normalised effect is undefined (it is then flagged), or None."""
+    if p.answer == p.contrast:
+        return "answer and contrast share their first token: the logit difference is always 0"
+    if not (math.isfinite(clean) and math.isfinite(corrupted)):
+        return "non-finite metric (NaN or inf in the model's output)"
+    if abs(clean - corrupted) < DIVIDE_EPS:
+        return f"clean and corrupted metrics differ by less than {DIVIDE_EPS}: the normalised effect is undefined"
+    return None
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def _flagged_row(p: PatchPair, clean: float, corrupted: float, reason: str, n_layers: int, units: list) -> dict:
+    return {"id": p.id, "clean": _finite(clean), "corrupted": _finite(corrupted), "flagged": True,
+            "flag_reason": reason, "effect": [[None] * len(units) for _ in range(n_layers)]}
+
+
+def _reduce_positions(values: dict[tuple, float], n_layers: int, units: list, positions: str, n_pos: int) -> np.ndarray:
+    """[layer][unit] grid; for positions='each' the position with the largest |value| speaks for the unit."""
+    if positions != "each":
+        return _grid(values, n_layers, units)
+    stack = np.stack([_grid(values, n_layers, units, p) for p in range(n_pos)])  # [pos, layer, unit]
+    idx = np.nanargmax(np.abs(np.nan_to_num(stack, nan=0.0)), axis=0)
+    return np.take_along_axis(stack, idx[None], 0)[0]
+
+
+def _item_row(p: PatchPair, clean: float, corrupted: float, deltas, n_layers, units, positions, delta_grid=None) -> dict:
+    """One item's normalised effects; flagged (and left out of the mean) when the effect is undefined."""
+    reason = flag_reason(p, clean, corrupted)
+    if reason:
+        return _flagged_row(p, clean, corrupted, reason, n_layers, units)
+    denom = clean - corrupted
+    if delta_grid is None:
+        delta_grid = _reduce_positions(deltas, n_layers, units, positions, len(p.corrupted))
+    with np.errstate(invalid="ignore", over="ignore"):
+        effect = delta_grid / denom
+    row = {"id": p.id, "clean": clean, "corrupted": corrupted, "flagged": False,
+           "effect": np.where(np.isfinite(effect), effect, None).tolist()}  # a NaN / inf patch is left out
+    if positions == "each" and deltas is not None:
+        row["by_pos"] = [[[_finite(deltas.get((l, q, u), 0.0) / denom) for u in units] for q in range(len(p.corrupted))]
+                         for l in range(n_layers)]
+    return row
+
+
+def aggregate(rows: Sequence[dict], model: str, n_layers: int, units: list, setup: str, method: str, site: str,
+              positions: str, top_k: int, att_mean: np.ndarray | None, seconds: float, meta: dict) -> LocateResult:
+    """Means, spreads and the ranking over the unflagged rows, reduced in float64 in the rows' order."""
+    rows = [{k: v for k, v in r.items() if k != "attribution"} for r in rows]
+    good = [np.array(r["effect"], dtype=float) for r in rows if not r["flagged"]]
+    if not good:
+        first = rows[0]
+        raise PatchlabError(f"every item was flagged (item {first['id']}: {first.get('flag_reason')}): nothing to aggregate")
+    stack = np.stack(good).astype(np.float64)
+    with warnings.catch_warnings():  # heads that were never patched (method='both') stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean, std = np.nanmean(stack, 0), np.nanstd(stack, 0)
+    # how often each unit is among an item's top-k (by |effect|)
+    top_counts = np.zeros_like(mean)
+    for e in good:
+        flat = np.argsort(-np.abs(np.nan_to_num(e)).ravel())[:top_k]
+        top_counts.ravel()[flat] += 1
+    order = [i for i in np.argsort(-np.abs(np.nan_to_num(mean)).ravel()) if not np.isnan(mean.ravel()[i])]
+    ranking = []
+    for flat in order:
+        l, u = divmod(int(flat), len(units))
+        ranking.append({"unit": _unit_name(l, units[u]), "mean": float(mean[l, u]), "std": float(std[l, u]),
+                        "share_top_k": float(top_counts[l, u] / len(good))})
+    clean_nan = lambda a: np.where(np.isfinite(a), a, None).tolist()  # noqa: E731
+    return LocateResult(
+        model=model, setup=setup, method=method, site=site, positions=positions, n_layers=n_layers,
+        n_heads=len(units), items=rows, mean=clean_nan(mean), std=clean_nan(std), n=len(good), ranking=ranking,
+        top_k=top_k, attribution_mean=clean_nan(att_mean) if att_mean is not None else None, seconds=seconds,
+        meta=meta,
+    )
+
+
+def locate(
+    model,
+    items: Sequence[TwoHopItem],
+    setup: str = "guide",
+    pool: Sequence[TwoHopItem] | None = None,
+    **kw,
+) -> LocateResult:
+    """Build the pairs of a setup ('guide': failing composed ← guide; 'template': correct ← other subject) and patch."""
+    if setup == "guide":
+        pairs = guide_pairs(model, items)
+        kw.setdefault("positions", "last")
+    elif setup == "template":
+        pairs = template_pairs(model, items, pool)
+    else:
+        raise PatchlabError(f"setup must be 'guide' or 'template', got '{setup}'", param="setup")
+    return locate_pairs(model, pairs, **kw)
+
+
+def heads_from(path, model, top: int) -> HeadSet:
+    """The best `top` heads of a saved locate result, refusing a result made on another model."""
+    result = LocateResult.from_json(path)
+    if result.model != model_name(model) or (result.n_layers, result.n_heads) != (model.cfg.n_layers, model.cfg.n_heads):
+        raise PatchlabError(f"result was made on '{result.model}' ({result.n_layers}x{result.n_heads}), not on "
+                            f"'{model_name(model)}'", param="heads_from", where=str(path))
+    return HeadSet(result.heads(top), model.cfg.n_layers, model.cfg.n_heads, arg="heads_from")
+
+
+def _shard_pairs(model, config: dict, items: list[dict], pool: list[dict]) -> list[PatchPair]:
+    its = [TwoHopItem.from_dict(d, where=f"item {d.get('id')}") for d in items]
+    if config["setup"] == "guide":
+        pairs = guide_pairs(model, its)
+    else:
+        pairs = template_pairs(model, its, [TwoHopItem.from_dict(d) for d in pool])
+    check_pairs(pairs, config["positions"], allow_empty=True)  # a shard may hold no pair (no template partner)
+    return pairs
+
+
+@shard_task("screen")
+def screen_shard(model, config: dict, items: list[dict], pool: list[dict]) -> list[dict]:
+    """One shard of a sharded locate's attribution screen."""
+    return screen_rows(model, _shard_pairs(model, config, items, pool), config["site"], config["positions"],
+                       progress=False)
+
+
+@shard_task("verify")
+def verify_shard(model, config: dict, items: list[dict], pool: list[dict]) -> list[dict]:
+    """One shard of a sharded locate's exact patching (of every head, or of the screened ones)."""
+    heads = None if config["heads"] is None else {int(l): units for l, units in config["heads"]}
+    return verify_rows(model, _shard_pairs(model, config, items, pool), config["site"], config["positions"], heads,
+                       progress=False)

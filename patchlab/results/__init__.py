@@ -1,0 +1,1 @@
+"""The Result base and its registry, figures, tables and the HTML report."""

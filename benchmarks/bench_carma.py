@@ -21,16 +21,16 @@ import time
 
 import torch
 
+from patchlab.core.io import atomic_write_json
+from patchlab.core.prompts import PromptSet
+from patchlab.core.spec import Head
 from patchlab.methods import edit as E
 from patchlab.methods import editeval as V
+from patchlab.methods.gap import evaluate_gap
+from patchlab.runtime.models import load_model
 from patchlab.studies import tasks as T
 from patchlab.studies.carma import CarmaConfig
-from patchlab.methods.gap import evaluate_gap
-from patchlab.core.io import atomic_write_json
-from patchlab.runtime.models import load_model
-from patchlab.core.prompts import PromptSet
 from patchlab.studies.retune import restoring, retune
-from patchlab.core.spec import Head
 
 HEADS = [Head(23, 4), Head(23, 5)]  # the heads `patchlab locate` finds for the shipped failures (README)
 
@@ -47,8 +47,13 @@ def correction(model, queries: dict[str, list[V.Query]]) -> dict[str, dict[str, 
 def idm_metrics(model, task: T.Task) -> dict[str, float | None]:
     ev = T.evaluate_task(model, task, train=False)
     syn = ev["synonyms"]["held-out"]
-    return {"held_out": ev["accuracy"]["held-out"], "syn25": syn["0.25"]["retention"], "syn40": syn["0.40"]["retention"],
-            "syn_n25": syn["0.25"]["n"], "syn_n40": syn["0.40"]["n"]}
+    return {
+        "held_out": ev["accuracy"]["held-out"],
+        "syn25": syn["0.25"]["retention"],
+        "syn40": syn["0.40"]["retention"],
+        "syn_n25": syn["0.25"]["n"],
+        "syn_n40": syn["0.40"]["n"],
+    }
 
 
 def spread(values: list[float]) -> str:
@@ -81,11 +86,16 @@ def main() -> None:
     fails = [it for it in ps if it.id in set(gap.failures)][:2]
     unrelated, _ = V.kl_prompts(list(ps), gap)
     edit = E.compute_edit(model, fails, HEADS, E.EditConfig(target="optimize"), unrelated=unrelated)
-    queries = {"composed": [V.Query(it.composed, it.answers) for it in fails],
-               "paraphrase": [V.Query(p, it.answers) for it in fails for p in it.paraphrases]}
-    print(f"edit of {[it.id for it in fails]} on heads {edit.head_list}; IDM train {len(task.train)}, "
-          f"held-out {len(task.test['held-out'])}; {args.steps} steps x {args.batch_size}, lr {args.lr}, "
-          f"params {args.params}, threads {torch.get_num_threads()}", flush=True)
+    queries = {
+        "composed": [V.Query(it.composed, it.answers) for it in fails],
+        "paraphrase": [V.Query(p, it.answers) for it in fails for p in it.paraphrases],
+    }
+    print(
+        f"edit of {[it.id for it in fails]} on heads {edit.head_list}; IDM train {len(task.train)}, "
+        f"held-out {len(task.test['held-out'])}; {args.steps} steps x {args.batch_size}, lr {args.lr}, "
+        f"params {args.params}, threads {torch.get_num_threads()}",
+        flush=True,
+    )
     start = {"unedited": {**idm_metrics(model, task), "correction": correction(model, queries)}}
     with edit.applied(model):
         start["edited"] = {**idm_metrics(model, task), "correction": correction(model, queries)}
@@ -98,21 +108,46 @@ def main() -> None:
                 t0 = time.perf_counter()
                 fresh = E.Edit(edit.model, edit.weights_sha256, edit.heads, edit.deltas, edit.item_ids, edit.method)
                 fresh = None if method == "plain-noedit" else fresh  # control: does re-tuning alone fix them?
-                res = retune(model, task.train, carma=cfg, params=args.params, edit=fresh, steps=args.steps, lr=args.lr,
-                             batch_size=args.batch_size, seed=seed, task="idm", progress=False)
-                row = {"method": method, "seed": seed, "train_seconds": res.seconds, **idm_metrics(model, task),
-                       "correction": correction(model, queries), "final_task_loss": res.history[-1]["task"],
-                       "mean_task_loss_last5": statistics.mean(h["task"] for h in res.history[-5:]),
-                       "history": res.history, "seconds": time.perf_counter() - t0}
+                res = retune(
+                    model,
+                    task.train,
+                    carma=cfg,
+                    params=args.params,
+                    edit=fresh,
+                    steps=args.steps,
+                    lr=args.lr,
+                    batch_size=args.batch_size,
+                    seed=seed,
+                    task="idm",
+                    progress=False,
+                )
+                row = {
+                    "method": method,
+                    "seed": seed,
+                    "train_seconds": res.seconds,
+                    **idm_metrics(model, task),
+                    "correction": correction(model, queries),
+                    "final_task_loss": res.history[-1]["task"],
+                    "mean_task_loss_last5": statistics.mean(h["task"] for h in res.history[-5:]),
+                    "history": res.history,
+                    "seconds": time.perf_counter() - t0,
+                }
             runs.append(row)
-            print(f"{method} seed {seed}: held-out {row['held_out']:.3f}, syn25 {row['syn25']:.3f}, "
-                  f"syn40 {row['syn40']:.3f}, correction {row['correction']['composed']['rate']:.2f} / "
-                  f"{row['correction']['paraphrase']['rate']:.2f}, {row['seconds']:.0f} s", flush=True)
+            print(
+                f"{method} seed {seed}: held-out {row['held_out']:.3f}, syn25 {row['syn25']:.3f}, "
+                f"syn40 {row['syn40']:.3f}, correction {row['correction']['composed']['rate']:.2f} / "
+                f"{row['correction']['paraphrase']['rate']:.2f}, {row['seconds']:.0f} s",
+                flush=True,
+            )
     e = start["edited"]
-    print(f"\nstart (edited model): held-out {e['held_out']:.3f}, synonym retention {e['syn25']:.3f} / {e['syn40']:.3f}, "
-          f"correction {e['correction']['composed']['rate']:.2f} / {e['correction']['paraphrase']['rate']:.2f}")
-    print("\n| method | held-out accuracy | synonym retention 25% | synonym retention 40% | edit kept: composed | "
-          "edit kept: paraphrases | p(answer) composed | s/run |")
+    print(
+        f"\nstart (edited model): held-out {e['held_out']:.3f}, synonym retention {e['syn25']:.3f} / {e['syn40']:.3f}, "
+        f"correction {e['correction']['composed']['rate']:.2f} / {e['correction']['paraphrase']['rate']:.2f}"
+    )
+    print(
+        "\n| method | held-out accuracy | synonym retention 25% | synonym retention 40% | edit kept: composed | "
+        "edit kept: paraphrases | p(answer) composed | s/run |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for method in methods:
         rs = [r for r in runs if r["method"] == method]
@@ -122,9 +157,17 @@ def main() -> None:
         print(f"| {method} | {' | '.join(cells)} | {statistics.mean(r['seconds'] for r in rs):.0f} |")
     total = time.perf_counter() - began
     print(f"\ntotal {total / 60:.1f} min")
-    atomic_write_json(f"{args.out}/bench_carma.json", {"args": vars(args), "edit_items": [it.id for it in fails],
-                                                      "heads": edit.head_list, "start": start, "runs": runs,
-                                                      "total_seconds": total})
+    atomic_write_json(
+        f"{args.out}/bench_carma.json",
+        {
+            "args": vars(args),
+            "edit_items": [it.id for it in fails],
+            "heads": edit.head_list,
+            "start": start,
+            "runs": runs,
+            "total_seconds": total,
+        },
+    )
 
 
 if __name__ == "__main__":

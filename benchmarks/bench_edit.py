@@ -11,17 +11,17 @@ import time
 
 import torch
 
+from patchlab.core.prompts import PromptSet
+from patchlab.core.spec import Head, HeadSet
 from patchlab.methods import edit as E
 from patchlab.methods import editeval as V
 from patchlab.methods.gap import evaluate_gap
 from patchlab.methods.locate import locate
-from patchlab.runtime.models import load_model
-from patchlab.core.prompts import PromptSet
-from patchlab.runtime.scoring import answer_token_id, encode, pad_id, pad_right
-from patchlab.core.spec import Head, HeadSet
 from patchlab.runtime import sites
 from patchlab.runtime.bridge import model_name
 from patchlab.runtime.identity import base_hash
+from patchlab.runtime.models import load_model
+from patchlab.runtime.scoring import answer_token_id, encode, pad_id, pad_right
 from patchlab.runtime.trace import frozen, recording
 
 
@@ -31,8 +31,10 @@ def finetune_columns(model, item, heads, steps: int = 25, lr: float = 1e-3) -> E
     prompts = E.with_prefixes(item.composed, E.prefixes(6))
     tokens, lengths = pad_right([encode(model, p) for p in prompts], pad_id(model))
     answer = answer_token_id(model, item.answer)
-    deltas = {l: torch.zeros(model.cfg.d_model, len(hs) * model.cfg.d_head, requires_grad=True)
-              for l, hs in layer_heads.items()}
+    deltas = {
+        l: torch.zeros(model.cfg.d_model, len(hs) * model.cfg.d_head, requires_grad=True)
+        for l, hs in layer_heads.items()
+    }
     opt = torch.optim.Adam(list(deltas.values()), lr=lr)
 
     def hook(layer):
@@ -46,22 +48,37 @@ def finetune_columns(model, item, heads, steps: int = 25, lr: float = 1e-3) -> E
 
     with frozen(model):
         for _ in range(steps):
-            with torch.enable_grad(), recording(model, [sites.z(l) for l in layer_heads], graph=True,
-                                                patch=[(sites.o_out(l), hook(l)) for l in layer_heads]) as acts:
+            with (
+                torch.enable_grad(),
+                recording(
+                    model,
+                    [sites.z(l) for l in layer_heads],
+                    graph=True,
+                    patch=[(sites.o_out(l), hook(l)) for l in layer_heads],
+                ) as acts,
+            ):
                 logits = model(tokens)[torch.arange(len(prompts)), lengths - 1]
                 loss = -torch.log_softmax(logits.float(), -1)[:, answer].mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return E.Edit(model_name(model), base_hash(model), layer_heads,
-                  {l: d.detach() for l, d in deltas.items()}, [item.id], {"target": "finetune"})
+    return E.Edit(
+        model_name(model),
+        base_hash(model),
+        layer_heads,
+        {l: d.detach() for l, d in deltas.items()},
+        [item.id],
+        {"target": "finetune"},
+    )
 
 
 def row(name, report) -> str:
     s = report.summary
     cell = lambda k: f"{s[k]['before']:.2f}→{s[k]['after']:.2f}" if s[k].get("n") else "-"  # noqa: E731
-    return (f"| {name} | {cell('correction')} | {cell('paraphrase')} | {cell('generalization')} | "
-            f"{s['irrelevance']['after']:.3f} | {s['facts']['after']:.3f} | {report.seconds_per_edit:.1f} |")
+    return (
+        f"| {name} | {cell('correction')} | {cell('paraphrase')} | {cell('generalization')} | "
+        f"{s['irrelevance']['after']:.3f} | {s['facts']['after']:.3f} | {report.seconds_per_edit:.1f} |"
+    )
 
 
 def main() -> None:
@@ -83,19 +100,26 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     variants = {
         "layer-level CREME (layers 20-26, guide, C=I)": lambda: E.edit_each(
-            model, fails, [Head(l, h) for l in range(20, 27) for h in range(model.cfg.n_heads)],
-            E.EditConfig(target="guide", covariance=False), progress=False),
+            model,
+            fails,
+            [Head(l, h) for l in range(20, 27) for h in range(model.cfg.n_heads)],
+            E.EditConfig(target="guide", covariance=False),
+            progress=False,
+        ),
         f"patchlab heads {'+'.join(map(str, heads))} (optimize, C)": lambda: E.edit_each(
-            model, fails, heads, E.EditConfig(target="optimize"), unrelated=unrelated, progress=False),
+            model, fails, heads, E.EditConfig(target="optimize"), unrelated=unrelated, progress=False
+        ),
         f"fine-tune W_O columns of {'+'.join(map(str, heads))} (25 Adam steps)": lambda: [
-            _timed_ft(model, it, heads) for it in fails],
+            _timed_ft(model, it, heads) for it in fails
+        ],
     }
     for name, run in variants.items():
         report = V.evaluate_edits(model, run(), pool, gap, exclude=exclude, progress=False)
         print(row(name, report), flush=True)
     half = len(fails) // 2
-    edits = E.edit_each(model, fails[:half], heads, E.EditConfig(target="optimize"), batch=True,
-                        unrelated=unrelated, progress=False)
+    edits = E.edit_each(
+        model, fails[:half], heads, E.EditConfig(target="optimize"), batch=True, unrelated=unrelated, progress=False
+    )
     report = V.evaluate_edits(model, edits, pool, gap, held_out=fails[half:], exclude=exclude, progress=False)
     print(row(f"batch edit of {half} failures (heads {'+'.join(map(str, heads))})", report))
     h = report.summary["held_out"]

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from transformer_lens import patching
 
+from patchlab.core.prompts import PromptSet
 from patchlab.methods import locate as L
 from patchlab.runtime.models import load_model
-from patchlab.core.prompts import PromptSet
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -45,7 +45,7 @@ def main() -> None:
         clean, corrupted = L.run_cache(model, pair.clean), L.run_cache(model, pair.corrupted)
         metric = L.logit_diff_metric(pair.answer, pair.contrast)
         _, tl_cache = model.run_with_cache(clean.tokens)
-        tl_metric = lambda logits: logits[0, -1, pair.answer] - logits[0, -1, pair.contrast]  # noqa: E731
+        tl_metric = lambda logits, p=pair: logits[0, -1, p.answer] - logits[0, -1, p.contrast]  # noqa: E731
         start = time.perf_counter()
         tl = patching.get_act_patch_attn_head_out_all_pos(model, corrupted.tokens, tl_cache, tl_metric)
         t_tl += time.perf_counter() - start
@@ -61,11 +61,15 @@ def main() -> None:
         top_e, top_a = set(np.argsort(-np.abs(effect))[:10]), set(np.argsort(-np.abs(a))[:10])
         overlaps.append(len(top_e & top_a) / 10)
         rhos.append(spearman(effect, a))
-        print(f"{pair.id}: {len(pair.clean)} tokens; TL {t_tl:.1f}s cumulative, max|diff| {diffs[-1]:.2e}, "
-              f"top-10 overlap {overlaps[-1]:.1f}, spearman {rhos[-1]:.2f}")
+        print(
+            f"{pair.id}: {len(pair.clean)} tokens; TL {t_tl:.1f}s cumulative, max|diff| {diffs[-1]:.2e}, "
+            f"top-10 overlap {overlaps[-1]:.1f}, spearman {rhos[-1]:.2f}"
+        )
     n = len(pairs)
-    print(f"\nper pair (270 heads, all positions): TransformerLens {t_tl / n:.2f} s | patchlab exact "
-          f"{t_ex / n:.2f} s ({t_tl / t_ex:.1f}x) | patchlab attribution {t_at / n:.3f} s ({t_tl / t_at:.0f}x)")
+    print(
+        f"\nper pair (270 heads, all positions): TransformerLens {t_tl / n:.2f} s | patchlab exact "
+        f"{t_ex / n:.2f} s ({t_tl / t_ex:.1f}x) | patchlab attribution {t_at / n:.3f} s ({t_tl / t_at:.0f}x)"
+    )
     gap_items = items[:60]
     start = time.perf_counter()
     result = L.locate(model, gap_items[:8], setup="guide", method="both", progress=False)

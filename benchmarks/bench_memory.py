@@ -58,8 +58,13 @@ print(json.dumps({"workload": workload, "n": n, "peak": peak(), "after_load": lo
 
 def run(workload: str, n: int, threads: int = 0) -> dict:
     """One fresh process; its own peak RSS."""
-    proc = subprocess.run([sys.executable, "-c", CHILD, workload, str(n), str(threads)], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PATCHLAB_QUIET": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, workload, str(n), str(threads)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PATCHLAB_QUIET": "1"},
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{workload} n={n} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -69,8 +74,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="50,200,1000")
     ap.add_argument("--workloads", default="evaluate,locate")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads in each run (0: torch's default); on a "
-                    "machine shared with other work 1 is far faster (2 threads wait on each other's core)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads in each run (0: torch's default); on a "
+        "machine shared with other work 1 is far faster (2 threads wait on each other's core)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="Also write every run's numbers here.")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -81,8 +91,11 @@ def main() -> None:
             r = run(workload, n, args.threads)
             r["wall"] = time.perf_counter() - start
             runs.append(r)
-            print(f"{workload:9s} n={n:5d}  peak {r['peak'] / 2**20:7.0f} MiB  (after loading the model "
-                  f"{r['after_load'] / 2**20:6.0f} MiB)  {r['seconds']:7.1f} s", flush=True)
+            print(
+                f"{workload:9s} n={n:5d}  peak {r['peak'] / 2**20:7.0f} MiB  (after loading the model "
+                f"{r['after_load'] / 2**20:6.0f} MiB)  {r['seconds']:7.1f} s",
+                flush=True,
+            )
     print()
     ok = True
     for workload in args.workloads.split(","):
@@ -91,8 +104,10 @@ def main() -> None:
         growth = big["peak"] / small["peak"] - 1
         within = growth <= 0.10 and big["peak"] <= 3 * 2**30
         ok &= within
-        print(f"{workload}: peak at n={max(rs)} is {growth:+.1%} vs n={min(rs)}, {big['peak'] / 2**30:.2f} GiB: "
-              f"{'meets' if within else 'MISSES'} the target (<= +10%, <= 3 GB)")
+        print(
+            f"{workload}: peak at n={max(rs)} is {growth:+.1%} vs n={min(rs)}, {big['peak'] / 2**30:.2f} GiB: "
+            f"{'meets' if within else 'MISSES'} the target (<= +10%, <= 3 GB)"
+        )
         print(f"key={workload}_peak_mib " + " ".join(f"n{n}={rs[n]['peak'] / 2**20:.0f}" for n in sorted(rs)))
     if args.json:
         args.json.write_text(json.dumps(runs, indent=2) + "\n")

@@ -81,6 +81,7 @@ print("RESULT " + json.dumps(out))
 def busy_cores(seconds: float = 3.0) -> float:
     """Cores kept busy by other processes right now (from /proc/stat over `seconds`): the 1-min load
     average still counts the previous configuration, this does not."""
+
     def sample():
         fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
         return sum(fields), fields[3] + fields[4]  # total, idle + iowait
@@ -95,33 +96,46 @@ def run(config: str, per_kind: int) -> dict:
     env = {**os.environ, "PATCHLAB_QUIET": "1", "OMP_NUM_THREADS": "2" if config == "plain" else "1"}
     busy = busy_cores()
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run([sys.executable, "-c", CHILD, config, str(per_kind), str(Path(tmp) / "run"), f"{busy:.3f}"],
-                              capture_output=True, text=True, cwd=ROOT, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, config, str(per_kind), str(Path(tmp) / "run"), f"{busy:.3f}"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode or not line:
         raise SystemExit(f"{config} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads(line[0][len("RESULT "):])
+    return json.loads(line[0][len("RESULT ") :])
 
 
 def table(results: list[dict]) -> None:
-    print(f"{'config':7} {'items':>5} {'wall s':>7} {'startup s':>9} {'compute s':>9} {'merge s':>7} "
-          f"{'items/s':>7} {'CPU s/item':>10} {'peak MiB/worker':>15} {'busy cores before':>17} {'load avg':>8}")
+    print(
+        f"{'config':7} {'items':>5} {'wall s':>7} {'startup s':>9} {'compute s':>9} {'merge s':>7} "
+        f"{'items/s':>7} {'CPU s/item':>10} {'peak MiB/worker':>15} {'busy cores before':>17} {'load avg':>8}"
+    )
     for r in results:
         work = r["items"] + r["located"]
         r["items_per_s"] = work / r["compute_s"]
         r["cpu_s_per_item"] = r["cpu_s"] / work
-        print(f"{r['config']:7} {r['items']:5d} {r['wall_s']:7.1f} {r['startup_s']:9.1f} {r['compute_s']:9.1f} "
-              f"{r['merge_s']:7.2f} {r['items_per_s']:7.2f} {r['cpu_s_per_item']:10.3f} "
-              f"{r['peak_rss_mib_per_worker']:15.0f} {r['busy_before']:17.2f} {r['load_before']:8.2f}")
+        print(
+            f"{r['config']:7} {r['items']:5d} {r['wall_s']:7.1f} {r['startup_s']:9.1f} {r['compute_s']:9.1f} "
+            f"{r['merge_s']:7.2f} {r['items_per_s']:7.2f} {r['cpu_s_per_item']:10.3f} "
+            f"{r['peak_rss_mib_per_worker']:15.0f} {r['busy_before']:17.2f} {r['load_before']:8.2f}"
+        )
 
 
 def projection(results: list[dict], items: int = 10_000) -> None:
     """Time for `items` on N machines of 2 one-thread workers each, from the measured local rate."""
-    local = next((r for r in results if r["config"] == "ray"), None) or next(r for r in results if r["config"] == "local")
+    local = next((r for r in results if r["config"] == "ray"), None) or next(
+        r for r in results if r["config"] == "local"
+    )
     per_worker = local["items_per_s"] / local["workers"]
     overhead = local["startup_s"] + local["merge_s"]
-    print(f"\nPROJECTION (a model, not a measurement): {items} items (evaluate + locate), N machines x 2 workers, "
-          f"per-worker rate {per_worker:.2f} items/s and overhead {overhead:.0f} s measured with {local['config']}")
+    print(
+        f"\nPROJECTION (a model, not a measurement): {items} items (evaluate + locate), N machines x 2 workers, "
+        f"per-worker rate {per_worker:.2f} items/s and overhead {overhead:.0f} s measured with {local['config']}"
+    )
     for n in (1, 2, 4, 8, 16, 32):
         seconds = overhead + items / (n * 2 * per_worker)
         print(f"  N={n:3d}: {seconds / 60:7.1f} min")
@@ -150,8 +164,10 @@ def main() -> None:
     elif plain:
         for r in results:
             if r is not plain:
-                print(f"speed-up {r['config']} vs plain (compute): {plain['compute_s'] / r['compute_s']:.2f}x; "
-                      f"end to end: {plain['wall_s'] / r['wall_s']:.2f}x")
+                print(
+                    f"speed-up {r['config']} vs plain (compute): {plain['compute_s'] / r['compute_s']:.2f}x; "
+                    f"end to end: {plain['wall_s'] / r['wall_s']:.2f}x"
+                )
     projection(results)
     if args.json:
         args.json.write_text(json.dumps({"rounds": rounds, "best": results}, indent=2))

@@ -11,10 +11,10 @@ import argparse
 import sys
 
 from patchlab.core.errors import PatchlabError
-from patchlab.methods.gap import evaluate_gap
-from patchlab.runtime.models import load_model
 from patchlab.core.prompts import PromptSet
+from patchlab.methods.gap import evaluate_gap
 from patchlab.results.tables import gap_table
+from patchlab.runtime.models import load_model
 
 parser = argparse.ArgumentParser()
 parser.add_argument("model", help="TransformerLens name, HF folder, or an offline key (smollm2-135m, gemma3-270m)")

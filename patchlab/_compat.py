@@ -10,13 +10,34 @@ import sys
 import warnings
 
 MOVED = {
-    "errors": "core.errors", "io": "core.io", "prompts": "core.prompts", "spec": "core.spec", "progress": "core.progress",
-    "models": "runtime.models", "placement": "runtime.placement", "memory": "runtime.memory",
-    "scoring": "runtime.scoring", "results": "results.base", "plots": "results.figures", "tables": "results.tables",
-    "report": "results.report", "evaluate": "methods.gap", "lens": "methods.lens", "locate": "methods.locate",
-    "edit": "methods.edit", "editeval": "methods.editeval", "carma": "studies.carma", "retune": "studies.retune",
-    "tasks": "studies.tasks", "emergence": "studies.emergence", "mi": "studies.mi", "compose": "studies.compose",
-    "mechanisms": "studies.mechanisms", "jobs": "runs.jobs", "backends": "runs.backends", "demo": "workflows.demo",
+    "errors": "core.errors",
+    "io": "core.io",
+    "prompts": "core.prompts",
+    "spec": "core.spec",
+    "progress": "core.progress",
+    "models": "runtime.models",
+    "placement": "runtime.placement",
+    "memory": "runtime.memory",
+    "scoring": "runtime.scoring",
+    "results": "results.base",
+    "plots": "results.figures",
+    "tables": "results.tables",
+    "report": "results.report",
+    "evaluate": "methods.gap",
+    "lens": "methods.lens",
+    "locate": "methods.locate",
+    "edit": "methods.edit",
+    "editeval": "methods.editeval",
+    "carma": "studies.carma",
+    "retune": "studies.retune",
+    "tasks": "studies.tasks",
+    "emergence": "studies.emergence",
+    "mi": "studies.mi",
+    "compose": "studies.compose",
+    "mechanisms": "studies.mechanisms",
+    "jobs": "runs.jobs",
+    "backends": "runs.backends",
+    "demo": "workflows.demo",
 }
 
 
@@ -32,8 +53,9 @@ class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module) -> None:
         new = "patchlab." + MOVED[module.__name__.partition("patchlab.")[2]]
-        warnings.warn(f"{module.__name__} moved to {new}; the old path goes in the next release",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"{module.__name__} moved to {new}; the old path goes in the next release", DeprecationWarning, stacklevel=2
+        )
         sys.modules[module.__name__] = importlib.import_module(new)  # the import system returns this module
 
 

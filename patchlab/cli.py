@@ -23,14 +23,23 @@ app = typer.Typer(
 )
 console = Console()
 
-ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="Offline key (smollm2-135m, gemma3-270m), TL name or HF folder.")
+ModelOpt = typer.Option(
+    "smollm2-135m", "--model", "-m", help="Offline key (smollm2-135m, gemma3-270m), TL name or HF folder."
+)
 PromptSetOpt = typer.Option(None, "--prompt-set", "-p", help="JSONL prompt set (default: the shipped twohop set).")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cpu).")
 DtypeOpt = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16 (refused for Gemma-3: it overflows).")
-DeviceMapOpt = typer.Option(None, "--device-map", help="Spread the weights over devices: auto | balanced | sequential | "
-                            "FILE.json ({module: device}); not with --device.")
-MaxMemoryOpt = typer.Option(None, "--max-memory", help="Per-device budget, e.g. 0=70GiB,1=70GiB,cpu=200GiB (the run is "
-                            "refused when its memory estimate exceeds it).")
+DeviceMapOpt = typer.Option(
+    None,
+    "--device-map",
+    help="Spread the weights over devices: auto | balanced | sequential | "
+    "FILE.json ({module: device}); not with --device.",
+)
+MaxMemoryOpt = typer.Option(
+    None,
+    "--max-memory",
+    help="Per-device budget, e.g. 0=70GiB,1=70GiB,cpu=200GiB (the run is refused when its memory estimate exceeds it).",
+)
 KindsOpt = typer.Option(None, "--kinds", help="Comma-separated kinds to keep.")
 LimitOpt = typer.Option(None, "--limit", help="Keep only the first N items (after --kinds).")
 PerKindOpt = typer.Option(None, "--per-kind", help="Keep the first N items of every kind.")
@@ -50,8 +59,9 @@ def _out_dir(out: Path) -> Path:
     return out
 
 
-def _prompt_set(spec: Optional[str], kinds: Optional[str] = None, limit: Optional[int] = None,
-                per_kind: Optional[int] = None):
+def _prompt_set(
+    spec: Optional[str], kinds: Optional[str] = None, limit: Optional[int] = None, per_kind: Optional[int] = None
+):
     from patchlab.core.prompts import PromptSet
 
     ps = PromptSet.resolve(spec)
@@ -66,8 +76,9 @@ def _ids(ids: Optional[str]) -> Optional[list[str]]:
     return ids.split(",") if ids else None
 
 
-def _spec(model: str, device: Optional[str], dtype: str, device_map: Optional[str] = None,
-          max_memory: Optional[str] = None):
+def _spec(
+    model: str, device: Optional[str], dtype: str, device_map: Optional[str] = None, max_memory: Optional[str] = None
+):
     from patchlab.workflows.setup import ModelSpec
 
     return ModelSpec(model, device, dtype, device_map, max_memory)
@@ -87,8 +98,10 @@ def _report_run(result) -> None:
     meta = result.meta.get("run")
     if not meta:
         return
-    console.print(f"[dim]run {meta['run_id']} in {meta['run_dir']}: {meta['shards_run']} shard(s) run, "
-                  f"{meta['shards_reused']} reused, {meta['workers']} {meta['backend']} worker(s)[/dim]")
+    console.print(
+        f"[dim]run {meta['run_id']} in {meta['run_dir']}: {meta['shards_run']} shard(s) run, "
+        f"{meta['shards_reused']} reused, {meta['workers']} {meta['backend']} worker(s)[/dim]"
+    )
     if meta["quarantined"]:
         console.print(f"[yellow]quarantined (killed a worker twice): {', '.join(meta['quarantined'])}[/yellow]")
 
@@ -139,10 +152,14 @@ def evaluate(
     from patchlab.workflows import chain
 
     _quiet(quiet)
-    result = chain.evaluate(_spec(model, device, dtype, device_map, max_memory),
-                            _prompt_set(prompt_set, kinds, limit, per_kind), _out_dir(out),
-                            _scale(run_dir, resume, backend, workers, threads, ray_address, shard_size), batch_size,
-                            notify=_note)
+    result = chain.evaluate(
+        _spec(model, device, dtype, device_map, max_memory),
+        _prompt_set(prompt_set, kinds, limit, per_kind),
+        _out_dir(out),
+        _scale(run_dir, resume, backend, workers, threads, ray_address, shard_size),
+        batch_size,
+        notify=_note,
+    )
     _report_run(result)
     _show(result, out)
 
@@ -163,7 +180,9 @@ def lens(
     intervene_layers: str = typer.Option("all", "--intervene-layers", help="e.g. all, 0-29:2, 20,25"),
     intervene_items: int = typer.Option(24, "--intervene-items", help="Composed-correct items to intervene on."),
     controls: int = typer.Option(3, "--controls", help="Control tokens per item."),
-    orthogonal: bool = typer.Option(False, "--orthogonal", help="Remove only the bridge part orthogonal to the answer."),
+    orthogonal: bool = typer.Option(
+        False, "--orthogonal", help="Remove only the bridge part orthogonal to the answer."
+    ),
     top_k: int = typer.Option(5, "--top-k"),
     out: Path = typer.Option(Path("patchlab-out/lens"), "--out", "-o"),
     device: Optional[str] = DeviceOpt,
@@ -179,8 +198,21 @@ def lens(
     ps = None if prompt is not None else _prompt_set(prompt_set, kinds, limit, per_kind)
     if ps is not None and ids:
         ps = ps.filter(ids=_ids(ids))
-    run = chain.lens(_spec(model, device, dtype, device_map, max_memory), ps, prompt, words, gap, positions, intervene,
-                     intervene_layers, intervene_items, controls, orthogonal, top_k, notify=_note)
+    run = chain.lens(
+        _spec(model, device, dtype, device_map, max_memory),
+        ps,
+        prompt,
+        words,
+        gap,
+        positions,
+        intervene,
+        intervene_layers,
+        intervene_items,
+        controls,
+        orthogonal,
+        top_k,
+        notify=_note,
+    )
     if prompt is not None:
         for word, v in run.main.tracked.items():
             console.print(f"{word}: rank at the last position per layer: {[r[-1] for r in v['rank']]}")
@@ -203,9 +235,13 @@ def lens(
 def locate(
     model: str = ModelOpt,
     prompt_set: Optional[str] = PromptSetOpt,
-    setup: str = typer.Option("guide", "--setup", help="guide (failing composed <- guide prompt) | template (correct <- other subject)."),
+    setup: str = typer.Option(
+        "guide", "--setup", help="guide (failing composed <- guide prompt) | template (correct <- other subject)."
+    ),
     method: str = typer.Option("both", "--method", help="attribution | exact | both (screen, then verify exactly)."),
-    site: str = typer.Option("z", "--site", help="z (per head) | attn_out | mlp_out (whole layers, CREME's granularity)."),
+    site: str = typer.Option(
+        "z", "--site", help="z (per head) | attn_out | mlp_out (whole layers, CREME's granularity)."
+    ),
     positions: str = typer.Option("last", "--positions", help="last | all | each (each: per position)."),
     top: int = typer.Option(10, "--top", help="Heads shown, and k of the per-item top-k share."),
     verify: int = typer.Option(20, "--verify", help="With --method both: heads verified exactly."),
@@ -231,13 +267,28 @@ def locate(
     from patchlab.workflows import chain
 
     _quiet(quiet)
-    result = chain.locate(_spec(model, device, dtype, device_map, max_memory), _prompt_set(prompt_set, kinds),
-                          _out_dir(out), _scale(run_dir, resume, backend, workers, threads, ray_address, shard_size),
-                          setup, method, site, positions, top, verify, max_items, _ids(ids), gap, notify=_note)
+    result = chain.locate(
+        _spec(model, device, dtype, device_map, max_memory),
+        _prompt_set(prompt_set, kinds),
+        _out_dir(out),
+        _scale(run_dir, resume, backend, workers, threads, ray_address, shard_size),
+        setup,
+        method,
+        site,
+        positions,
+        top,
+        verify,
+        max_items,
+        _ids(ids),
+        gap,
+        notify=_note,
+    )
     _report_run(result)
     console.print(result.table(top).to_rich())
-    console.print(f"[dim]{result.n} items patched in {result.seconds:.1f} s; "
-                  f"{sum(r['flagged'] for r in result.items)} flagged[/dim]")
+    console.print(
+        f"[dim]{result.n} items patched in {result.seconds:.1f} s; "
+        f"{sum(r['flagged'] for r in result.items)} flagged[/dim]"
+    )
     _written(result.save(out))
 
 
@@ -252,11 +303,19 @@ def edit(
     top: int = typer.Option(2, "--top", help="With --heads-from: how many heads."),
     target: str = typer.Option("optimize", "--target", help="optimize (ROME-style v*) | guide (CREME's v*)."),
     batch: bool = typer.Option(False, "--batch", help="One least-squares edit for all items (MEMIT-style)."),
-    held_out: float = typer.Option(0.0, "--held-out", help="With --batch: share of the failures kept out of the edit and tested."),
-    covariance: bool = typer.Option(True, "--covariance/--no-covariance", help="ROME's C over the heads' z (else C = I)."),
+    held_out: float = typer.Option(
+        0.0, "--held-out", help="With --batch: share of the failures kept out of the edit and tested."
+    ),
+    covariance: bool = typer.Option(
+        True, "--covariance/--no-covariance", help="ROME's C over the heads' z (else C = I)."
+    ),
     max_items: int = typer.Option(100, "--max-items"),
     gap: Optional[Path] = typer.Option(None, "--gap", help="result.json of `patchlab evaluate` (else evaluated now)."),
-    routed: bool = typer.Option(False, "--routed", help="Also store each edit as a routed module (key + gate calibration): NAME.module.safetensors."),
+    routed: bool = typer.Option(
+        False,
+        "--routed",
+        help="Also store each edit as a routed module (key + gate calibration): NAME.module.safetensors.",
+    ),
     out: Path = typer.Option(Path("patchlab-out/edit"), "--out", "-o"),
     device: Optional[str] = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -268,13 +327,28 @@ def edit(
     from patchlab.workflows import chain
 
     out = _out_dir(out)
-    run = chain.edit(_spec(model, device, dtype, device_map, max_memory), _prompt_set(prompt_set), heads, heads_from,
-                     top, _ids(ids), failures, EditConfig(target=target, covariance=covariance), batch, held_out,
-                     max_items, gap, routed, notify=_note)
+    run = chain.edit(
+        _spec(model, device, dtype, device_map, max_memory),
+        _prompt_set(prompt_set),
+        heads,
+        heads_from,
+        top,
+        _ids(ids),
+        failures,
+        EditConfig(target=target, covariance=covariance),
+        batch,
+        held_out,
+        max_items,
+        gap,
+        routed,
+        notify=_note,
+    )
     console.print(run.report.table().to_rich())
     written = run.save(out)
-    console.print(f"[green]wrote[/green] {len(run.edits)} edit file(s){' and routed modules' if routed else ''} under "
-                  f"{out / 'edits'}")
+    console.print(
+        f"[green]wrote[/green] {len(run.edits)} edit file(s){' and routed modules' if routed else ''} under "
+        f"{out / 'edits'}"
+    )
     _written(written)
 
 
@@ -302,9 +376,15 @@ def apply(
     from patchlab.workflows import chain
 
     _quiet(quiet)
-    report = chain.apply(_spec(model, device, dtype, device_map, max_memory), edit_file, _prompt_set(prompt_set),
-                         _out_dir(out), _scale(run_dir, resume, backend, workers, threads, ray_address, shard_size),
-                         gap, notify=_note)
+    report = chain.apply(
+        _spec(model, device, dtype, device_map, max_memory),
+        edit_file,
+        _prompt_set(prompt_set),
+        _out_dir(out),
+        _scale(run_dir, resume, backend, workers, threads, ray_address, shard_size),
+        gap,
+        notify=_note,
+    )
     _report_run(report)
     _show(report, out)
 
@@ -328,7 +408,9 @@ def demo(
     quick = quick or per_kind is not None
     m = _spec(model, None, dtype, device_map, max_memory).load(workload("demo", ps), notify=_note)
     show = {"locate": {"top": 8}}
-    page = run_demo(m, ps, out, quick=quick, on_result=lambda name, r: console.print(r.table(**show.get(name, {})).to_rich()))
+    page = run_demo(
+        m, ps, out, quick=quick, on_result=lambda name, r: console.print(r.table(**show.get(name, {})).to_rich())
+    )
     console.print(f"[bold green]report:[/bold green] {page}")
 
 
@@ -337,7 +419,9 @@ def report(
     folder: Path = typer.Argument(..., help="A folder holding results of evaluate / lens / locate / edit runs."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default FOLDER/report.html)."),
     title: Optional[str] = typer.Option(None, "--title"),
-    png: Optional[Path] = typer.Option(None, "--png", help="Also write a PNG picture of the summary (needs patchlab[docs])."),
+    png: Optional[Path] = typer.Option(
+        None, "--png", help="Also write a PNG picture of the summary (needs patchlab[docs])."
+    ),
 ) -> None:
     """Build one self-contained HTML page from the JSON results found under FOLDER."""
     from patchlab.workflows.report import report as build
@@ -352,7 +436,9 @@ def report(
 def retune_cmd(
     model: str = ModelOpt,
     task: str = typer.Option("idm", "--task", help="idm (definition -> word) | twohop (hops + some composed queries)."),
-    edit_file: Optional[Path] = typer.Option(None, "--edit", help="An .edit file: applied first, then re-tuned around."),
+    edit_file: Optional[Path] = typer.Option(
+        None, "--edit", help="An .edit file: applied first, then re-tuned around."
+    ),
     carma: bool = typer.Option(True, "--carma/--no-carma", help="Add the CARMA regulariser (else plain fine-tuning)."),
     lam: float = typer.Option(0.3, "--lambda", help="CARMA: weight of the regulariser vs the task loss, in [0, 1]."),
     gamma: float = typer.Option(0.3, "--gamma", help="CARMA: weight of L_MI (word-level InfoNCE)."),
@@ -364,7 +450,9 @@ def retune_cmd(
     clip: float = typer.Option(1.0, "--clip", help="Max global gradient norm (0: none)."),
     batch_size: int = typer.Option(8, "--batch-size"),
     seed: int = typer.Option(0, "--seed", help="Data order, train/test split and synonym draws."),
-    checkpoint_every: int = typer.Option(10, "--checkpoint-every", help="Steps between checkpoints (0: only the last)."),
+    checkpoint_every: int = typer.Option(
+        10, "--checkpoint-every", help="Steps between checkpoints (0: only the last)."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint under OUT/checkpoints."),
     eval_items: int = typer.Option(150, "--eval-items", help="At most N queries per evaluated set (seeded sample)."),
     prompt_set: Optional[str] = PromptSetOpt,
@@ -378,9 +466,28 @@ def retune_cmd(
     from patchlab.workflows import studies
 
     out = _out_dir(out)
-    result = studies.retune(_spec(model, device, dtype, device_map, max_memory), task, edit_file, carma, lam, gamma,
-                            eta, params, steps, lr, warmup, clip, batch_size, seed, checkpoint_every, resume,
-                            eval_items, prompt_set, out, notify=_note)
+    result = studies.retune(
+        _spec(model, device, dtype, device_map, max_memory),
+        task,
+        edit_file,
+        carma,
+        lam,
+        gamma,
+        eta,
+        params,
+        steps,
+        lr,
+        warmup,
+        clip,
+        batch_size,
+        seed,
+        checkpoint_every,
+        resume,
+        eval_items,
+        prompt_set,
+        out,
+        notify=_note,
+    )
     console.print(result.table().to_rich())
     console.print(f"[green]wrote[/green] checkpoint: {result.checkpoint}")
     _written(result.save(out))
@@ -388,15 +495,27 @@ def retune_cmd(
 
 @app.command()
 def mechanisms(
-    more: Optional[list[str]] = typer.Argument(None, help="More edit / module files (a shell glob after --edits lands here)."),
-    edits: Optional[str] = typer.Option(None, "--edits", help="Edits to stack, in order: .module.safetensors (routed) or .edit files; a file, a folder or a glob."),
+    more: Optional[list[str]] = typer.Argument(
+        None, help="More edit / module files (a shell glob after --edits lands here)."
+    ),
+    edits: Optional[str] = typer.Option(
+        None,
+        "--edits",
+        help="Edits to stack, in order: .module.safetensors (routed) or .edit files; a file, a folder or a glob.",
+    ),
     model: str = ModelOpt,
     prompt_set: Optional[str] = PromptSetOpt,
     gap: Optional[Path] = typer.Option(None, "--gap", help="result.json of `patchlab evaluate` (else evaluated now)."),
     stages: str = typer.Option("1,10,50,all", "--stages", help="Numbers of stacked edits to measure at."),
     gate: str = typer.Option("hard", "--gate", help="hard (open above tau) | soft (ramp from lo to hi)."),
-    orthogonal: bool = typer.Option(True, "--orthogonal/--no-orthogonal", help="Keying .edit files: Gram-Schmidt each key against earlier ones."),
-    key_heads: str = typer.Option("layer", "--key-heads", help="Keying .edit files: gates read every head's z at the layer, or only the edited heads'."),
+    orthogonal: bool = typer.Option(
+        True, "--orthogonal/--no-orthogonal", help="Keying .edit files: Gram-Schmidt each key against earlier ones."
+    ),
+    key_heads: str = typer.Option(
+        "layer",
+        "--key-heads",
+        help="Keying .edit files: gates read every head's z at the layer, or only the edited heads'.",
+    ),
     n_test: int = typer.Option(60, "--n-test", help="Irrelevance and facts queries."),
     out: Path = typer.Option(Path("patchlab-out/mechanisms"), "--out", "-o"),
     device: Optional[str] = DeviceOpt,
@@ -408,12 +527,26 @@ def mechanisms(
     from patchlab.workflows import studies
 
     out = _out_dir(out)
-    result = studies.mechanisms(_spec(model, device, dtype, device_map, max_memory), _prompt_set(prompt_set), edits,
-                                more or [], gap, stages, gate, orthogonal, key_heads, n_test, notify=_note)
+    result = studies.mechanisms(
+        _spec(model, device, dtype, device_map, max_memory),
+        _prompt_set(prompt_set),
+        edits,
+        more or [],
+        gap,
+        stages,
+        gate,
+        orthogonal,
+        key_heads,
+        n_test,
+        notify=_note,
+    )
     console.print(result.table().to_rich())
     for name, d in result.dependence.items():
-        console.print(f"dependence ({name}): HSIC {d['hsic']:.4f} (shuffled {d['hsic_null']:.4f}), mean |r| {d['abs_r']:.3f}"
-                      if d.get("hsic") is not None else f"dependence ({name}): one module")
+        console.print(
+            f"dependence ({name}): HSIC {d['hsic']:.4f} (shuffled {d['hsic_null']:.4f}), mean |r| {d['abs_r']:.3f}"
+            if d.get("hsic") is not None
+            else f"dependence ({name}): one module"
+        )
     console.print(f"routing costs {result.cost['ratio']:.2f}x a plain forward ({result.cost['modules']} modules)")
     _written(result.save(out))
 
@@ -421,25 +554,44 @@ def mechanisms(
 @app.command()
 def emergence(
     model: str = ModelOpt,
-    texts: Optional[Path] = typer.Option(None, "--texts", help="Texts, one per line (natural; default: the shipped sentences)."),
-    prompt_set: Optional[str] = typer.Option(None, "--prompt-set", "-p", help="twohop: JSONL prompt set (default: shipped)."),
-    experiment: Optional[str] = typer.Option(None, "--experiment", "-e",
-                                             help="natural (vs shuffled, random init) | icl | twohop (default: twohop "
-                                                  "with --prompt-set, else natural)."),
+    texts: Optional[Path] = typer.Option(
+        None, "--texts", help="Texts, one per line (natural; default: the shipped sentences)."
+    ),
+    prompt_set: Optional[str] = typer.Option(
+        None, "--prompt-set", "-p", help="twohop: JSONL prompt set (default: shipped)."
+    ),
+    experiment: Optional[str] = typer.Option(
+        None,
+        "--experiment",
+        "-e",
+        help="natural (vs shuffled, random init) | icl | twohop (default: twohop with --prompt-set, else natural).",
+    ),
     layers: str = typer.Option("all", "--layers", help="Blocks, e.g. all, 0-29:2, 5,10."),
-    length: Optional[int] = typer.Option(None, "--length", help="natural: tokens per text T (default: largest 75% reach)."),
+    length: Optional[int] = typer.Option(
+        None, "--length", help="natural: tokens per text T (default: largest 75% reach)."
+    ),
     estimator: str = typer.Option("gaussian", "--estimator", help="gaussian | infonce | mine."),
     dim: int = typer.Option(8, "--dim", help="Principal components per side seen by the estimator."),
     ridge: float = typer.Option(0.1, "--ridge", help="gaussian: noise floor (variance per whitened component)."),
     n_boot: int = typer.Option(10, "--n-boot", help="gaussian: bootstrap resamples of the sequences for the std."),
-    seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds (neural estimators: mean and std over them)."),
-    random_init: bool = typer.Option(True, "--random-init/--no-random-init", help="natural: add the random-weights control."),
+    seeds: str = typer.Option(
+        "0", "--seeds", help="Comma-separated seeds (neural estimators: mean and std over them)."
+    ),
+    random_init: bool = typer.Option(
+        True, "--random-init/--no-random-init", help="natural: add the random-weights control."
+    ),
     demos: str = typer.Option("0-6", "--demos", help="icl: numbers of demonstrations k, e.g. 0-6 or 0,2,4."),
     n: int = typer.Option(150, "--n", help="icl: prompts per k."),
-    failed: str = typer.Option("wrong", "--failed", help="twohop: wrong (any composed failure) | gap (both hops right)."),
+    failed: str = typer.Option(
+        "wrong", "--failed", help="twohop: wrong (any composed failure) | gap (both hops right)."
+    ),
     min_group: int = typer.Option(10, "--min-group", help="twohop: least queries per outcome in a length group."),
-    gap: Optional[Path] = typer.Option(None, "--gap", help="twohop: result.json of `patchlab evaluate` (else evaluated now)."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Hidden-state cache (default: $PATCHLAB_CACHE/hidden)."),
+    gap: Optional[Path] = typer.Option(
+        None, "--gap", help="twohop: result.json of `patchlab evaluate` (else evaluated now)."
+    ),
+    cache_dir: Optional[Path] = typer.Option(
+        None, "--cache-dir", help="Hidden-state cache (default: $PATCHLAB_CACHE/hidden)."
+    ),
     out: Path = typer.Option(Path("patchlab-out/emergence"), "--out", "-o"),
     device: Optional[str] = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -458,17 +610,37 @@ def emergence(
     from patchlab.workflows import studies
 
     _quiet(quiet)
-    result = studies.emergence(_spec(model, device, dtype, device_map, max_memory), _out_dir(out), experiment, texts,
-                               prompt_set, layers, length, estimator, dim, ridge, n_boot, seeds, random_init, demos, n,
-                               failed, min_group, gap, cache_dir,
-                               _scale(run_dir, resume, backend, workers, threads, ray_address, shard_size),
-                               notify=_note)
+    result = studies.emergence(
+        _spec(model, device, dtype, device_map, max_memory),
+        _out_dir(out),
+        experiment,
+        texts,
+        prompt_set,
+        layers,
+        length,
+        estimator,
+        dim,
+        ridge,
+        n_boot,
+        seeds,
+        random_init,
+        demos,
+        n,
+        failed,
+        min_group,
+        gap,
+        cache_dir,
+        _scale(run_dir, resume, backend, workers, threads, ray_address, shard_size),
+        notify=_note,
+    )
     _show(result, out)
 
 
 @app.command("compare")
 def compare_cmd(
-    models: str = typer.Option("smollm2-135m,gemma3-270m", "--models", help="Comma-separated: offline keys, TL names, folders."),
+    models: str = typer.Option(
+        "smollm2-135m,gemma3-270m", "--models", help="Comma-separated: offline keys, TL names, folders."
+    ),
     tasks: str = typer.Option("substitutivity,systematicity,overgeneralisation", "--tasks"),
     shots: int = typer.Option(2, "--shots", help="Demonstrations in each entailment prompt (a yes, then a no, ...)."),
     gap: bool = typer.Option(True, "--gap/--no-gap", help="Also measure the two-hop gap (evaluate) per model."),
@@ -487,8 +659,16 @@ def compare_cmd(
     out = _out_dir(out)
     names = [n.strip() for n in models.split(",") if n.strip()]
     ps = _prompt_set(prompt_set, None, None, per_kind) if gap else None
-    result = studies.compare(names, [t.strip() for t in tasks.split(",") if t.strip()], gap, ps, shots, batch_size,
-                             _spec(names[0] if names else "", device, dtype, device_map, max_memory), notify=_note)
+    result = studies.compare(
+        names,
+        [t.strip() for t in tasks.split(",") if t.strip()],
+        gap,
+        ps,
+        shots,
+        batch_size,
+        _spec(names[0] if names else "", device, dtype, device_map, max_memory),
+        notify=_note,
+    )
     _show(result, out)
 
 

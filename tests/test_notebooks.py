@@ -1,6 +1,5 @@
 """Every notebook runs top to bottom on a small slice (PATCHLAB_NB_QUICK=1) and shows its plotly figures."""
 
-import os
 from pathlib import Path
 
 import nbformat
@@ -15,7 +14,9 @@ def test_notebooks_are_committed_without_outputs():
     assert len(NOTEBOOKS) >= 4
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
-        assert all(not c.get("outputs") and not c.get("execution_count") for c in nb.cells if c.cell_type == "code"), path.name
+        assert all(not c.get("outputs") and not c.get("execution_count") for c in nb.cells if c.cell_type == "code"), (
+            path.name
+        )
 
 
 @pytest.mark.real

@@ -24,9 +24,17 @@ def build_tiny_model(folder: Path, seed: int = 0) -> Path:
         tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
     config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=1, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False,
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=3,
+        tie_word_embeddings=False,
     )
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(seed)

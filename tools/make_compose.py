@@ -36,7 +36,20 @@ PER_CELL = 45  # systematicity: 45 items in each (pattern, label) cell
 
 # noun -> category; the category gives the hypernym and the adjectives that combine with it
 NOUNS = {
-    "animal": ["dog", "cat", "lion", "tiger", "bear", "horse", "elephant", "rabbit", "wolf", "fox", "monkey", "giraffe"],
+    "animal": [
+        "dog",
+        "cat",
+        "lion",
+        "tiger",
+        "bear",
+        "horse",
+        "elephant",
+        "rabbit",
+        "wolf",
+        "fox",
+        "monkey",
+        "giraffe",
+    ],
     "bird": ["duck", "owl", "parrot", "eagle", "pigeon", "swan"],
     "vehicle": ["car", "truck", "bus", "train", "tractor", "airplane", "motorcycle"],
     "weapon": ["gun", "sword", "rifle", "pistol", "spear", "dagger"],
@@ -47,8 +60,18 @@ NOUNS = {
     "gem": ["diamond", "ruby", "emerald", "sapphire", "pearl"],
     "tool": ["hammer", "saw", "drill", "wrench", "screwdriver", "axe"],
 }
-HYPERNYM = {"animal": "animal", "bird": "bird", "vehicle": "vehicle", "weapon": "weapon", "instrument": "instrument",
-            "fruit": "fruit", "vegetable": "vegetable", "flower": "flower", "gem": "gem", "tool": "tool"}
+HYPERNYM = {
+    "animal": "animal",
+    "bird": "bird",
+    "vehicle": "vehicle",
+    "weapon": "weapon",
+    "instrument": "instrument",
+    "fruit": "fruit",
+    "vegetable": "vegetable",
+    "flower": "flower",
+    "gem": "gem",
+    "tool": "tool",
+}
 
 # intersective: an A N is an N and is A (a red car is a car, and a red vehicle)
 INTERSECTIVE = {
@@ -93,8 +116,14 @@ SUBSECTIVE = [
 CATEGORY = {noun: cat for cat, nouns in NOUNS.items() for noun in nouns}
 
 PEOPLE = ["Kim", "Sam", "Maria", "Tom", "Lena", "Omar", "Priya", "Jonas", "Yuki", "Ada", "Luis", "Nina"]
-FRAMES = ["{p} saw {x}.", "{p} found {x}.", "{p} photographed {x}.", "{p} noticed {x} in the window.",
-          "{p} pointed at {x}.", "{p} drew a picture of {x}."]
+FRAMES = [
+    "{p} saw {x}.",
+    "{p} found {x}.",
+    "{p} photographed {x}.",
+    "{p} noticed {x} in the window.",
+    "{p} pointed at {x}.",
+    "{p} drew a picture of {x}.",
+]
 
 DEMOS = {
     "substitutivity": [
@@ -121,41 +150,103 @@ DEMOS = {
 
 # exocentric compound -> what it is (its head noun is not what it names); head = the last word
 EXOCENTRIC = {
-    "hot dog": "a sausage in a bun", "top dog": "a person in charge", "prairie dog": "a burrowing rodent",
-    "sea dog": "an old sailor", "sea horse": "a small fish", "dark horse": "an unexpected winner",
-    "clothes horse": "a frame for drying clothes", "rocking horse": "a child's toy", "iron horse": "a steam train",
-    "guinea pig": "a rodent, or a test subject", "sea lion": "a seal", "paper tiger": "a harmless threat",
-    "white elephant": "a useless possession", "fat cat": "a rich person", "copy cat": "an imitator",
-    "cash cow": "a steady source of money", "sea cow": "a manatee", "lame duck": "an official about to leave",
-    "sitting duck": "an easy target", "Bombay duck": "a dried fish", "night owl": "a person who stays up late",
-    "early bird": "a person who gets up early", "jail bird": "a prisoner", "red herring": "a misleading clue",
-    "cold turkey": "sudden quitting", "couch potato": "a lazy person", "hot potato": "an awkward issue",
-    "sweet potato": "a different root vegetable", "sea cucumber": "a marine animal", "bad apple": "a bad person",
-    "Adam's apple": "a part of the throat", "big cheese": "an important person", "loan shark": "a money lender",
-    "card shark": "a skilled card player", "road hog": "a selfish driver", "koala bear": "a marsupial",
-    "flying fox": "a fruit bat", "black widow": "a spider", "yellow jacket": "a wasp", "red admiral": "a butterfly",
-    "painted lady": "a butterfly", "Komodo dragon": "a lizard", "bearded dragon": "a lizard",
-    "Tasmanian devil": "a marsupial", "horseshoe crab": "a relative of spiders", "sea anemone": "an animal",
-    "jelly bean": "a sweet", "hot rod": "a fast car", "soap opera": "a television drama",
-    "cold shoulder": "a deliberate snub", "sweet tooth": "a liking for sugar", "green thumb": "a gift for gardening",
-    "red tape": "bureaucracy", "glass ceiling": "an invisible barrier", "elbow grease": "hard work",
-    "fish finger": "a breaded fish stick", "cow pie": "dung", "white knight": "a rescuer",
-    "Welsh rabbit": "melted cheese on toast", "yellow belly": "a coward", "lone wolf": "a person who acts alone",
-    "eager beaver": "a keen worker", "Jerusalem artichoke": "a sunflower tuber",
+    "hot dog": "a sausage in a bun",
+    "top dog": "a person in charge",
+    "prairie dog": "a burrowing rodent",
+    "sea dog": "an old sailor",
+    "sea horse": "a small fish",
+    "dark horse": "an unexpected winner",
+    "clothes horse": "a frame for drying clothes",
+    "rocking horse": "a child's toy",
+    "iron horse": "a steam train",
+    "guinea pig": "a rodent, or a test subject",
+    "sea lion": "a seal",
+    "paper tiger": "a harmless threat",
+    "white elephant": "a useless possession",
+    "fat cat": "a rich person",
+    "copy cat": "an imitator",
+    "cash cow": "a steady source of money",
+    "sea cow": "a manatee",
+    "lame duck": "an official about to leave",
+    "sitting duck": "an easy target",
+    "Bombay duck": "a dried fish",
+    "night owl": "a person who stays up late",
+    "early bird": "a person who gets up early",
+    "jail bird": "a prisoner",
+    "red herring": "a misleading clue",
+    "cold turkey": "sudden quitting",
+    "couch potato": "a lazy person",
+    "hot potato": "an awkward issue",
+    "sweet potato": "a different root vegetable",
+    "sea cucumber": "a marine animal",
+    "bad apple": "a bad person",
+    "Adam's apple": "a part of the throat",
+    "big cheese": "an important person",
+    "loan shark": "a money lender",
+    "card shark": "a skilled card player",
+    "road hog": "a selfish driver",
+    "koala bear": "a marsupial",
+    "flying fox": "a fruit bat",
+    "black widow": "a spider",
+    "yellow jacket": "a wasp",
+    "red admiral": "a butterfly",
+    "painted lady": "a butterfly",
+    "Komodo dragon": "a lizard",
+    "bearded dragon": "a lizard",
+    "Tasmanian devil": "a marsupial",
+    "horseshoe crab": "a relative of spiders",
+    "sea anemone": "an animal",
+    "jelly bean": "a sweet",
+    "hot rod": "a fast car",
+    "soap opera": "a television drama",
+    "cold shoulder": "a deliberate snub",
+    "sweet tooth": "a liking for sugar",
+    "green thumb": "a gift for gardening",
+    "red tape": "bureaucracy",
+    "glass ceiling": "an invisible barrier",
+    "elbow grease": "hard work",
+    "fish finger": "a breaded fish stick",
+    "cow pie": "dung",
+    "white knight": "a rescuer",
+    "Welsh rabbit": "melted cheese on toast",
+    "yellow belly": "a coward",
+    "lone wolf": "a person who acts alone",
+    "eager beaver": "a keen worker",
+    "Jerusalem artichoke": "a sunflower tuber",
 }
 # endocentric modifiers of each head: an A N here *is* an N
 ENDO = ["old", "big", "small", "young", "brown", "black", "white", "grey", "wet", "new", "little", "large"]
 HEAD_MODIFIERS = {  # heads where generic colour / age words would read oddly get their own
-    "shoulder": ["left", "right", "bare"], "tooth": ["front", "loose", "broken"], "thumb": ["left", "right", "sore"],
-    "tape": ["long", "sticky", "new"], "ceiling": ["high", "white", "low"], "grease": ["black", "thick", "old"],
-    "finger": ["left", "long", "sore"], "pie": ["warm", "fresh", "large"], "knight": ["young", "brave", "old"],
-    "belly": ["round", "full", "big"], "opera": ["long", "new", "famous"], "rod": ["long", "metal", "thin"],
-    "bean": ["green", "dried", "fresh"], "admiral": ["old", "famous", "retired"], "lady": ["old", "young", "kind"],
-    "widow": ["young", "old", "rich"], "jacket": ["warm", "black", "new"], "devil": ["grinning", "horned", "red"],
-    "artichoke": ["fresh", "large", "green"], "turkey": ["roast", "big", "wild"], "cheese": ["hard", "old", "soft"],
-    "herring": ["smoked", "small", "fresh"], "apple": ["green", "red", "ripe"], "potato": ["baked", "large", "raw"],
-    "cucumber": ["fresh", "long", "green"], "crab": ["large", "small", "red"], "anemone": ["white", "blue", "pink"],
-    "dragon": ["fierce", "old", "green"], "shark": ["grey", "young", "big"], "hog": ["wild", "fat", "young"],
+    "shoulder": ["left", "right", "bare"],
+    "tooth": ["front", "loose", "broken"],
+    "thumb": ["left", "right", "sore"],
+    "tape": ["long", "sticky", "new"],
+    "ceiling": ["high", "white", "low"],
+    "grease": ["black", "thick", "old"],
+    "finger": ["left", "long", "sore"],
+    "pie": ["warm", "fresh", "large"],
+    "knight": ["young", "brave", "old"],
+    "belly": ["round", "full", "big"],
+    "opera": ["long", "new", "famous"],
+    "rod": ["long", "metal", "thin"],
+    "bean": ["green", "dried", "fresh"],
+    "admiral": ["old", "famous", "retired"],
+    "lady": ["old", "young", "kind"],
+    "widow": ["young", "old", "rich"],
+    "jacket": ["warm", "black", "new"],
+    "devil": ["grinning", "horned", "red"],
+    "artichoke": ["fresh", "large", "green"],
+    "turkey": ["roast", "big", "wild"],
+    "cheese": ["hard", "old", "soft"],
+    "herring": ["smoked", "small", "fresh"],
+    "apple": ["green", "red", "ripe"],
+    "potato": ["baked", "large", "raw"],
+    "cucumber": ["fresh", "long", "green"],
+    "crab": ["large", "small", "red"],
+    "anemone": ["white", "blue", "pink"],
+    "dragon": ["fierce", "old", "green"],
+    "shark": ["grey", "young", "big"],
+    "hog": ["wild", "fat", "young"],
 }
 
 
@@ -193,23 +284,36 @@ def entail_item(task: str, i: int, adj: str, cls: str, noun: str, pattern: str, 
     else:  # "adjective-hypernym": A N => A N'
         hyp, label = np_(adj, hyper), "no" if cls == "subsective" else "yes"
     return {
-        "id": f"{task}-{i:04d}", "task": task, "premise": premise, "hypothesis": frame.format(p=person, x=hyp),
-        "label": label, "adjective": adj, "adj_class": cls, "noun": noun, "hypernym": hyper, "pattern": pattern,
+        "id": f"{task}-{i:04d}",
+        "task": task,
+        "premise": premise,
+        "hypothesis": frame.format(p=person, x=hyp),
+        "label": label,
+        "adjective": adj,
+        "adj_class": cls,
+        "noun": noun,
+        "hypernym": hyper,
+        "pattern": pattern,
         "split": "test",
     }
 
 
 def demo_items(task: str) -> list[dict]:
-    return [{"id": f"{task}-demo-{j}", "task": task, "premise": p, "hypothesis": h, "label": y, "split": "demo"}
-            for j, (p, h, y) in enumerate(DEMOS[task])]
+    return [
+        {"id": f"{task}-demo-{j}", "task": task, "premise": p, "hypothesis": h, "label": y, "split": "demo"}
+        for j, (p, h, y) in enumerate(DEMOS[task])
+    ]
 
 
 def substitutivity(rng: random.Random) -> list[dict]:
     """A N => N: 90 privative (no), 90 non-privative (yes: 2/3 intersective, 1/3 subsective)."""
     priv = rng.sample(combos("privative"), PER_CLASS)
-    yes = rng.sample(combos("intersective"), PER_CLASS - PER_CLASS // 3) + rng.sample(combos("subsective"), PER_CLASS // 3)
-    cells = [(a, "privative", n) for a, n in priv] + [(a, "intersective" if (a, n) not in SUBSECTIVE else "subsective", n)
-                                                     for a, n in yes]
+    yes = rng.sample(combos("intersective"), PER_CLASS - PER_CLASS // 3) + rng.sample(
+        combos("subsective"), PER_CLASS // 3
+    )
+    cells = [(a, "privative", n) for a, n in priv] + [
+        (a, "intersective" if (a, n) not in SUBSECTIVE else "subsective", n) for a, n in yes
+    ]
     rng.shuffle(cells)
     items = [entail_item("substitutivity", i, a, c, n, "drop-adjective", rng) for i, (a, c, n) in enumerate(cells)]
     return demo_items("substitutivity") + items
@@ -222,7 +326,9 @@ def systematicity(rng: random.Random) -> list[dict]:
     cells += [(a, "intersective", n, "hypernym") for a, n in rng.sample(combos("intersective"), PER_CELL - half)]
     cells += [(a, "subsective", n, "hypernym") for a, n in rng.sample(combos("subsective"), half)]
     cells += [(a, "subsective", n, "adjective-hypernym") for a, n in rng.sample(combos("subsective"), PER_CELL)]
-    cells += [(a, "intersective", n, "adjective-hypernym") for a, n in rng.sample(combos("intersective"), PER_CELL - half)]
+    cells += [
+        (a, "intersective", n, "adjective-hypernym") for a, n in rng.sample(combos("intersective"), PER_CELL - half)
+    ]
     cells += [(a, "privative", n, "adjective-hypernym") for a, n in rng.sample(combos("privative"), half)]
     rng.shuffle(cells)
     items = [entail_item("systematicity", i, a, c, n, p, rng) for i, (a, c, n, p) in enumerate(cells)]
@@ -234,9 +340,9 @@ def overgeneralisation() -> list[dict]:
     items = []
     for c, (compound, gloss) in enumerate(EXOCENTRIC.items()):
         head, first = compound.split()[-1], compound.split()[0].lower()
-        pool = HEAD_MODIFIERS.get(head) or ENDO[3 * c % len(ENDO):] + ENDO[: 3 * c % len(ENDO)]  # rotate generic ones
+        pool = HEAD_MODIFIERS.get(head) or ENDO[3 * c % len(ENDO) :] + ENDO[: 3 * c % len(ENDO)]  # rotate generic ones
         mods = [m for m in pool if m.lower() != first][:3]
-        for j, mod in enumerate(mods):
+        for mod in mods:
             items.append({
                 "id": f"overgeneralisation-{len(items):04d}", "task": "overgeneralisation", "noun": head,
                 "phrase": f"{mod} {head}", "exocentric": compound, "gloss": gloss, "split": "test",
@@ -246,8 +352,11 @@ def overgeneralisation() -> list[dict]:
 
 def main(out_dir: Path) -> None:
     rng = random.Random(SEED)
-    sets = {"substitutivity": substitutivity(rng), "systematicity": systematicity(rng),
-            "overgeneralisation": overgeneralisation()}
+    sets = {
+        "substitutivity": substitutivity(rng),
+        "systematicity": systematicity(rng),
+        "overgeneralisation": overgeneralisation(),
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     for task, items in sets.items():
         path = out_dir / f"compose_{task}.jsonl"

@@ -30,8 +30,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "patchlab" / "data" / "tw
 EURO = ("euro", ("Euro", "EUR"))
 
 
-def country(name, capital=None, currency=None, language=None, continent=None, *,
-            the=False, aliases=()):
+def country(name, capital=None, currency=None, language=None, continent=None, *, the=False, aliases=()):
     """One country record.  capital/currency/language may be a plain string or a
     (canonical, (aliases...)) pair; None means "ambiguous, do not ask"."""
 
@@ -53,107 +52,153 @@ def country(name, capital=None, currency=None, language=None, continent=None, *,
     }
 
 
-COUNTRIES = {c["name"]: c for c in [
-    country("France", "Paris", EURO, "French", "Europe"),
-    country("Germany", "Berlin", EURO, "German", "Europe"),
-    country("Italy", "Rome", EURO, "Italian", "Europe"),
-    country("Spain", "Madrid", EURO, "Spanish", "Europe"),
-    country("Portugal", "Lisbon", EURO, "Portuguese", "Europe"),
-    country("Greece", "Athens", EURO, "Greek", "Europe"),
-    country("Austria", "Vienna", EURO, "German", "Europe"),
-    country("Netherlands", "Amsterdam", EURO, "Dutch", "Europe", the=True,
-            aliases=("the Netherlands", "Holland")),
-    country("Ireland", "Dublin", EURO, None, "Europe",
-            aliases=("Republic of Ireland",)),
-    country("Finland", "Helsinki", EURO, "Finnish", "Europe"),
-    country("United Kingdom", "London",
+COUNTRIES = {
+    c["name"]: c
+    for c in [
+        country("France", "Paris", EURO, "French", "Europe"),
+        country("Germany", "Berlin", EURO, "German", "Europe"),
+        country("Italy", "Rome", EURO, "Italian", "Europe"),
+        country("Spain", "Madrid", EURO, "Spanish", "Europe"),
+        country("Portugal", "Lisbon", EURO, "Portuguese", "Europe"),
+        country("Greece", "Athens", EURO, "Greek", "Europe"),
+        country("Austria", "Vienna", EURO, "German", "Europe"),
+        country("Netherlands", "Amsterdam", EURO, "Dutch", "Europe", the=True, aliases=("the Netherlands", "Holland")),
+        country("Ireland", "Dublin", EURO, None, "Europe", aliases=("Republic of Ireland",)),
+        country("Finland", "Helsinki", EURO, "Finnish", "Europe"),
+        country(
+            "United Kingdom",
+            "London",
             ("pound sterling", ("pound", "British pound", "sterling", "GBP")),
-            "English", "Europe", the=True,
-            aliases=("the United Kingdom", "UK", "the UK", "U.K.", "Britain",
-                     "Great Britain", "England")),
-    # Used where the natural answer to "born in the country of" is England.
-    country("England", "London",
+            "English",
+            "Europe",
+            the=True,
+            aliases=("the United Kingdom", "UK", "the UK", "U.K.", "Britain", "Great Britain", "England"),
+        ),
+        # Used where the natural answer to "born in the country of" is England.
+        country(
+            "England",
+            "London",
             ("pound sterling", ("pound", "British pound", "sterling", "GBP")),
-            "English", "Europe",
-            aliases=("United Kingdom", "the United Kingdom", "UK", "the UK",
-                     "Britain", "Great Britain")),
-    country("Czech Republic", "Prague",
+            "English",
+            "Europe",
+            aliases=("United Kingdom", "the United Kingdom", "UK", "the UK", "Britain", "Great Britain"),
+        ),
+        country(
+            "Czech Republic",
+            "Prague",
             ("koruna", ("Czech koruna", "crown", "Czech crown", "CZK")),
-            "Czech", "Europe", the=True,
-            aliases=("the Czech Republic", "Czechia")),
-    country("Poland", "Warsaw", ("zloty", ("złoty", "Polish zloty", "Polish złoty", "PLN")),
-            "Polish", "Europe"),
-    country("Hungary", "Budapest", ("forint", ("Hungarian forint",)), "Hungarian", "Europe"),
-    country("Romania", "Bucharest", ("leu", ("Romanian leu",)), "Romanian", "Europe"),
-    country("Denmark", "Copenhagen", ("krone", ("Danish krone", "crown", "Danish crown")),
-            "Danish", "Europe"),
-    country("Norway", "Oslo", ("krone", ("Norwegian krone", "crown", "Norwegian crown")),
-            "Norwegian", "Europe"),
-    country("Sweden", "Stockholm", ("krona", ("Swedish krona", "crown", "Swedish crown")),
-            "Swedish", "Europe"),
-    country("Iceland", ("Reykjavik", ("Reykjavík",)),
-            ("króna", ("krona", "Icelandic króna", "Icelandic krona")), "Icelandic", "Europe"),
-    country("Serbia", "Belgrade", ("dinar", ("Serbian dinar",)), "Serbian", "Europe"),
-    country("Russia", "Moscow", ("ruble", ("rouble", "Russian ruble", "Russian rouble")),
-            "Russian", None, aliases=("Russian Federation",)),
-    country("Turkey", "Ankara", ("lira", ("Turkish lira",)), "Turkish", None,
-            aliases=("Türkiye",)),
-    country("United States",
+            "Czech",
+            "Europe",
+            the=True,
+            aliases=("the Czech Republic", "Czechia"),
+        ),
+        country("Poland", "Warsaw", ("zloty", ("złoty", "Polish zloty", "Polish złoty", "PLN")), "Polish", "Europe"),
+        country("Hungary", "Budapest", ("forint", ("Hungarian forint",)), "Hungarian", "Europe"),
+        country("Romania", "Bucharest", ("leu", ("Romanian leu",)), "Romanian", "Europe"),
+        country("Denmark", "Copenhagen", ("krone", ("Danish krone", "crown", "Danish crown")), "Danish", "Europe"),
+        country("Norway", "Oslo", ("krone", ("Norwegian krone", "crown", "Norwegian crown")), "Norwegian", "Europe"),
+        country("Sweden", "Stockholm", ("krona", ("Swedish krona", "crown", "Swedish crown")), "Swedish", "Europe"),
+        country(
+            "Iceland",
+            ("Reykjavik", ("Reykjavík",)),
+            ("króna", ("krona", "Icelandic króna", "Icelandic krona")),
+            "Icelandic",
+            "Europe",
+        ),
+        country("Serbia", "Belgrade", ("dinar", ("Serbian dinar",)), "Serbian", "Europe"),
+        country(
+            "Russia",
+            "Moscow",
+            ("ruble", ("rouble", "Russian ruble", "Russian rouble")),
+            "Russian",
+            None,
+            aliases=("Russian Federation",),
+        ),
+        country("Turkey", "Ankara", ("lira", ("Turkish lira",)), "Turkish", None, aliases=("Türkiye",)),
+        country(
+            "United States",
             ("Washington", ("Washington, D.C.", "Washington D.C.", "Washington DC")),
-            ("US dollar", ("dollar", "U.S. dollar", "United States dollar",
-                           "American dollar", "USD")),
-            "English", "North America", the=True,
-            aliases=("the United States", "USA", "the USA", "US", "the US", "U.S.",
-                     "America", "United States of America",
-                     "the United States of America")),
-    country("Canada", "Ottawa", ("Canadian dollar", ("dollar",)), None, "North America"),
-    country("Mexico", None, ("peso", ("Mexican peso",)), "Spanish", "North America"),
-    country("Jamaica", "Kingston", ("Jamaican dollar", ("dollar",)), "English", "North America"),
-    country("Cuba", "Havana", None, "Spanish", "North America"),
-    country("Brazil", ("Brasília", ("Brasilia",)), ("real", ("Brazilian real",)),
-            "Portuguese", "South America"),
-    country("Argentina", "Buenos Aires", ("peso", ("Argentine peso",)), "Spanish",
-            "South America"),
-    country("Peru", "Lima", ("sol", ("Peruvian sol", "nuevo sol")), "Spanish", "South America"),
-    country("Colombia", ("Bogotá", ("Bogota",)), ("peso", ("Colombian peso",)), "Spanish",
-            "South America"),
-    country("Chile", ("Santiago", ("Santiago de Chile",)), ("peso", ("Chilean peso",)),
-            "Spanish", "South America"),
-    country("Ecuador", "Quito", None, "Spanish", "South America"),
-    country("Japan", "Tokyo", ("yen", ("Japanese yen",)), "Japanese", "Asia"),
-    country("China", ("Beijing", ("Peking",)),
+            ("US dollar", ("dollar", "U.S. dollar", "United States dollar", "American dollar", "USD")),
+            "English",
+            "North America",
+            the=True,
+            aliases=(
+                "the United States",
+                "USA",
+                "the USA",
+                "US",
+                "the US",
+                "U.S.",
+                "America",
+                "United States of America",
+                "the United States of America",
+            ),
+        ),
+        country("Canada", "Ottawa", ("Canadian dollar", ("dollar",)), None, "North America"),
+        country("Mexico", None, ("peso", ("Mexican peso",)), "Spanish", "North America"),
+        country("Jamaica", "Kingston", ("Jamaican dollar", ("dollar",)), "English", "North America"),
+        country("Cuba", "Havana", None, "Spanish", "North America"),
+        country("Brazil", ("Brasília", ("Brasilia",)), ("real", ("Brazilian real",)), "Portuguese", "South America"),
+        country("Argentina", "Buenos Aires", ("peso", ("Argentine peso",)), "Spanish", "South America"),
+        country("Peru", "Lima", ("sol", ("Peruvian sol", "nuevo sol")), "Spanish", "South America"),
+        country("Colombia", ("Bogotá", ("Bogota",)), ("peso", ("Colombian peso",)), "Spanish", "South America"),
+        country("Chile", ("Santiago", ("Santiago de Chile",)), ("peso", ("Chilean peso",)), "Spanish", "South America"),
+        country("Ecuador", "Quito", None, "Spanish", "South America"),
+        country("Japan", "Tokyo", ("yen", ("Japanese yen",)), "Japanese", "Asia"),
+        country(
+            "China",
+            ("Beijing", ("Peking",)),
             ("yuan", ("renminbi", "Chinese yuan", "RMB")),
-            ("Chinese", ("Mandarin", "Mandarin Chinese", "Standard Chinese")), "Asia",
-            aliases=("People's Republic of China", "PRC")),
-    country("South Korea", "Seoul", ("won", ("South Korean won", "Korean won")), "Korean",
-            "Asia", aliases=("Korea", "Republic of Korea")),
-    country("India", ("New Delhi", ("Delhi",)), ("rupee", ("Indian rupee",)), None, "Asia"),
-    country("Pakistan", "Islamabad", ("rupee", ("Pakistani rupee",)), None, "Asia"),
-    country("Vietnam", "Hanoi", ("dong", ("đồng", "Vietnamese dong")), "Vietnamese", "Asia",
-            aliases=("Viet Nam",)),
-    country("Thailand", "Bangkok", ("baht", ("Thai baht",)), "Thai", "Asia"),
-    country("Cambodia", ("Phnom Penh", ()), ("riel", ("Cambodian riel",)), "Khmer", "Asia"),
-    country("Indonesia", None, ("rupiah", ("Indonesian rupiah",)),
-            ("Indonesian", ("Bahasa Indonesia",)), "Asia"),
-    country("Philippines", "Manila", ("peso", ("Philippine peso",)), None, "Asia", the=True,
-            aliases=("the Philippines",)),
-    country("Mongolia", ("Ulaanbaatar", ("Ulan Bator",)), None, None, "Asia"),
-    country("Iran", ("Tehran", ("Teheran",)), None, ("Persian", ("Farsi",)), "Asia",
-            aliases=("Persia",)),
-    country("Jordan", "Amman", ("dinar", ("Jordanian dinar",)), "Arabic", "Asia"),
-    country("United Arab Emirates", "Abu Dhabi",
-            ("dirham", ("UAE dirham", "Emirati dirham")), "Arabic", "Asia", the=True,
-            aliases=("the United Arab Emirates", "UAE", "the UAE", "Emirates")),
-    country("Egypt", "Cairo", ("Egyptian pound", ("pound",)), "Arabic", "Africa"),
-    country("Morocco", "Rabat", ("dirham", ("Moroccan dirham",)), "Arabic", "Africa"),
-    country("Nigeria", "Abuja", ("naira", ("Nigerian naira",)), None, "Africa"),
-    country("Ghana", "Accra", ("cedi", ("Ghanaian cedi",)), None, "Africa"),
-    country("Ethiopia", "Addis Ababa", ("birr", ("Ethiopian birr",)), "Amharic", "Africa"),
-    country("Kenya", "Nairobi", ("shilling", ("Kenyan shilling",)), None, "Africa"),
-    country("Tanzania", None, None, None, "Africa"),
-    country("Mali", "Bamako", None, None, "Africa"),
-    country("Australia", "Canberra", ("Australian dollar", ("dollar",)), "English", None),
-]}
+            ("Chinese", ("Mandarin", "Mandarin Chinese", "Standard Chinese")),
+            "Asia",
+            aliases=("People's Republic of China", "PRC"),
+        ),
+        country(
+            "South Korea",
+            "Seoul",
+            ("won", ("South Korean won", "Korean won")),
+            "Korean",
+            "Asia",
+            aliases=("Korea", "Republic of Korea"),
+        ),
+        country("India", ("New Delhi", ("Delhi",)), ("rupee", ("Indian rupee",)), None, "Asia"),
+        country("Pakistan", "Islamabad", ("rupee", ("Pakistani rupee",)), None, "Asia"),
+        country("Vietnam", "Hanoi", ("dong", ("đồng", "Vietnamese dong")), "Vietnamese", "Asia", aliases=("Viet Nam",)),
+        country("Thailand", "Bangkok", ("baht", ("Thai baht",)), "Thai", "Asia"),
+        country("Cambodia", ("Phnom Penh", ()), ("riel", ("Cambodian riel",)), "Khmer", "Asia"),
+        country("Indonesia", None, ("rupiah", ("Indonesian rupiah",)), ("Indonesian", ("Bahasa Indonesia",)), "Asia"),
+        country(
+            "Philippines",
+            "Manila",
+            ("peso", ("Philippine peso",)),
+            None,
+            "Asia",
+            the=True,
+            aliases=("the Philippines",),
+        ),
+        country("Mongolia", ("Ulaanbaatar", ("Ulan Bator",)), None, None, "Asia"),
+        country("Iran", ("Tehran", ("Teheran",)), None, ("Persian", ("Farsi",)), "Asia", aliases=("Persia",)),
+        country("Jordan", "Amman", ("dinar", ("Jordanian dinar",)), "Arabic", "Asia"),
+        country(
+            "United Arab Emirates",
+            "Abu Dhabi",
+            ("dirham", ("UAE dirham", "Emirati dirham")),
+            "Arabic",
+            "Asia",
+            the=True,
+            aliases=("the United Arab Emirates", "UAE", "the UAE", "Emirates"),
+        ),
+        country("Egypt", "Cairo", ("Egyptian pound", ("pound",)), "Arabic", "Africa"),
+        country("Morocco", "Rabat", ("dirham", ("Moroccan dirham",)), "Arabic", "Africa"),
+        country("Nigeria", "Abuja", ("naira", ("Nigerian naira",)), None, "Africa"),
+        country("Ghana", "Accra", ("cedi", ("Ghanaian cedi",)), None, "Africa"),
+        country("Ethiopia", "Addis Ababa", ("birr", ("Ethiopian birr",)), "Amharic", "Africa"),
+        country("Kenya", "Nairobi", ("shilling", ("Kenyan shilling",)), None, "Africa"),
+        country("Tanzania", None, None, None, "Africa"),
+        country("Mali", "Bamako", None, None, "Africa"),
+        country("Australia", "Canberra", ("Australian dollar", ("dollar",)), "English", None),
+    ]
+}
 
 # Landmarks: (name, article, country).  Used for capital, currency and language
 # so the same subject appears with several different second hops.
@@ -324,35 +369,78 @@ PEOPLE = [
 
 # Companies and the country of their headquarters: (name, country).
 COMPANIES = [
-    ("Toyota", "Japan"), ("Sony", "Japan"), ("Nintendo", "Japan"), ("Honda", "Japan"),
-    ("Panasonic", "Japan"), ("Canon", "Japan"),
-    ("Samsung", "South Korea"), ("Hyundai", "South Korea"), ("Kia", "South Korea"),
+    ("Toyota", "Japan"),
+    ("Sony", "Japan"),
+    ("Nintendo", "Japan"),
+    ("Honda", "Japan"),
+    ("Panasonic", "Japan"),
+    ("Canon", "Japan"),
+    ("Samsung", "South Korea"),
+    ("Hyundai", "South Korea"),
+    ("Kia", "South Korea"),
     ("LG", "South Korea"),
-    ("Volkswagen", "Germany"), ("BMW", "Germany"), ("Siemens", "Germany"),
-    ("Adidas", "Germany"), ("Mercedes-Benz", "Germany"), ("Porsche", "Germany"),
-    ("Bosch", "Germany"), ("Puma", "Germany"),
+    ("Volkswagen", "Germany"),
+    ("BMW", "Germany"),
+    ("Siemens", "Germany"),
+    ("Adidas", "Germany"),
+    ("Mercedes-Benz", "Germany"),
+    ("Porsche", "Germany"),
+    ("Bosch", "Germany"),
+    ("Puma", "Germany"),
     ("Nokia", "Finland"),
-    ("Ericsson", "Sweden"), ("Volvo", "Sweden"), ("H&M", "Sweden"), ("Electrolux", "Sweden"),
-    ("Lego", "Denmark"), ("Carlsberg", "Denmark"), ("Maersk", "Denmark"),
-    ("Philips", "Netherlands"), ("Heineken", "Netherlands"),
-    ("Ferrari", "Italy"), ("Lamborghini", "Italy"), ("Gucci", "Italy"), ("Prada", "Italy"),
-    ("Pirelli", "Italy"), ("Barilla", "Italy"),
-    ("Renault", "France"), ("L'Oréal", "France"), ("Michelin", "France"),
-    ("Louis Vuitton", "France"), ("Danone", "France"),
-    ("Zara", "Spain"), ("Telefónica", "Spain"), ("Santander", "Spain"),
-    ("Apple", "United States"), ("Microsoft", "United States"), ("Google", "United States"),
-    ("Amazon", "United States"), ("Coca-Cola", "United States"), ("Boeing", "United States"),
-    ("Ford", "United States"), ("Walmart", "United States"), ("Nike", "United States"),
-    ("Tata", "India"), ("Infosys", "India"),
-    ("Alibaba", "China"), ("Huawei", "China"), ("Tencent", "China"), ("BYD", "China"),
+    ("Ericsson", "Sweden"),
+    ("Volvo", "Sweden"),
+    ("H&M", "Sweden"),
+    ("Electrolux", "Sweden"),
+    ("Lego", "Denmark"),
+    ("Carlsberg", "Denmark"),
+    ("Maersk", "Denmark"),
+    ("Philips", "Netherlands"),
+    ("Heineken", "Netherlands"),
+    ("Ferrari", "Italy"),
+    ("Lamborghini", "Italy"),
+    ("Gucci", "Italy"),
+    ("Prada", "Italy"),
+    ("Pirelli", "Italy"),
+    ("Barilla", "Italy"),
+    ("Renault", "France"),
+    ("L'Oréal", "France"),
+    ("Michelin", "France"),
+    ("Louis Vuitton", "France"),
+    ("Danone", "France"),
+    ("Zara", "Spain"),
+    ("Telefónica", "Spain"),
+    ("Santander", "Spain"),
+    ("Apple", "United States"),
+    ("Microsoft", "United States"),
+    ("Google", "United States"),
+    ("Amazon", "United States"),
+    ("Coca-Cola", "United States"),
+    ("Boeing", "United States"),
+    ("Ford", "United States"),
+    ("Walmart", "United States"),
+    ("Nike", "United States"),
+    ("Tata", "India"),
+    ("Infosys", "India"),
+    ("Alibaba", "China"),
+    ("Huawei", "China"),
+    ("Tencent", "China"),
+    ("BYD", "China"),
     ("Xiaomi", "China"),
-    ("Petrobras", "Brazil"), ("Embraer", "Brazil"),
-    ("Gazprom", "Russia"), ("Aeroflot", "Russia"),
-    ("Tesco", "United Kingdom"), ("BP", "United Kingdom"), ("Rolls-Royce", "United Kingdom"),
-    ("HSBC", "United Kingdom"), ("Unilever", "United Kingdom"), ("Burberry", "United Kingdom"),
+    ("Petrobras", "Brazil"),
+    ("Embraer", "Brazil"),
+    ("Gazprom", "Russia"),
+    ("Aeroflot", "Russia"),
+    ("Tesco", "United Kingdom"),
+    ("BP", "United Kingdom"),
+    ("Rolls-Royce", "United Kingdom"),
+    ("HSBC", "United Kingdom"),
+    ("Unilever", "United Kingdom"),
+    ("Burberry", "United Kingdom"),
     ("Škoda", "Czech Republic"),
     ("Qantas", "Australia"),
-    ("Shopify", "Canada"), ("BlackBerry", "Canada"),
+    ("Shopify", "Canada"),
+    ("BlackBerry", "Canada"),
     ("Ryanair", "Ireland"),
     ("Red Bull", "Austria"),
     ("CD Projekt", "Poland"),
@@ -361,53 +449,113 @@ COMPANIES = [
 
 # Cities (mostly not capitals) and their country: (name, country).
 CITIES = [
-    ("Barcelona", "Spain"), ("Seville", "Spain"),
-    ("Munich", "Germany"), ("Hamburg", "Germany"), ("Frankfurt", "Germany"),
-    ("Milan", "Italy"), ("Venice", "Italy"), ("Florence", "Italy"), ("Naples", "Italy"),
-    ("Lyon", "France"), ("Marseille", "France"),
-    ("Manchester", "United Kingdom"), ("Liverpool", "United Kingdom"),
-    ("Rotterdam", "Netherlands"), ("Porto", "Portugal"), ("Kraków", "Poland"),
-    ("Salzburg", "Austria"), ("Gothenburg", "Sweden"), ("Bergen", "Norway"),
-    ("Osaka", "Japan"), ("Kyoto", "Japan"),
-    ("Shanghai", "China"), ("Shenzhen", "China"),
-    ("Mumbai", "India"), ("Kolkata", "India"), ("Bangalore", "India"),
-    ("Busan", "South Korea"), ("Ho Chi Minh City", "Vietnam"), ("Chiang Mai", "Thailand"),
-    ("Karachi", "Pakistan"), ("Lahore", "Pakistan"), ("Dubai", "United Arab Emirates"),
-    ("Lagos", "Nigeria"), ("Casablanca", "Morocco"), ("Marrakesh", "Morocco"),
-    ("Alexandria", "Egypt"), ("Luxor", "Egypt"), ("Mombasa", "Kenya"),
-    ("Timbuktu", "Mali"), ("Kumasi", "Ghana"), ("Dar es Salaam", "Tanzania"),
-    ("Chicago", "United States"), ("Los Angeles", "United States"),
-    ("New York City", "United States"), ("Houston", "United States"),
+    ("Barcelona", "Spain"),
+    ("Seville", "Spain"),
+    ("Munich", "Germany"),
+    ("Hamburg", "Germany"),
+    ("Frankfurt", "Germany"),
+    ("Milan", "Italy"),
+    ("Venice", "Italy"),
+    ("Florence", "Italy"),
+    ("Naples", "Italy"),
+    ("Lyon", "France"),
+    ("Marseille", "France"),
+    ("Manchester", "United Kingdom"),
+    ("Liverpool", "United Kingdom"),
+    ("Rotterdam", "Netherlands"),
+    ("Porto", "Portugal"),
+    ("Kraków", "Poland"),
+    ("Salzburg", "Austria"),
+    ("Gothenburg", "Sweden"),
+    ("Bergen", "Norway"),
+    ("Osaka", "Japan"),
+    ("Kyoto", "Japan"),
+    ("Shanghai", "China"),
+    ("Shenzhen", "China"),
+    ("Mumbai", "India"),
+    ("Kolkata", "India"),
+    ("Bangalore", "India"),
+    ("Busan", "South Korea"),
+    ("Ho Chi Minh City", "Vietnam"),
+    ("Chiang Mai", "Thailand"),
+    ("Karachi", "Pakistan"),
+    ("Lahore", "Pakistan"),
+    ("Dubai", "United Arab Emirates"),
+    ("Lagos", "Nigeria"),
+    ("Casablanca", "Morocco"),
+    ("Marrakesh", "Morocco"),
+    ("Alexandria", "Egypt"),
+    ("Luxor", "Egypt"),
+    ("Mombasa", "Kenya"),
+    ("Timbuktu", "Mali"),
+    ("Kumasi", "Ghana"),
+    ("Dar es Salaam", "Tanzania"),
+    ("Chicago", "United States"),
+    ("Los Angeles", "United States"),
+    ("New York City", "United States"),
+    ("Houston", "United States"),
     ("Miami", "United States"),
-    ("Toronto", "Canada"), ("Vancouver", "Canada"), ("Montreal", "Canada"),
-    ("Guadalajara", "Mexico"), ("Cancún", "Mexico"),
-    ("Rio de Janeiro", "Brazil"), ("São Paulo", "Brazil"), ("Cusco", "Peru"),
-    ("Medellín", "Colombia"), ("Valparaíso", "Chile"), ("Guayaquil", "Ecuador"),
+    ("Toronto", "Canada"),
+    ("Vancouver", "Canada"),
+    ("Montreal", "Canada"),
+    ("Guadalajara", "Mexico"),
+    ("Cancún", "Mexico"),
+    ("Rio de Janeiro", "Brazil"),
+    ("São Paulo", "Brazil"),
+    ("Cusco", "Peru"),
+    ("Medellín", "Colombia"),
+    ("Valparaíso", "Chile"),
+    ("Guayaquil", "Ecuador"),
     ("Mendoza", "Argentina"),
 ]
 
 # Dishes and their country of origin: (name as written mid-sentence, country).
 DISHES = [
-    ("sushi", "Japan"), ("sashimi", "Japan"), ("miso soup", "Japan"),
-    ("pizza", "Italy"), ("risotto", "Italy"), ("lasagna", "Italy"), ("tiramisu", "Italy"),
+    ("sushi", "Japan"),
+    ("sashimi", "Japan"),
+    ("miso soup", "Japan"),
+    ("pizza", "Italy"),
+    ("risotto", "Italy"),
+    ("lasagna", "Italy"),
+    ("tiramisu", "Italy"),
     ("carbonara", "Italy"),
-    ("paella", "Spain"), ("gazpacho", "Spain"),
-    ("ratatouille", "France"), ("bouillabaisse", "France"), ("coq au vin", "France"),
+    ("paella", "Spain"),
+    ("gazpacho", "Spain"),
+    ("ratatouille", "France"),
+    ("bouillabaisse", "France"),
+    ("coq au vin", "France"),
     ("goulash", "Hungary"),
-    ("tom yum", "Thailand"), ("massaman curry", "Thailand"),
-    ("pho", "Vietnam"), ("banh mi", "Vietnam"),
-    ("kung pao chicken", "China"), ("mapo tofu", "China"), ("dim sum", "China"),
-    ("moussaka", "Greece"), ("souvlaki", "Greece"),
-    ("tagine", "Morocco"), ("feijoada", "Brazil"), ("ceviche", "Peru"),
+    ("tom yum", "Thailand"),
+    ("massaman curry", "Thailand"),
+    ("pho", "Vietnam"),
+    ("banh mi", "Vietnam"),
+    ("kung pao chicken", "China"),
+    ("mapo tofu", "China"),
+    ("dim sum", "China"),
+    ("moussaka", "Greece"),
+    ("souvlaki", "Greece"),
+    ("tagine", "Morocco"),
+    ("feijoada", "Brazil"),
+    ("ceviche", "Peru"),
     ("Sachertorte", "Austria"),
-    ("bratwurst", "Germany"), ("sauerbraten", "Germany"),
-    ("fish and chips", "United Kingdom"), ("Yorkshire pudding", "United Kingdom"),
-    ("butter chicken", "India"), ("tandoori chicken", "India"), ("masala dosa", "India"),
+    ("bratwurst", "Germany"),
+    ("sauerbraten", "Germany"),
+    ("fish and chips", "United Kingdom"),
+    ("Yorkshire pudding", "United Kingdom"),
+    ("butter chicken", "India"),
+    ("tandoori chicken", "India"),
+    ("masala dosa", "India"),
     ("poutine", "Canada"),
-    ("kimchi", "South Korea"), ("bibimbap", "South Korea"), ("bulgogi", "South Korea"),
-    ("beef stroganoff", "Russia"), ("smørrebrød", "Denmark"),
-    ("stroopwafel", "Netherlands"), ("pastel de nata", "Portugal"),
-    ("jerk chicken", "Jamaica"), ("adobo", "Philippines"), ("clam chowder", "United States"),
+    ("kimchi", "South Korea"),
+    ("bibimbap", "South Korea"),
+    ("bulgogi", "South Korea"),
+    ("beef stroganoff", "Russia"),
+    ("smørrebrød", "Denmark"),
+    ("stroopwafel", "Netherlands"),
+    ("pastel de nata", "Portugal"),
+    ("jerk chicken", "Jamaica"),
+    ("adobo", "Philippines"),
+    ("clam chowder", "United States"),
 ]
 
 # Creators: name -> (country of birth, alternative names).
@@ -568,7 +716,8 @@ BIRTH_HOP2 = [
 
 TEMPLATES = {
     "landmark>country>capital": dict(
-        hop1=LANDMARK_HOP1, hop2=CAPITAL_HOP2,
+        hop1=LANDMARK_HOP1,
+        hop2=CAPITAL_HOP2,
         composed=[
             "The capital of the country where {s} is located is",
             "The capital city of the country that is home to {s} is",
@@ -578,9 +727,11 @@ TEMPLATES = {
             "{S} is located in a country whose capital is",
             "{S} stands in a country whose capital city is",
             "The country that contains {s} has its capital in the city of",
-        ]),
+        ],
+    ),
     "landmark>country>currency": dict(
-        hop1=LANDMARK_HOP1, hop2=CURRENCY_HOP2,
+        hop1=LANDMARK_HOP1,
+        hop2=CURRENCY_HOP2,
         composed=[
             "The currency of the country where {s} is located is the",
             "The official currency of the country that is home to {s} is the",
@@ -590,9 +741,11 @@ TEMPLATES = {
             "In the country where {s} is located, people pay with the",
             "{S} is located in a country whose currency is the",
             "Tourists visiting {s} pay with the national currency, called the",
-        ]),
+        ],
+    ),
     "landmark>country>language": dict(
-        hop1=LANDMARK_HOP1, hop2=LANGUAGE_HOP2,
+        hop1=LANDMARK_HOP1,
+        hop2=LANGUAGE_HOP2,
         composed=[
             "The main language spoken in the country where {s} is located is",
             "In the country where {s} stands, most people speak",
@@ -602,7 +755,8 @@ TEMPLATES = {
             "{S} is located in a country where the main language is",
             "People who live in the country where {s} is located mostly speak",
             "The most widely spoken language in the country that contains {s} is",
-        ]),
+        ],
+    ),
     "person>country>capital": dict(
         hop1=[
             "{S} was born in the country of",
@@ -619,7 +773,8 @@ TEMPLATES = {
             "{S} was born in a country whose capital is",
             "The country where {s} was born has its capital in the city of",
             "{S} came from a country whose capital city is",
-        ]),
+        ],
+    ),
     "company>country>capital": dict(
         hop1=[
             "{S} is headquartered in the country of",
@@ -636,7 +791,8 @@ TEMPLATES = {
             "{S} is headquartered in a country whose capital is",
             "{S} is based in a country whose capital city is",
             "The country where {s} has its headquarters has its capital in the city of",
-        ]),
+        ],
+    ),
     "city>country>continent": dict(
         hop1=[
             "{S} is a city in the country of",
@@ -653,7 +809,8 @@ TEMPLATES = {
             "{S} is in a country that lies on the continent of",
             "The country in which the city of {s} is located is part of the continent of",
             "{S_poss} country is located on the continent of",
-        ]),
+        ],
+    ),
     "dish>country>capital": dict(
         hop1=[
             "{S} is a dish that originated in the country of",
@@ -670,7 +827,8 @@ TEMPLATES = {
             "{S} comes from a country whose capital is",
             "{S} originated in a country whose capital city is",
             "The country that gave the world {s} has its capital in the city of",
-        ]),
+        ],
+    ),
 }
 
 # Works: one template family per role (the second hop is always BIRTH_HOP2).
@@ -686,7 +844,8 @@ WORK_ROLES = {
             "The writer of {s} was born in the country of",
             "{S} was written by an author who was born in the country of",
             "{S} is the work of an author born in the country of",
-        ]),
+        ],
+    ),
     "play": dict(
         hop1=["{S} was written by", "The author of {s} was", "The play {s} was written by"],
         composed=[
@@ -698,7 +857,8 @@ WORK_ROLES = {
             "The writer of the play {s} was born in the country of",
             "{S} was written by a playwright who was born in the country of",
             "{S} is the work of a playwright born in the country of",
-        ]),
+        ],
+    ),
     "painting": dict(
         hop1=["{S} was painted by", "The painter of {s} was", "The artist who painted {s} was"],
         composed=[
@@ -710,7 +870,8 @@ WORK_ROLES = {
             "{S} was painted by an artist who was born in the country of",
             "The person who painted {s} was born in the country of",
             "The country in which the artist behind {s} was born is",
-        ]),
+        ],
+    ),
     "sculpture": dict(
         hop1=["{S} was sculpted by", "The sculptor of {s} was", "The artist who made {s} was"],
         composed=[
@@ -722,7 +883,8 @@ WORK_ROLES = {
             "{S} was made by a sculptor who was born in the country of",
             "The person who sculpted {s} was born in the country of",
             "The country in which the artist behind {s} was born is",
-        ]),
+        ],
+    ),
     "music": dict(
         hop1=["{S} was composed by", "The composer of {s} was", "{S} is a famous work by"],
         composed=[
@@ -734,7 +896,8 @@ WORK_ROLES = {
             "{S} was composed by someone who was born in the country of",
             "The composer who wrote {s} was born in the country of",
             "{S} is the work of a composer born in the country of",
-        ]),
+        ],
+    ),
 }
 
 # ---------------------------------------------------------------------------
@@ -764,13 +927,19 @@ def dedupe(items):
 
 def fill(template: str, subj: str, bridge: str) -> str:
     return template.format(
-        s=subj, S=cap(subj), s_poss=possessive(subj), S_poss=cap(possessive(subj)),
-        b=bridge, B=cap(bridge), B_poss=cap(possessive(bridge)),
+        s=subj,
+        S=cap(subj),
+        s_poss=possessive(subj),
+        S_poss=cap(possessive(subj)),
+        b=bridge,
+        B=cap(bridge),
+        B_poss=cap(possessive(bridge)),
     )
 
 
-def make_item(idx, kind, id_prefix, tpl, subject, subj_phrase, bridge, bridge_phrase,
-              bridge_aliases, answer, answer_aliases):
+def make_item(
+    idx, kind, id_prefix, tpl, subject, subj_phrase, bridge, bridge_phrase, bridge_aliases, answer, answer_aliases
+):
     """Fill the templates for one item; variant choice rotates with idx."""
     composed_t = tpl["composed"][idx % len(tpl["composed"])]
     pool = [t for t in tpl["composed"] + tpl["para"] if t != composed_t]
@@ -782,8 +951,7 @@ def make_item(idx, kind, id_prefix, tpl, subject, subj_phrase, bridge, bridge_ph
         "bridge": bridge,
         "answer": answer,
         "hop1": fill(tpl["hop1"][idx % len(tpl["hop1"])], subj_phrase, bridge_phrase),
-        "hop2": fill(tpl["hop2"][(idx // len(tpl["hop1"])) % len(tpl["hop2"])],
-                     subj_phrase, bridge_phrase),
+        "hop2": fill(tpl["hop2"][(idx // len(tpl["hop1"])) % len(tpl["hop2"])], subj_phrase, bridge_phrase),
         "composed": fill(composed_t, subj_phrase, bridge_phrase),
         "paraphrases": [fill(t, subj_phrase, bridge_phrase) for t in paras],
         "answer_aliases": dedupe([answer, *answer_aliases]),
@@ -806,9 +974,21 @@ def build_country_kind(kind, id_prefix, rows, attribute):
             continue
         bridge, bridge_phrase, b_aliases = country_bridge(cname)
         answer, a_aliases = fact
-        items.append(make_item(len(items), kind, id_prefix, tpl, subject,
-                               with_article(subject, article), bridge, bridge_phrase,
-                               b_aliases, answer, a_aliases))
+        items.append(
+            make_item(
+                len(items),
+                kind,
+                id_prefix,
+                tpl,
+                subject,
+                with_article(subject, article),
+                bridge,
+                bridge_phrase,
+                b_aliases,
+                answer,
+                a_aliases,
+            )
+        )
     return items
 
 
@@ -820,28 +1000,37 @@ def build_works():
         c = COUNTRIES[cname]
         tpl = dict(WORK_ROLES[role], hop2=BIRTH_HOP2)
         # Titles keep their own capitalisation ("The Starry Night").
-        items.append(make_item(len(items), kind, id_prefix, tpl, title.removeprefix("the "),
-                               title, creator, creator, creator_aliases,
-                               c["name"], c["aliases"]))
+        items.append(
+            make_item(
+                len(items),
+                kind,
+                id_prefix,
+                tpl,
+                title.removeprefix("the "),
+                title,
+                creator,
+                creator,
+                creator_aliases,
+                c["name"],
+                c["aliases"],
+            )
+        )
     return items
 
 
 def build_all():
     items = []
-    items += build_country_kind("landmark>country>capital", "landmark-capital",
-                                LANDMARKS, "capital")
-    items += build_country_kind("landmark>country>currency", "landmark-currency",
-                                LANDMARKS, "currency")
-    items += build_country_kind("landmark>country>language", "landmark-language",
-                                LANDMARKS, "language")
-    items += build_country_kind("person>country>capital", "person-capital",
-                                [(n, "", c) for n, c in PEOPLE], "capital")
-    items += build_country_kind("company>country>capital", "company-capital",
-                                [(n, "", c) for n, c in COMPANIES], "capital")
-    items += build_country_kind("city>country>continent", "city-continent",
-                                [(n, "", c) for n, c in CITIES], "continent")
-    items += build_country_kind("dish>country>capital", "dish-capital",
-                                [(n, "", c) for n, c in DISHES], "capital")
+    items += build_country_kind("landmark>country>capital", "landmark-capital", LANDMARKS, "capital")
+    items += build_country_kind("landmark>country>currency", "landmark-currency", LANDMARKS, "currency")
+    items += build_country_kind("landmark>country>language", "landmark-language", LANDMARKS, "language")
+    items += build_country_kind("person>country>capital", "person-capital", [(n, "", c) for n, c in PEOPLE], "capital")
+    items += build_country_kind(
+        "company>country>capital", "company-capital", [(n, "", c) for n, c in COMPANIES], "capital"
+    )
+    items += build_country_kind(
+        "city>country>continent", "city-continent", [(n, "", c) for n, c in CITIES], "continent"
+    )
+    items += build_country_kind("dish>country>capital", "dish-capital", [(n, "", c) for n, c in DISHES], "capital")
     items += build_works()
     return items
 

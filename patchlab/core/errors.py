@@ -24,7 +24,8 @@ class PatchlabError(ValueError):
         def swap(name: str) -> str:
             return flag_for(name) or name
 
-        message = re.sub(r"`([a-z_]+)`", lambda m: swap(m.group(1)) if flag_for(m.group(1)) else m.group(0),
-                         self.message)
+        message = re.sub(
+            r"`([a-z_]+)`", lambda m: swap(m.group(1)) if flag_for(m.group(1)) else m.group(0), self.message
+        )
         at = " ".join(p for p in (swap(self.param) if self.param else None, self.where) if p)
         return f"{at}: {message}" if at else message

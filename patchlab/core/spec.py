@@ -84,10 +84,13 @@ class HeadSet(tuple):
         items = tuple(Head(*h) if not isinstance(h, Head) else h for h in heads)
         for h in items:
             if n_layers is not None and not 0 <= h.layer < n_layers:
-                raise PatchlabError(f"head {h}: layer {h.layer} does not exist (model has 0..{n_layers - 1})", param=arg)
+                raise PatchlabError(
+                    f"head {h}: layer {h.layer} does not exist (model has 0..{n_layers - 1})", param=arg
+                )
             if n_heads is not None and not 0 <= h.head < n_heads:
-                raise PatchlabError(f"head {h}: head {h.head} does not exist (model has 0..{n_heads - 1} per layer)",
-                                    param=arg)
+                raise PatchlabError(
+                    f"head {h}: head {h.head} does not exist (model has 0..{n_heads - 1} per layer)", param=arg
+                )
         seen = set()
         for h in items:
             if h in seen:

@@ -17,10 +17,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float
@@ -28,13 +29,13 @@ from torch import Tensor
 
 from patchlab.core.errors import PatchlabError
 from patchlab.core.io import atomic_write_bytes
-from patchlab.runtime.models import cache_root
-from patchlab.runtime.bridge import model_name
-from patchlab.runtime.identity import applied_edits, base_hash, weights_hash
 from patchlab.core.prompts import TwoHopItem
-from patchlab.runtime.scoring import answer_token_id, encode, length_batches, pad_id, pad_right
 from patchlab.core.spec import Head, HeadSet, columns
 from patchlab.runtime import sites
+from patchlab.runtime.bridge import model_name
+from patchlab.runtime.identity import applied_edits, base_hash, weights_hash
+from patchlab.runtime.models import cache_root
+from patchlab.runtime.scoring import answer_token_id, encode, length_batches, pad_id, pad_right
 from patchlab.runtime.trace import frozen, run_from_layer, trace
 
 FORMAT = "patchlab-edit/1"
@@ -61,14 +62,18 @@ def check_editable(model, layers: Sequence[int] | None = None) -> None:
     quant = getattr(getattr(hf, "config", None), "quantization_config", None)
     if quant:
         method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
-        raise PatchlabError(f"the model's weights are quantised ({method or 'quantization_config'}): an edit adds a "
-                            "float update to W_O that quantised storage cannot hold; load a float32 or bfloat16 "
-                            "checkpoint")
+        raise PatchlabError(
+            f"the model's weights are quantised ({method or 'quantization_config'}): an edit adds a "
+            "float update to W_O that quantised storage cannot hold; load a float32 or bfloat16 "
+            "checkpoint"
+        )
     for layer in range(model.cfg.n_layers) if layers is None else layers:
         w = o_proj(model, layer).weight
         if not w.is_floating_point() or w.element_size() < 2:
-            raise PatchlabError(f"W_O of layer {layer} is stored as {w.dtype} (quantised): an edit needs float16, "
-                                "bfloat16 or float32 weights")
+            raise PatchlabError(
+                f"W_O of layer {layer} is stored as {w.dtype} (quantised): an edit needs float16, "
+                "bfloat16 or float32 weights"
+            )
         if w.device.type == "meta":
             raise PatchlabError(f"W_O of layer {layer} is offloaded (on the meta device): an edit needs it resident")
 
@@ -126,8 +131,15 @@ def last_z(model, prompts: Sequence[str], layers: Sequence[int], batch_size: int
     for rows in length_batches([len(s) for s in seqs], batch_size):
         tokens, lengths = pad_right([seqs[i] for i in rows], pad_id(model))
         with torch.inference_mode():
-            t = trace(model, tokens, [sites.z(l) for l in layers], at="last", lengths=lengths, to_cpu=True,
-                      stop_at_layer=stop if stop < model.cfg.n_layers else None)
+            t = trace(
+                model,
+                tokens,
+                [sites.z(l) for l in layers],
+                at="last",
+                lengths=lengths,
+                to_cpu=True,
+                stop_at_layer=stop if stop < model.cfg.n_layers else None,
+            )
         for l in layers:
             out[l][rows] = t[sites.z(l)].reshape(len(rows), -1)
     return out
@@ -259,27 +271,38 @@ class Edit:
     def _check(self, model, verify_hash: bool) -> None:
         n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
         if not self.heads or set(self.heads) != set(self.deltas):
-            raise PatchlabError(f"edit's deltas (layers {sorted(self.deltas)}) do not match its heads "
-                                f"(layers {sorted(self.heads)})")
+            raise PatchlabError(
+                f"edit's deltas (layers {sorted(self.deltas)}) do not match its heads (layers {sorted(self.heads)})"
+            )
         for layer, hs in self.heads.items():
             # check the numbers before indexing with them: -1 would wrap around to the last layer / head
-            if (not _index(layer, n_layers) or not hs or not all(_index(h, n_heads) for h in hs)
-                    or len(set(hs)) != len(hs)):
-                raise PatchlabError(f"edit does not fit this model (layer {layer}, heads {hs}; the model has layers "
-                                    f"0..{n_layers - 1} and heads 0..{n_heads - 1})")
+            if (
+                not _index(layer, n_layers)
+                or not hs
+                or not all(_index(h, n_heads) for h in hs)
+                or len(set(hs)) != len(hs)
+            ):
+                raise PatchlabError(
+                    f"edit does not fit this model (layer {layer}, heads {hs}; the model has layers "
+                    f"0..{n_layers - 1} and heads 0..{n_heads - 1})"
+                )
             delta, w = self.deltas[layer], o_proj(model, layer).weight
             want = (w.shape[0], len(hs) * model.cfg.d_head)
             shape = tuple(delta.shape) if torch.is_tensor(delta) else type(delta).__name__
             if shape != want or not delta.is_floating_point():
-                raise PatchlabError(f"edit does not fit this model (layer {layer}, heads {hs}, delta "
-                                    f"{shape} {getattr(delta, 'dtype', '')} vs {want})")
+                raise PatchlabError(
+                    f"edit does not fit this model (layer {layer}, heads {hs}, delta "
+                    f"{shape} {getattr(delta, 'dtype', '')} vs {want})"
+                )
             if not torch.isfinite(delta).all():
                 raise PatchlabError(f"edit has a non-finite delta at layer {layer}")
         if verify_hash:
             have = base_hash(model)
             if have != self.weights_sha256:
-                raise PatchlabError(f"edit was made for weights {self.weights_sha256[:12]}… ('{self.model}'); "
-                                    f"this model's weights are {have[:12]}…")
+                raise PatchlabError(
+                    f"edit was made for weights {self.weights_sha256[:12]}… ('{self.model}'); "
+                    f"this model's weights are {have[:12]}…"
+                )
 
     def apply(self, model, verify_hash: bool = True) -> Edit:
         """Add the deltas to the model's W_O columns (refuses a model with other weights, or a second apply).
@@ -302,8 +325,10 @@ class Edit:
             moved = _moved(model, others, weights, columns)
         if moved:
             self._restore(model)
-            raise PatchlabError(f"applying the edit changed {moved}, not only the edited W_O columns; the edit was "
-                                "taken back, but that parameter may stay changed: reload the model")
+            raise PatchlabError(
+                f"applying the edit changed {moved}, not only the edited W_O columns; the edit was "
+                "taken back, but that parameter may stay changed: reload the model"
+            )
         applied_edits(model).append(self)
         return self
 
@@ -342,9 +367,14 @@ class Edit:
 
     def metadata(self) -> dict[str, str]:
         """The edit's identity as file metadata (format, model, weights hash, heads, items, method)."""
-        return {"format": FORMAT, "model": self.model, "weights_sha256": self.weights_sha256,
-                "heads": json.dumps({str(k): v for k, v in self.heads.items()}), "item_ids": json.dumps(self.item_ids),
-                "method": json.dumps(self.method)}
+        return {
+            "format": FORMAT,
+            "model": self.model,
+            "weights_sha256": self.weights_sha256,
+            "heads": json.dumps({str(k): v for k, v in self.heads.items()}),
+            "item_ids": json.dumps(self.item_ids),
+            "method": json.dumps(self.method),
+        }
 
     def save(self, path: str | Path) -> Path:
         return write_signed(path, self.tensors(), self.metadata())
@@ -361,8 +391,14 @@ class Edit:
         try:
             heads = {int(k): [int(h) for h in v] for k, v in json.loads(meta["heads"]).items()}
             deltas = {l: tensors[f"layer.{l}.delta"] for l in heads}
-            edit = cls(meta["model"], meta["weights_sha256"], heads, deltas, json.loads(meta["item_ids"]),
-                       json.loads(meta["method"]))
+            edit = cls(
+                meta["model"],
+                meta["weights_sha256"],
+                heads,
+                deltas,
+                json.loads(meta["item_ids"]),
+                json.loads(meta["method"]),
+            )
         except (KeyError, ValueError, TypeError) as exc:
             raise PatchlabError(f"edit metadata is incomplete ({exc})", where=where) from None
         bad = [l for l, d in deltas.items() if not d.is_floating_point() or not torch.isfinite(d).all()]
@@ -376,8 +412,9 @@ def _updated(saved: Tensor, delta: Tensor) -> Tensor:
     return (saved.float() + delta.to(device=saved.device, dtype=torch.float32)).to(saved.dtype)
 
 
-def _moved(model, others: dict[str, tuple[float, float]], weights: dict[int, Tensor],
-           columns: dict[int, tuple[Tensor, Tensor]]) -> str | None:
+def _moved(
+    model, others: dict[str, tuple[float, float]], weights: dict[int, Tensor], columns: dict[int, tuple[Tensor, Tensor]]
+) -> str | None:
     """The first parameter (or W_O outside the edited columns) whose fingerprint changed, else None."""
     after = _fingerprints(model, {id(w) for w in weights.values()})
     for name, value in others.items():
@@ -411,16 +448,19 @@ def read_signed(path: str | Path, fmt: str, what: str) -> tuple[dict[str, str], 
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises several types for damaged files
-        raise PatchlabError(f"not a readable {what} file ({type(exc).__name__}: {str(exc)[:120]})".replace("\n", " "),
-                            where=str(path)) from None
+        raise PatchlabError(
+            f"not a readable {what} file ({type(exc).__name__}: {str(exc)[:120]})".replace("\n", " "), where=str(path)
+        ) from None
     if meta.get("format") != fmt:
         raise PatchlabError(f"not a patchlab {what} file (format {meta.get('format')!r})", where=str(path))
     if tensors_hash(tensors) != meta.get("tensors_sha256"):
-        raise PatchlabError(f"{what} tensors do not match their recorded sha256 (file changed after saving)",
-                            where=str(path))
+        raise PatchlabError(
+            f"{what} tensors do not match their recorded sha256 (file changed after saving)", where=str(path)
+        )
     if "meta_sha256" in meta and meta_hash(meta) != meta["meta_sha256"]:  # files before it have none
-        raise PatchlabError(f"{what} metadata does not match its recorded sha256 (file changed after saving)",
-                            where=str(path))
+        raise PatchlabError(
+            f"{what} metadata does not match its recorded sha256 (file changed after saving)", where=str(path)
+        )
     return meta, tensors
 
 
@@ -456,9 +496,18 @@ def _mean_last_z(model, prompts_per_item: list[list[str]], layer: int) -> Tensor
     return z.view(len(prompts_per_item), n, -1).mean(1)  # [items, H*dh]
 
 
-def optimize_delta(model, item: TwoHopItem, layer: int, k_full: Tensor, cfg: EditConfig, pre: Sequence[str],
-                   unrelated: Sequence[str] = (), key_S: Tensor | None = None, cols: Tensor | None = None,
-                   C_inv: Tensor | None = None) -> Tensor:
+def optimize_delta(
+    model,
+    item: TwoHopItem,
+    layer: int,
+    k_full: Tensor,
+    cfg: EditConfig,
+    pre: Sequence[str],
+    unrelated: Sequence[str] = (),
+    key_S: Tensor | None = None,
+    cols: Tensor | None = None,
+    C_inv: Tensor | None = None,
+) -> Tensor:
     """δ added to o_proj's output at the last position that makes the answer likely (ROME-style).
 
     Loss = −log p(answer) over prefixed composed queries + kl_weight · KL on unrelated prompts where δ is
@@ -483,6 +532,7 @@ def optimize_delta(model, item: TwoHopItem, layer: int, k_full: Tensor, cfg: Edi
 
 def _descend(model, layer, delta, opt, resid, rows, lengths, answer, scale, un, cfg) -> None:
     for step in range(cfg.opt_steps):
+
         def add(act, hook):
             out = act.clone()
             out[rows, lengths - 1] = out[rows, lengths - 1] + delta.to(act.dtype)
@@ -560,7 +610,9 @@ def compute_edit(
     for it in items:  # refuse a prompt too long for the model now, naming it, before any work
         for name in ("composed", "hop2"):
             for p in with_prefixes(getattr(it, name), pre):
-                encode(model, p, where=f"{it.id}: {name}" + (" (with a context prefix)" if p != getattr(it, name) else ""))
+                encode(
+                    model, p, where=f"{it.id}: {name}" + (" (with a context prefix)" if p != getattr(it, name) else "")
+                )
     layer_heads = HeadSet(heads, model.cfg.n_layers, model.cfg.n_heads).by_layer()
     # ROME / MEMIT's C: statistics of the unedited model, read before any layer's edit is staged
     covs = {layer: covariance(model, layer) for layer in layer_heads} if cfg.covariance else {}
@@ -574,13 +626,19 @@ def compute_edit(
     finally:
         for step in reversed(staged):
             step.revert(model)
-    method = {"target": cfg.target, "covariance": cfg.covariance, "n_prefixes": cfg.n_prefixes,
-              "batch": len(items) > 1, "config": cfg.__dict__}
+    method = {
+        "target": cfg.target,
+        "covariance": cfg.covariance,
+        "n_prefixes": cfg.n_prefixes,
+        "batch": len(items) > 1,
+        "config": cfg.__dict__,
+    }
     return Edit(model_name(model), base, layer_heads, deltas, [it.id for it in items], method)
 
 
-def _layer_delta(model, items, layer: int, hs: list[int], cfg: EditConfig, pre, unrelated,
-                 cov: Tensor | None = None) -> Tensor:
+def _layer_delta(
+    model, items, layer: int, hs: list[int], cfg: EditConfig, pre, unrelated, cov: Tensor | None = None
+) -> Tensor:
     W = o_proj(model, layer).weight.detach().float().cpu()
     cols = head_columns(model, hs)
     K = _mean_last_z(model, [with_prefixes(it.composed, pre) for it in items], layer)  # [n, H*dh]
@@ -590,10 +648,12 @@ def _layer_delta(model, items, layer: int, hs: list[int], cfg: EditConfig, pre, 
     else:
         C_inv = torch.linalg.inv(C) if C is not None else None
         opt_pre = pre[: cfg.opt_prefixes + 1]
-        V = torch.stack([
-            W @ K[i] + optimize_delta(model, it, layer, K[i], cfg, opt_pre, unrelated, K[i, cols], cols, C_inv)
-            for i, it in enumerate(items)
-        ])
+        V = torch.stack(
+            [
+                W @ K[i] + optimize_delta(model, it, layer, K[i], cfg, opt_pre, unrelated, K[i, cols], cols, C_inv)
+                for i, it in enumerate(items)
+            ]
+        )
     if not (torch.isfinite(K).all() and torch.isfinite(V).all()):
         raise PatchlabError(f"non-finite head outputs or targets (NaN or inf) at layer {layer}")
     R = (V - K @ W.T).T  # [d_model, n]
@@ -608,8 +668,15 @@ class ComputedEdit(NamedTuple):
     seconds: float
 
 
-def edit_each(model, items: Sequence[TwoHopItem], heads: Sequence[Head], cfg: EditConfig | None = None,
-              batch: bool = False, unrelated: Sequence[str] = (), progress: bool = True) -> list[ComputedEdit]:
+def edit_each(
+    model,
+    items: Sequence[TwoHopItem],
+    heads: Sequence[Head],
+    cfg: EditConfig | None = None,
+    batch: bool = False,
+    unrelated: Sequence[str] = (),
+    progress: bool = True,
+) -> list[ComputedEdit]:
     """One edit per item (or one batch edit for all), each with the seconds it took to compute."""
     import time
 

@@ -16,22 +16,23 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from patchlab.methods.edit import Edit
-from patchlab.runtime.bridge import model_name
+from patchlab.core.errors import PatchlabError
 from patchlab.core.progress import track
 from patchlab.core.prompts import TwoHopItem
+from patchlab.methods.edit import Edit
 from patchlab.results.base import Result
+from patchlab.runtime.bridge import model_name
 from patchlab.runtime.identity import provenance
 from patchlab.runtime.scoring import answer_token_id, correct, last_logits
 from patchlab.runtime.shards import shard_task
-from patchlab.core.errors import PatchlabError
 
 SETS = ("correction", "paraphrase", "generalization", "irrelevance", "facts")
 
@@ -42,8 +43,15 @@ class Query:
     answers: tuple[str, ...]
 
 
-def test_sets(item: TwoHopItem, pool: Sequence[TwoHopItem], right_composed: set[str], right_hop2: set[str],
-              n_irrelevant: int = 30, seed: int = 0, exclude: set[str] = frozenset()) -> dict[str, list[Query]]:
+def test_sets(
+    item: TwoHopItem,
+    pool: Sequence[TwoHopItem],
+    right_composed: set[str],
+    right_hop2: set[str],
+    n_irrelevant: int = 30,
+    seed: int = 0,
+    exclude: set[str] = frozenset(),
+) -> dict[str, list[Query]]:
     """The five test sets of one edited item (irrelevance and facts: a seeded sample of other items,
     never one in `exclude` — the prompts an edit's KL term saw)."""
     rng = random.Random(seed)
@@ -54,7 +62,9 @@ def test_sets(item: TwoHopItem, pool: Sequence[TwoHopItem], right_composed: set[
         "correction": [Query(item.composed, item.answers)],
         "paraphrase": [Query(p, item.answers) for p in item.paraphrases],
         "generalization": [Query(it.composed, it.answers) for it in others if it.subject == item.subject],
-        "irrelevance": [Query(it.composed, it.answers) for it in rng.sample(irrelevant, min(n_irrelevant, len(irrelevant)))],
+        "irrelevance": [
+            Query(it.composed, it.answers) for it in rng.sample(irrelevant, min(n_irrelevant, len(irrelevant)))
+        ],
         "facts": [Query(it.hop2, it.answers) for it in rng.sample(facts, min(n_irrelevant, len(facts)))],
     }
 
@@ -83,9 +93,13 @@ def _summarise(before: list[dict], after: list[dict]) -> dict[str, Any]:
     if not before:
         return {"n": 0, "before": None, "after": None, "C": None, "beats_wrong": None}
     rel = [(a["p"] - b["p"]) / max(b["p"], 1e-12) for b, a in zip(before, after)]
-    return {"n": len(before), "before": float(np.mean([b["correct"] for b in before])),
-            "after": float(np.mean([a["correct"] for a in after])), "C": float(np.mean(rel)),
-            "beats_wrong": float(np.mean([a["p"] >= float(a["p_all"][b["top"]]) for b, a in zip(before, after)]))}
+    return {
+        "n": len(before),
+        "before": float(np.mean([b["correct"] for b in before])),
+        "after": float(np.mean([a["correct"] for a in after])),
+        "C": float(np.mean(rel)),
+        "beats_wrong": float(np.mean([a["p"] >= float(a["p_all"][b["top"]]) for b, a in zip(before, after)])),
+    }
 
 
 @dataclass
@@ -94,9 +108,11 @@ class EditReport(Result):
 
     kind = "edit-report"
     heading = "Edit"
-    intro = ("A rank-one update of the located heads' output columns (W_O) per failed item, measured before and "
-              "after on the corrected query, its paraphrases, other second hops of the same subject, and items and "
-              "facts the edit must leave alone.")
+    intro = (
+        "A rank-one update of the located heads' output columns (W_O) per failed item, measured before and "
+        "after on the corrected query, its paraphrases, other second hops of the same subject, and items and "
+        "facts the edit must leave alone."
+    )
     order = 50
     model: str
     heads: list[str]
@@ -124,8 +140,14 @@ def _pool_summary(rows: list[dict], name: str) -> dict[str, Any]:
         return {"n": 0, "before": None, "after": None, "C": None, "beats_wrong": None}
     w = np.array([v["n"] for v in vals], dtype=float)
     avg = lambda k: float(np.average([v[k] for v in vals], weights=w))  # noqa: E731
-    return {"n": int(w.sum()), "items": len(vals), "before": avg("before"), "after": avg("after"),
-            "C": avg("C"), "beats_wrong": avg("beats_wrong")}
+    return {
+        "n": int(w.sum()),
+        "items": len(vals),
+        "before": avg("before"),
+        "after": avg("after"),
+        "C": avg("C"),
+        "beats_wrong": avg("beats_wrong"),
+    }
 
 
 def evaluate_edits(
@@ -151,8 +173,14 @@ def evaluate_edits(
         with edit.applied(model, verify_hash=False):
             after = measure(model, queries)
         for it, b, a in zip(held_out, before, after):
-            rows.append({"id": it.id, "edited": False, "seconds": 0.0,
-                         "sets": {**{s: _summarise([], []) for s in SETS}, "held_out": _summarise([b], [a])}})
+            rows.append(
+                {
+                    "id": it.id,
+                    "edited": False,
+                    "seconds": 0.0,
+                    "sets": {**{s: _summarise([], []) for s in SETS}, "held_out": _summarise([b], [a])},
+                }
+            )
     meta = provenance(model, seed=0, n_irrelevant=n_irrelevant, method=edits[0][1].method, metric=METRIC)
     return report_from_rows(rows, model_name(model), edits[0][1], float(np.mean([s for _, _, s in edits])), meta)
 
@@ -160,9 +188,18 @@ def evaluate_edits(
 METRIC = "greedy 6 tokens"
 
 
-def edit_rows(model, edit: Edit, items: Sequence[TwoHopItem], pool: Sequence[TwoHopItem], right_composed: set[str],
-              right_hop2: set[str], n_irrelevant: int = 30, exclude: set[str] = frozenset(),
-              seen: dict | None = None, seconds: float = 0.0) -> list[dict[str, Any]]:
+def edit_rows(
+    model,
+    edit: Edit,
+    items: Sequence[TwoHopItem],
+    pool: Sequence[TwoHopItem],
+    right_composed: set[str],
+    right_hop2: set[str],
+    n_irrelevant: int = 30,
+    exclude: set[str] = frozenset(),
+    seen: dict | None = None,
+    seconds: float = 0.0,
+) -> list[dict[str, Any]]:
     """One row per item an edit was made for: each test set measured unedited (reusing `seen`) and edited."""
     seen = {} if seen is None else seen
     rows = []
@@ -177,21 +214,34 @@ def edit_rows(model, edit: Edit, items: Sequence[TwoHopItem], pool: Sequence[Two
             n = len(sets[name])
             per[name] = _summarise(before[i : i + n], after[i : i + n])
             i += n
-        rows.append({"id": it.id, "sets": per, "seconds": seconds, "edited": True,
-                     "text_after": after[0]["text"] if after else ""})
+        rows.append(
+            {
+                "id": it.id,
+                "sets": per,
+                "seconds": seconds,
+                "edited": True,
+                "text_after": after[0]["text"] if after else "",
+            }
+        )
     return rows
 
 
-def report_from_rows(rows: list[dict[str, Any]], model: str, first: Edit, seconds_per_edit: float,
-                     meta: dict[str, Any]) -> EditReport:
+def report_from_rows(
+    rows: list[dict[str, Any]], model: str, first: Edit, seconds_per_edit: float, meta: dict[str, Any]
+) -> EditReport:
     """The report of item rows: per test set, the n-weighted means over the edited items (and held-out ones)."""
     edited = [r for r in rows if r["edited"]]
     summary = {name: _pool_summary(edited, name) for name in SETS}
     if any(not r["edited"] for r in rows):
         summary["held_out"] = _pool_summary([r for r in rows if not r["edited"]], "held_out")
     return EditReport(
-        model=model, heads=first.head_list, target=first.method.get("target", "?"),
-        batch=bool(first.method.get("batch")), items=rows, summary=summary, seconds_per_edit=seconds_per_edit,
+        model=model,
+        heads=first.head_list,
+        target=first.method.get("target", "?"),
+        batch=bool(first.method.get("batch")),
+        items=rows,
+        summary=summary,
+        seconds_per_edit=seconds_per_edit,
         meta=meta,
     )
 
@@ -217,10 +267,19 @@ def edit_eval_shard(model, config: dict, items: list[dict], pool: list[dict]) ->
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise PatchlabError(f"cannot read the edit file ({exc.strerror}): every worker needs it", where=str(path)) from None
+        raise PatchlabError(
+            f"cannot read the edit file ({exc.strerror}): every worker needs it", where=str(path)
+        ) from None
     if hashlib.sha256(data).hexdigest() != config["edit_sha256"]:
         raise PatchlabError("edit file changed since the run started", where=str(path))
     its = [TwoHopItem.from_dict(d, where=f"item {d.get('id')}") for d in items]
-    return edit_rows(model, Edit.load(path), its, [TwoHopItem.from_dict(d) for d in pool],
-                     set(config["right_composed"]), set(config["right_hop2"]), config["n_irrelevant"],
-                     set(config["exclude"]))
+    return edit_rows(
+        model,
+        Edit.load(path),
+        its,
+        [TwoHopItem.from_dict(d) for d in pool],
+        set(config["right_composed"]),
+        set(config["right_hop2"]),
+        config["n_irrelevant"],
+        set(config["exclude"]),
+    )

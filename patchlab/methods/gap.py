@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from patchlab.core.prompts import PromptSet, TwoHopItem
-from patchlab.runtime.shards import shard_task
 from patchlab.results.base import Result
 from patchlab.runtime.identity import provenance
 from patchlab.runtime.scoring import DEFAULT_BATCH, MAX_NEW_TOKENS, Hooks, correct
+from patchlab.runtime.shards import shard_task
 
 HOPS = ("hop1", "hop2", "composed")
 
@@ -21,8 +22,10 @@ class GapResult(Result):
 
     kind = "gap"
     heading = "Compositionality gap"
-    intro = ("Greedy answers to hop 1 (subject → bridge), hop 2 (bridge → answer) and the composed question. The "
-              "gap is the share of items with both hops right whose composed question is wrong.")
+    intro = (
+        "Greedy answers to hop 1 (subject → bridge), hop 2 (bridge → answer) and the composed question. The "
+        "gap is the share of items with both hops right whose composed question is wrong."
+    )
     order = 10
     model: str
     prompt_set: str
@@ -93,8 +96,15 @@ def evaluate_gap(
 CRITERION = "answer in greedy continuation"
 
 
-def gap_rows(model, items: Sequence[TwoHopItem], source: str = "<items>", batch_size: int = DEFAULT_BATCH,
-             max_new_tokens: int = MAX_NEW_TOKENS, fwd_hooks: Hooks = (), progress: bool = True) -> list[dict[str, Any]]:
+def gap_rows(
+    model,
+    items: Sequence[TwoHopItem],
+    source: str = "<items>",
+    batch_size: int = DEFAULT_BATCH,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    fwd_hooks: Hooks = (),
+    progress: bool = True,
+) -> list[dict[str, Any]]:
     """One row per item: whether hop1, hop2 and the composed query are answered right, and the continuations."""
     prompts = [getattr(it, hop) for it in items for hop in HOPS]
     answers = [it.bridges if hop == "hop1" else it.answers for it in items for hop in HOPS]

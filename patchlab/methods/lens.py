@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,14 +25,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from patchlab.core.errors import PatchlabError
-from patchlab.runtime.bridge import model_name
 from patchlab.core.progress import track
 from patchlab.core.prompts import TwoHopItem
 from patchlab.results.base import Result
-from patchlab.runtime.identity import provenance
 from patchlab.runtime import sites
-from patchlab.runtime.trace import trace
+from patchlab.runtime.bridge import model_name
+from patchlab.runtime.identity import provenance
 from patchlab.runtime.scoring import DEFAULT_BATCH, answer_token_id, encode, length_batches, pad_id, pad_right
+from patchlab.runtime.trace import trace
 
 TOP10 = 10
 
@@ -77,9 +78,11 @@ class LensResult(Result):
 
     kind = "lens"
     heading = "Logit lens"
-    intro = ("Each layer's residual stream at the last position, read through the final norm and the unembedding: "
-              "the rank of the bridge entity's and the answer's first token, for composed questions the model "
-              "answers right vs wrong.")
+    intro = (
+        "Each layer's residual stream at the last position, read through the final norm and the unembedding: "
+        "the rank of the bridge entity's and the answer's first token, for composed questions the model "
+        "answers right vs wrong."
+    )
     order = 20
     model: str
     layers: list[str]
@@ -122,8 +125,10 @@ def summarize_lens(result: LensResult) -> None:
         result.summary[g] = {}
         result.first_top10[g] = {}
         for t in result.ranks:
-            stats = _group_stats(np.array([result.ranks[t][i] for i in rows], dtype=float),
-                                 np.array([result.probs[t][i] for i in rows], dtype=float))
+            stats = _group_stats(
+                np.array([result.ranks[t][i] for i in rows], dtype=float),
+                np.array([result.probs[t][i] for i in rows], dtype=float),
+            )
             result.summary[g][t] = stats
             hit = [l for l, r in enumerate(stats["geo_rank"]) if r <= TOP10]
             result.first_top10[g][t] = hit[0] if hit else None
@@ -160,13 +165,20 @@ def logit_lens(
                 probs[t][rows] = p.T.numpy()
     names = {t: [model.tokenizer.decode([x]) for x in toks] for t, toks in tracks.items()}
     items = [
-        {"id": ids[i] if ids else str(i), "group": groups[i] if groups else "all", "prompt": prompts[i],
-         "tokens": {t: names[t][i] for t in tracks}}
+        {
+            "id": ids[i] if ids else str(i),
+            "group": groups[i] if groups else "all",
+            "prompt": prompts[i],
+            "tokens": {t: names[t][i] for t in tracks},
+        }
         for i in range(n)
     ]
     result = LensResult(
-        model=model_name(model), layers=layer_labels(model), items=items,
-        ranks={t: v.tolist() for t, v in ranks.items()}, probs={t: v.tolist() for t, v in probs.items()},
+        model=model_name(model),
+        layers=layer_labels(model),
+        items=items,
+        ranks={t: v.tolist() for t, v in ranks.items()},
+        probs={t: v.tolist() for t, v in probs.items()},
         meta=provenance(model, position="last", tracks=list(tracks)),
     )
     summarize_lens(result)
@@ -185,9 +197,7 @@ def outcome_groups(items: Sequence[TwoHopItem], gap) -> list[str]:
     return out
 
 
-def lens_items(
-    model, items: Sequence[TwoHopItem], gap=None, extra: Sequence[str] = (), **kw
-) -> LensResult:
+def lens_items(model, items: Sequence[TwoHopItem], gap=None, extra: Sequence[str] = (), **kw) -> LensResult:
     """The logit lens on composed queries, tracking bridge and answer (and `extra` words), grouped by outcome."""
     tracks: dict[str, list[int]] = {
         "bridge": [answer_token_id(model, it.bridge, where=f"{it.id}: bridge") for it in items],
@@ -240,10 +250,14 @@ def top_tokens(model, prompt: str, k: int = 5, track_words: Sequence[str] = ()) 
         r, p = rank_and_prob(logits, tok)
         tracked[word] = {"rank": r.tolist(), "prob": p.tolist()}
     return TopTokensResult(
-        model=model_name(model), prompt=prompt, layers=layer_labels(model),
+        model=model_name(model),
+        prompt=prompt,
+        layers=layer_labels(model),
         positions=[decode([t]) for t in ids],
         top_tokens=[[[decode([t]) for t in pos] for pos in layer] for layer in top_i.tolist()],
-        top_probs=top_p.tolist(), tracked=tracked, meta=provenance(model, k=k),
+        top_probs=top_p.tolist(),
+        tracked=tracked,
+        meta=provenance(model, k=k),
     )
 
 
@@ -270,7 +284,9 @@ def readout_direction(model, token: int) -> Float[Tensor, " d_model"]:
     return direction / direction.norm()
 
 
-def control_tokens(model, token: int, n: int, rng: random.Random, avoid: Sequence[int] = (), window: int = 200) -> list[int]:
+def control_tokens(
+    model, token: int, n: int, rng: random.Random, avoid: Sequence[int] = (), window: int = 200
+) -> list[int]:
     """`n` random word-start tokens with ids near `token` (similar BPE frequency rank), none in `avoid`."""
     vocab = model.cfg.d_vocab
     lo, hi = max(0, token - window), min(vocab, token + window)
@@ -291,8 +307,10 @@ class InterventionResult(Result):
 
     kind = "bridge-intervention"
     heading = "Bridge-entity intervention"
-    intro = ("Removing the bridge entity's unembedding direction from the residual stream at one layer: how much "
-              "the answer's probability drops, beside control tokens.")
+    intro = (
+        "Removing the bridge entity's unembedding direction from the residual stream at one layer: how much "
+        "the answer's probability drops, beside control tokens."
+    )
     order = 30
     model: str
     layers: list[int]
@@ -363,6 +381,7 @@ def bridge_intervention(
     seqs = [encode(model, it.composed, where=it.id) for it in items]
     # rows = (item, variant) pairs, variant 0 = the bridge
     row_item = [i for i in range(len(items)) for _ in range(n_controls + 1)]
+
     def direction(t: int, i: int) -> Tensor:
         d = readout_direction(model, t)
         return _orthogonal_to(d, readout_direction(model, answer[i])) if orthogonal else d
@@ -397,9 +416,20 @@ def bridge_intervention(
         "control_sem": (control_d.std(1) / math.sqrt(n)).tolist() if n > 1 else [0.0] * len(layers),
     }
     return InterventionResult(
-        model=model_name(model), layers=layers, ids=[it.id for it in items], base_prob=base.tolist(),
-        bridge_delta=bridge_d.tolist(), control_delta=control_d.tolist(), summary=summary,
-        meta=provenance(model, seed=seed, n_controls=n_controls, position="last", site="hook_resid_pre",
-                        orthogonal=orthogonal,
-                        controls=[v[1:] for v in variants]),
+        model=model_name(model),
+        layers=layers,
+        ids=[it.id for it in items],
+        base_prob=base.tolist(),
+        bridge_delta=bridge_d.tolist(),
+        control_delta=control_d.tolist(),
+        summary=summary,
+        meta=provenance(
+            model,
+            seed=seed,
+            n_controls=n_controls,
+            position="last",
+            site="hook_resid_pre",
+            orthogonal=orthogonal,
+            controls=[v[1:] for v in variants],
+        ),
     )

@@ -16,23 +16,24 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from patchlab.core.errors import PatchlabError
-from patchlab.runtime import sites
-from patchlab.runtime.shards import shard_task
-from patchlab.runtime.bridge import model_name
 from patchlab.core.progress import track
 from patchlab.core.prompts import TwoHopItem
+from patchlab.core.spec import Head, HeadSet
 from patchlab.results.base import Result
+from patchlab.runtime import sites
+from patchlab.runtime.bridge import model_name
 from patchlab.runtime.identity import provenance
 from patchlab.runtime.scoring import answer_token_id, encode
-from patchlab.core.spec import Head, HeadSet
+from patchlab.runtime.shards import shard_task
 from patchlab.runtime.trace import attached, check_run_from_layer, frozen, run_from_layer, trace
 
 SITES = sites.PATCH_SITES
@@ -60,8 +61,9 @@ class PatchPair:
 
     def check(self) -> None:
         if self.answer == self.contrast:
-            raise PatchlabError("answer and contrast share their first token: the logit difference is always 0",
-                                where=f"item {self.id}")
+            raise PatchlabError(
+                "answer and contrast share their first token: the logit difference is always 0", where=f"item {self.id}"
+            )
 
 
 def _top_other(logits: Tensor, answer: int) -> int:
@@ -82,8 +84,9 @@ def guide_pairs(model, items: Sequence[TwoHopItem]) -> list[PatchPair]:
         answer = answer_token_id(model, it.answer, where=f"{it.id}: answer")
         with torch.inference_mode():
             logits = model(torch.tensor([composed], device=model.cfg.device))[0, -1].float().cpu()
-        pair = PatchPair(it.id, encode(model, it.hop2, where=f"{it.id}: hop2"), composed, answer,
-                         _top_other(logits, answer), "guide")
+        pair = PatchPair(
+            it.id, encode(model, it.hop2, where=f"{it.id}: hop2"), composed, answer, _top_other(logits, answer), "guide"
+        )
         pairs.append(pair)
     return pairs
 
@@ -101,7 +104,12 @@ def template_pairs(model, items: Sequence[TwoHopItem], pool: Sequence[TwoHopItem
         clean = encode(model, it.composed, where=f"{it.id}: composed")
         answer = answer_token_id(model, it.answer, where=f"{it.id}: answer")
         for other in pool:
-            if other.id == it.id or other.kind != it.kind or _template(other) != _template(it) or "\x00" not in _template(it):
+            if (
+                other.id == it.id
+                or other.kind != it.kind
+                or _template(other) != _template(it)
+                or "\x00" not in _template(it)
+            ):
                 continue
             corrupted = encode(model, other.composed, where=f"{other.id}: composed")
             contrast = answer_token_id(model, other.answer, where=f"{other.id}: answer")
@@ -132,13 +140,16 @@ def run_cache(model, ids: Sequence[int], sites_: Sequence[str] = ("z",)) -> RunC
     with torch.inference_mode():
         t = trace(model, tokens, names)
     return RunCache(
-        tokens=tokens, last_logits=t.logits[0, -1].float(),
+        tokens=tokens,
+        last_logits=t.logits[0, -1].float(),
         resid=[t[sites.resid_pre(l)][0] for l in range(n)],
         acts={s: [t[SITES[s](l)][0] for l in range(n)] for s in sites_},
     )
 
 
-def patch_masks(site: str, positions: str, n_pos: int, n_heads: int, heads: Sequence[int] | None = None) -> tuple[Tensor, list[tuple]]:
+def patch_masks(
+    site: str, positions: str, n_pos: int, n_heads: int, heads: Sequence[int] | None = None
+) -> tuple[Tensor, list[tuple]]:
     """One boolean mask per patched copy over the site's [pos, (head)] axes, and each copy's index.
 
     z: per head (all positions, each position, or the last); attn_out / mlp_out: the whole layer.
@@ -195,8 +206,10 @@ def exact_patch(
         raise PatchlabError(f"positions must be one of {POSITIONS}, got '{positions}'")
     n_pos = corrupted.tokens.shape[1]
     if positions != "last" and clean.tokens.shape[1] != n_pos:
-        raise PatchlabError(f"clean and corrupted differ in length ({clean.tokens.shape[1]} vs {n_pos}); "
-                            "only positions='last' aligns them")
+        raise PatchlabError(
+            f"clean and corrupted differ in length ({clean.tokens.shape[1]} vs {n_pos}); "
+            "only positions='last' aligns them"
+        )
     layers = sorted(range(model.cfg.n_layers) if layers is None else layers)
     fast = fast and check_run_from_layer(model, corrupted.tokens, corrupted.resid)
     jobs = []  # (layer, mask, key)
@@ -256,7 +269,9 @@ def logit_diff_metric(answer: int, contrast: int) -> Callable[[Tensor], Tensor]:
 # --- attribution patching ------------------------------------------------------------------------
 
 
-def attribution_patch(model, clean: RunCache, pair: PatchPair, site: str = "z", positions: str = "all") -> dict[tuple, float]:
+def attribution_patch(
+    model, clean: RunCache, pair: PatchPair, site: str = "z", positions: str = "all"
+) -> dict[tuple, float]:
     """(a_clean − a_corrupted) · ∂metric/∂a at the corrupted run, for every layer × (position) × head."""
     n, n_pos = model.cfg.n_layers, len(pair.corrupted)
     tokens = torch.tensor([pair.corrupted], device=model.cfg.device)
@@ -266,8 +281,7 @@ def attribution_patch(model, clean: RunCache, pair: PatchPair, site: str = "z", 
 
     names = [SITES[site](l) for l in range(n)]
     with frozen(model), torch.enable_grad():
-        t = trace(model, tokens, names, patch=[(sites.resid_pre(0), start_graph)], graph=True,
-                  retain_grad=True)
+        t = trace(model, tokens, names, patch=[(sites.resid_pre(0), start_graph)], graph=True, retain_grad=True)
         logits = t.logits[0, -1]
         (logits[pair.answer] - logits[pair.contrast]).backward()
     acts = {l: t[names[l]] for l in range(n)}
@@ -302,8 +316,10 @@ class LocateResult(Result):
 
     kind = "locate"
     heading = "Located heads"
-    intro = ("Activation patching of each head's output (hook_z) from the guide prompt (bridge written in) into "
-              "the failing composed question: the normalised effect on logit(answer) − logit(wrong answer).")
+    intro = (
+        "Activation patching of each head's output (hook_z) from the guide prompt (bridge written in) into "
+        "the failing composed question: the normalised effect on logit(answer) − logit(wrong answer)."
+    )
     order = 40
     model: str
     setup: str
@@ -383,9 +399,20 @@ def locate_pairs(
     else:
         heads = screened_heads(att_mean, max(verify, top_k), model.cfg.n_heads, site) if method == "both" else None
         rows = verify_rows(model, pairs, site, positions, heads, progress)
-    return aggregate(rows, model_name(model), model.cfg.n_layers, _units(site, model.cfg.n_heads), pairs[0].setup,
-                     method, site, positions, top_k, att_mean, time.perf_counter() - start,
-                     provenance(model, metric=METRIC))
+    return aggregate(
+        rows,
+        model_name(model),
+        model.cfg.n_layers,
+        _units(site, model.cfg.n_heads),
+        pairs[0].setup,
+        method,
+        site,
+        positions,
+        top_k,
+        att_mean,
+        time.perf_counter() - start,
+        provenance(model, metric=METRIC),
+    )
 
 
 METRIC = "logit(answer) - logit(contrast), last position, normalised"
@@ -404,8 +431,11 @@ def check_options(method: str, site: str, top_k: int) -> None:
 def check_pairs(pairs: Sequence[PatchPair], positions: str, allow_empty: bool = False) -> None:
     """Refuse an empty pair list, and position-wise patching of pairs that differ in length."""
     if not pairs and not allow_empty:
-        raise PatchlabError("no prompt pairs to patch (see `setup`: guide needs failures, template needs "
-                            "correct items with a same-template partner)", param="prompt_set")
+        raise PatchlabError(
+            "no prompt pairs to patch (see `setup`: guide needs failures, template needs "
+            "correct items with a same-template partner)",
+            param="prompt_set",
+        )
     for p in pairs:
         if positions != "last" and not p.same_length:
             raise PatchlabError("clean and corrupted differ in length; use `positions` last", where=f"item {p.id}")
@@ -420,10 +450,15 @@ def screen_rows(model, pairs: Sequence[PatchPair], site: str, positions: str, pr
         if reason:
             rows.append({**_flagged_row(p, c, k, reason, n_layers, units), "attribution": None})
             continue
-        att = _reduce_positions(attribution_patch(model, clean, p, site, positions), n_layers, units, positions,
-                                len(p.corrupted))
-        rows.append({**_item_row(p, c, k, None, n_layers, units, positions, delta_grid=att),
-                     "attribution": np.where(np.isfinite(att), att, None).tolist()})
+        att = _reduce_positions(
+            attribution_patch(model, clean, p, site, positions), n_layers, units, positions, len(p.corrupted)
+        )
+        rows.append(
+            {
+                **_item_row(p, c, k, None, n_layers, units, positions, delta_grid=att),
+                "attribution": np.where(np.isfinite(att), att, None).tolist(),
+            }
+        )
     return rows
 
 
@@ -457,8 +492,9 @@ def screened_heads(att_mean: np.ndarray | None, n: int, n_heads: int, site: str)
     return heads
 
 
-def verify_rows(model, pairs: Sequence[PatchPair], site: str, positions: str, heads: dict[int, list] | None,
-                progress: bool = True) -> list[dict]:
+def verify_rows(
+    model, pairs: Sequence[PatchPair], site: str, positions: str, heads: dict[int, list] | None, progress: bool = True
+) -> list[dict]:
     """Exact patching rows, one per pair, of every unit or only of `heads` ({layer: [unit]})."""
     n_layers, units = model.cfg.n_layers, _units(site, model.cfg.n_heads)
     rows = []
@@ -466,8 +502,16 @@ def verify_rows(model, pairs: Sequence[PatchPair], site: str, positions: str, he
         if reason or heads == {}:
             rows.append(_flagged_row(p, c, k, reason or "no pair could be screened", n_layers, units))
             continue
-        raw = exact_patch(model, clean, corrupted, logit_diff_metric(p.answer, p.contrast), site, positions,
-                          layers=sorted(heads) if heads is not None else None, heads=heads)
+        raw = exact_patch(
+            model,
+            clean,
+            corrupted,
+            logit_diff_metric(p.answer, p.contrast),
+            site,
+            positions,
+            layers=sorted(heads) if heads is not None else None,
+            heads=heads,
+        )
         rows.append(_item_row(p, c, k, {key: v - k for key, v in raw.items()}, n_layers, units, positions))
     return rows
 
@@ -493,8 +537,14 @@ def _finite(v: float) -> float | None:
 
 
 def _flagged_row(p: PatchPair, clean: float, corrupted: float, reason: str, n_layers: int, units: list) -> dict:
-    return {"id": p.id, "clean": _finite(clean), "corrupted": _finite(corrupted), "flagged": True,
-            "flag_reason": reason, "effect": [[None] * len(units) for _ in range(n_layers)]}
+    return {
+        "id": p.id,
+        "clean": _finite(clean),
+        "corrupted": _finite(corrupted),
+        "flagged": True,
+        "flag_reason": reason,
+        "effect": [[None] * len(units) for _ in range(n_layers)],
+    }
 
 
 def _reduce_positions(values: dict[tuple, float], n_layers: int, units: list, positions: str, n_pos: int) -> np.ndarray:
@@ -506,7 +556,9 @@ def _reduce_positions(values: dict[tuple, float], n_layers: int, units: list, po
     return np.take_along_axis(stack, idx[None], 0)[0]
 
 
-def _item_row(p: PatchPair, clean: float, corrupted: float, deltas, n_layers, units, positions, delta_grid=None) -> dict:
+def _item_row(
+    p: PatchPair, clean: float, corrupted: float, deltas, n_layers, units, positions, delta_grid=None
+) -> dict:
     """One item's normalised effects; flagged (and left out of the mean) when the effect is undefined."""
     reason = flag_reason(p, clean, corrupted)
     if reason:
@@ -516,22 +568,43 @@ def _item_row(p: PatchPair, clean: float, corrupted: float, deltas, n_layers, un
         delta_grid = _reduce_positions(deltas, n_layers, units, positions, len(p.corrupted))
     with np.errstate(invalid="ignore", over="ignore"):
         effect = delta_grid / denom
-    row = {"id": p.id, "clean": clean, "corrupted": corrupted, "flagged": False,
-           "effect": np.where(np.isfinite(effect), effect, None).tolist()}  # a NaN / inf patch is left out
+    row = {
+        "id": p.id,
+        "clean": clean,
+        "corrupted": corrupted,
+        "flagged": False,
+        "effect": np.where(np.isfinite(effect), effect, None).tolist(),
+    }  # a NaN / inf patch is left out
     if positions == "each" and deltas is not None:
-        row["by_pos"] = [[[_finite(deltas.get((l, q, u), 0.0) / denom) for u in units] for q in range(len(p.corrupted))]
-                         for l in range(n_layers)]
+        row["by_pos"] = [
+            [[_finite(deltas.get((l, q, u), 0.0) / denom) for u in units] for q in range(len(p.corrupted))]
+            for l in range(n_layers)
+        ]
     return row
 
 
-def aggregate(rows: Sequence[dict], model: str, n_layers: int, units: list, setup: str, method: str, site: str,
-              positions: str, top_k: int, att_mean: np.ndarray | None, seconds: float, meta: dict) -> LocateResult:
+def aggregate(
+    rows: Sequence[dict],
+    model: str,
+    n_layers: int,
+    units: list,
+    setup: str,
+    method: str,
+    site: str,
+    positions: str,
+    top_k: int,
+    att_mean: np.ndarray | None,
+    seconds: float,
+    meta: dict,
+) -> LocateResult:
     """Means, spreads and the ranking over the unflagged rows, reduced in float64 in the rows' order."""
     rows = [{k: v for k, v in r.items() if k != "attribution"} for r in rows]
     good = [np.array(r["effect"], dtype=float) for r in rows if not r["flagged"]]
     if not good:
         first = rows[0]
-        raise PatchlabError(f"every item was flagged (item {first['id']}: {first.get('flag_reason')}): nothing to aggregate")
+        raise PatchlabError(
+            f"every item was flagged (item {first['id']}: {first.get('flag_reason')}): nothing to aggregate"
+        )
     stack = np.stack(good).astype(np.float64)
     with warnings.catch_warnings():  # heads that were never patched (method='both') stay NaN
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -545,13 +618,31 @@ def aggregate(rows: Sequence[dict], model: str, n_layers: int, units: list, setu
     ranking = []
     for flat in order:
         l, u = divmod(int(flat), len(units))
-        ranking.append({"unit": _unit_name(l, units[u]), "mean": float(mean[l, u]), "std": float(std[l, u]),
-                        "share_top_k": float(top_counts[l, u] / len(good))})
+        ranking.append(
+            {
+                "unit": _unit_name(l, units[u]),
+                "mean": float(mean[l, u]),
+                "std": float(std[l, u]),
+                "share_top_k": float(top_counts[l, u] / len(good)),
+            }
+        )
     clean_nan = lambda a: np.where(np.isfinite(a), a, None).tolist()  # noqa: E731
     return LocateResult(
-        model=model, setup=setup, method=method, site=site, positions=positions, n_layers=n_layers,
-        n_heads=len(units), items=rows, mean=clean_nan(mean), std=clean_nan(std), n=len(good), ranking=ranking,
-        top_k=top_k, attribution_mean=clean_nan(att_mean) if att_mean is not None else None, seconds=seconds,
+        model=model,
+        setup=setup,
+        method=method,
+        site=site,
+        positions=positions,
+        n_layers=n_layers,
+        n_heads=len(units),
+        items=rows,
+        mean=clean_nan(mean),
+        std=clean_nan(std),
+        n=len(good),
+        ranking=ranking,
+        top_k=top_k,
+        attribution_mean=clean_nan(att_mean) if att_mean is not None else None,
+        seconds=seconds,
         meta=meta,
     )
 
@@ -577,9 +668,15 @@ def locate(
 def heads_from(path, model, top: int) -> HeadSet:
     """The best `top` heads of a saved locate result, refusing a result made on another model."""
     result = LocateResult.from_json(path)
-    if result.model != model_name(model) or (result.n_layers, result.n_heads) != (model.cfg.n_layers, model.cfg.n_heads):
-        raise PatchlabError(f"result was made on '{result.model}' ({result.n_layers}x{result.n_heads}), not on "
-                            f"'{model_name(model)}'", param="heads_from", where=str(path))
+    if result.model != model_name(model) or (result.n_layers, result.n_heads) != (
+        model.cfg.n_layers,
+        model.cfg.n_heads,
+    ):
+        raise PatchlabError(
+            f"result was made on '{result.model}' ({result.n_layers}x{result.n_heads}), not on '{model_name(model)}'",
+            param="heads_from",
+            where=str(path),
+        )
     return HeadSet(result.heads(top), model.cfg.n_layers, model.cfg.n_heads, arg="heads_from")
 
 
@@ -596,13 +693,15 @@ def _shard_pairs(model, config: dict, items: list[dict], pool: list[dict]) -> li
 @shard_task("screen")
 def screen_shard(model, config: dict, items: list[dict], pool: list[dict]) -> list[dict]:
     """One shard of a sharded locate's attribution screen."""
-    return screen_rows(model, _shard_pairs(model, config, items, pool), config["site"], config["positions"],
-                       progress=False)
+    return screen_rows(
+        model, _shard_pairs(model, config, items, pool), config["site"], config["positions"], progress=False
+    )
 
 
 @shard_task("verify")
 def verify_shard(model, config: dict, items: list[dict], pool: list[dict]) -> list[dict]:
     """One shard of a sharded locate's exact patching (of every head, or of the screened ones)."""
     heads = None if config["heads"] is None else {int(l): units for l, units in config["heads"]}
-    return verify_rows(model, _shard_pairs(model, config, items, pool), config["site"], config["positions"], heads,
-                       progress=False)
+    return verify_rows(
+        model, _shard_pairs(model, config, items, pool), config["site"], config["positions"], heads, progress=False
+    )

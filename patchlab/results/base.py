@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-
 from patchlab.core.errors import PatchlabError
 from patchlab.core.io import atomic_write_many, json_bytes
 
@@ -62,8 +61,11 @@ class Result:
             found = obj.get("type") if isinstance(obj, dict) else type(obj).__name__
             raise PatchlabError(f"expected a '{cls.kind}' result, found '{found}'", where=where)
         fields = dataclasses.fields(cls)
-        missing = [f.name for f in fields if f.name not in obj and f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING]
+        missing = [
+            f.name
+            for f in fields
+            if f.name not in obj and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         if missing:
             raise PatchlabError(f"'{cls.kind}' result lacks the field '{missing[0]}'", where=where)
         names = {f.name for f in fields}
@@ -83,8 +85,9 @@ class Result:
             at = _nonfinite(obj)
             if not at:
                 raise
-            raise PatchlabError(f"result holds a non-finite number at {at}; nothing written",
-                                where=str(out / json_name)) from None
+            raise PatchlabError(
+                f"result holds a non-finite number at {at}; nothing written", where=str(out / json_name)
+            ) from None
         html = self.figure().to_html(include_plotlyjs=True, full_html=True)
         # both files are written out before either is renamed into place: a full disk changes neither
         atomic_write_many({out / json_name: data, out / html_name: html.encode("utf-8")})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+
 import plotly.graph_objects as go
 
 
@@ -15,8 +16,12 @@ def gap_figure(result) -> go.Figure:
     """Grouped bars per kind: hop1, hop2, composed accuracy and the gap share."""
     kinds = [k for k in result.summary if k != "all"] + ["all"]
     fig = go.Figure()
-    series = [("hop1_acc", "hop 1 correct"), ("hop2_acc", "hop 2 correct"), ("composed_acc", "composed correct"),
-              ("gap_share", "gap (composed wrong | both hops right)")]
+    series = [
+        ("hop1_acc", "hop 1 correct"),
+        ("hop2_acc", "hop 2 correct"),
+        ("composed_acc", "composed correct"),
+        ("gap_share", "gap (composed wrong | both hops right)"),
+    ]
     for key, label in series:
         s = [result.summary[k] for k in kinds]
         fig.add_bar(
@@ -51,24 +56,56 @@ def lens_figure(result) -> go.Figure:
     """Per-layer curves of each tracked token: geometric-mean rank (log axis, quartile band) and mean prob."""
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("rank (geometric mean, quartile band)", "probability (mean ± std)"))
+    fig = make_subplots(
+        rows=1, cols=2, subplot_titles=("rank (geometric mean, quartile band)", "probability (mean ± std)")
+    )
     x = result.layers
-    for gi, (group, tracks) in enumerate(result.summary.items()):
+    for group, tracks in result.summary.items():
         for ti, (name, s) in enumerate(tracks.items()):
             color, dash = _color(name, ti), GROUP_DASH.get(group, "dashdot")
             label = f"{esc(name)} — {esc(group)} (n={s['n'][0]})"
-            fig.add_scatter(x=x + x[::-1], y=s["rank_q75"] + s["rank_q25"][::-1], fill="toself", line=dict(width=0),
-                            fillcolor=color, opacity=0.08, showlegend=False, hoverinfo="skip", row=1, col=1)
-            fig.add_scatter(x=x, y=s["geo_rank"], name=label, legendgroup=label, line=dict(color=color, dash=dash),
-                            hovertemplate="%{x}: rank %{y:.1f}<extra>" + label + "</extra>", row=1, col=1)
-            fig.add_scatter(x=x, y=s["mean_prob"], name=label, legendgroup=label, showlegend=False,
-                            error_y=dict(array=s["std_prob"], thickness=0.6), line=dict(color=color, dash=dash),
-                            hovertemplate="%{x}: p %{y:.3f}<extra>" + label + "</extra>", row=1, col=2)
+            fig.add_scatter(
+                x=x + x[::-1],
+                y=s["rank_q75"] + s["rank_q25"][::-1],
+                fill="toself",
+                line=dict(width=0),
+                fillcolor=color,
+                opacity=0.08,
+                showlegend=False,
+                hoverinfo="skip",
+                row=1,
+                col=1,
+            )
+            fig.add_scatter(
+                x=x,
+                y=s["geo_rank"],
+                name=label,
+                legendgroup=label,
+                line=dict(color=color, dash=dash),
+                hovertemplate="%{x}: rank %{y:.1f}<extra>" + label + "</extra>",
+                row=1,
+                col=1,
+            )
+            fig.add_scatter(
+                x=x,
+                y=s["mean_prob"],
+                name=label,
+                legendgroup=label,
+                showlegend=False,
+                error_y=dict(array=s["std_prob"], thickness=0.6),
+                line=dict(color=color, dash=dash),
+                hovertemplate="%{x}: p %{y:.3f}<extra>" + label + "</extra>",
+                row=1,
+                col=2,
+            )
     fig.update_yaxes(type="log", autorange="reversed", title="rank (1 = top)", row=1, col=1)
     fig.update_yaxes(title="probability", rangemode="tozero", row=1, col=2)
     fig.update_xaxes(title="residual stream entering layer")
-    fig.update_layout(title=f"Logit lens at the last position — {esc(result.model)}", template="plotly_white",
-                      legend=dict(orientation="h", y=-0.25))
+    fig.update_layout(
+        title=f"Logit lens at the last position — {esc(result.model)}",
+        template="plotly_white",
+        legend=dict(orientation="h", y=-0.25),
+    )
     return fig
 
 
@@ -81,12 +118,28 @@ def topk_figure(result) -> go.Figure:
         for lt, lp in zip(result.top_tokens, result.top_probs)
     ]
     cols = [f"{i}:{esc(t)}" for i, t in enumerate(result.positions)]
-    fig = go.Figure(go.Heatmap(z=z, x=cols, y=result.layers, text=text, texttemplate="%{text}", customdata=hover,
-                               hovertemplate="%{y} @ %{x}<br>%{customdata}<extra></extra>", colorscale="Blues",
-                               zmin=0, zmax=1, colorbar=dict(title="top-1 p")))
-    fig.update_layout(title=f"Logit lens, top token per layer and position — {esc(result.prompt)}",
-                      xaxis_title="position: token", yaxis_title="residual stream entering layer",
-                      template="plotly_white", height=max(500, 22 * len(result.layers)))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=cols,
+            y=result.layers,
+            text=text,
+            texttemplate="%{text}",
+            customdata=hover,
+            hovertemplate="%{y} @ %{x}<br>%{customdata}<extra></extra>",
+            colorscale="Blues",
+            zmin=0,
+            zmax=1,
+            colorbar=dict(title="top-1 p"),
+        )
+    )
+    fig.update_layout(
+        title=f"Logit lens, top token per layer and position — {esc(result.prompt)}",
+        xaxis_title="position: token",
+        yaxis_title="residual stream entering layer",
+        template="plotly_white",
+        height=max(500, 22 * len(result.layers)),
+    )
     return fig
 
 
@@ -94,14 +147,25 @@ def intervention_figure(result) -> go.Figure:
     """Change of the answer's probability per layer: bridge direction removed vs control tokens."""
     s = result.summary
     fig = go.Figure()
-    for key, label, color in (("bridge", "bridge direction removed", "#1f77b4"), ("control", "control token removed", "#7f7f7f")):
-        fig.add_scatter(x=result.layers, y=s[f"{key}_mean"], name=label, line=dict(color=color),
-                        error_y=dict(array=s[f"{key}_sem"], thickness=0.8),
-                        hovertemplate="layer %{x}: Δp %{y:.4f}<extra>" + label + "</extra>")
+    for key, label, color in (
+        ("bridge", "bridge direction removed", "#1f77b4"),
+        ("control", "control token removed", "#7f7f7f"),
+    ):
+        fig.add_scatter(
+            x=result.layers,
+            y=s[f"{key}_mean"],
+            name=label,
+            line=dict(color=color),
+            error_y=dict(array=s[f"{key}_sem"], thickness=0.8),
+            hovertemplate="layer %{x}: Δp %{y:.4f}<extra>" + label + "</extra>",
+        )
     fig.add_hline(y=0, line=dict(color="black", width=0.5))
-    fig.update_layout(title=f"Bridge-entity intervention (last position, n={len(result.ids)}) — {esc(result.model)}",
-                      xaxis_title="layer (residual stream entering the block)",
-                      yaxis_title="Δ p(answer), mean ± s.e.m.", template="plotly_white")
+    fig.update_layout(
+        title=f"Bridge-entity intervention (last position, n={len(result.ids)}) — {esc(result.model)}",
+        xaxis_title="layer (residual stream entering the block)",
+        yaxis_title="Δ p(answer), mean ± s.e.m.",
+        template="plotly_white",
+    )
     return fig
 
 
@@ -112,25 +176,56 @@ def locate_figure(result) -> go.Figure:
 
     by_pos = next((r for r in result.items if r.get("by_pos")), None)
     cols = 2 if by_pos else 1
-    fig = make_subplots(rows=1, cols=cols, column_widths=[0.5, 0.5] if by_pos else None,
-                        subplot_titles=("mean normalised effect", f"item {esc(by_pos['id'])}: sum over heads" if by_pos else ""))
+    fig = make_subplots(
+        rows=1,
+        cols=cols,
+        column_widths=[0.5, 0.5] if by_pos else None,
+        subplot_titles=("mean normalised effect", f"item {esc(by_pos['id'])}: sum over heads" if by_pos else ""),
+    )
     units = [str(h) for h in range(result.n_heads)] if result.site == "z" else [result.site]
-    hover = [[f"mean {m if m is not None else float('nan'):.3f}<br>std {s if s is not None else float('nan'):.3f}<br>n {result.n}"
-              for m, s in zip(mr, sr)] for mr, sr in zip(result.mean, result.std)]
+    hover = [
+        [
+            f"mean {m if m is not None else float('nan'):.3f}<br>std {s if s is not None else float('nan'):.3f}<br>n {result.n}"
+            for m, s in zip(mr, sr)
+        ]
+        for mr, sr in zip(result.mean, result.std)
+    ]
     top = max((abs(v) for row in result.mean for v in row if v is not None), default=1.0) or 1.0
-    fig.add_heatmap(z=result.mean, x=units, y=list(range(result.n_layers)), customdata=hover, colorscale="RdBu",
-                    zmid=0, zmin=-top, zmax=top, hovertemplate="layer %{y}, head %{x}<br>%{customdata}<extra></extra>",
-                    colorbar=dict(title="effect", x=0.46 if by_pos else 1.0), row=1, col=1)
+    fig.add_heatmap(
+        z=result.mean,
+        x=units,
+        y=list(range(result.n_layers)),
+        customdata=hover,
+        colorscale="RdBu",
+        zmid=0,
+        zmin=-top,
+        zmax=top,
+        hovertemplate="layer %{y}, head %{x}<br>%{customdata}<extra></extra>",
+        colorbar=dict(title="effect", x=0.46 if by_pos else 1.0),
+        row=1,
+        col=1,
+    )
     if by_pos:
         z = [[sum(v for v in pos) for pos in layer] for layer in by_pos["by_pos"]]
-        fig.add_heatmap(z=z, y=list(range(result.n_layers)), colorscale="RdBu", zmid=0, showscale=False,
-                        hovertemplate="layer %{y}, position %{x}: %{z:.3f}<extra></extra>", row=1, col=2)
+        fig.add_heatmap(
+            z=z,
+            y=list(range(result.n_layers)),
+            colorscale="RdBu",
+            zmid=0,
+            showscale=False,
+            hovertemplate="layer %{y}, position %{x}: %{z:.3f}<extra></extra>",
+            row=1,
+            col=2,
+        )
         fig.update_xaxes(title="position", row=1, col=2)
     fig.update_xaxes(title="head" if result.site == "z" else "", row=1, col=1)
     fig.update_yaxes(title="layer", row=1, col=1)
-    fig.update_layout(title=f"Activation patching ({esc(result.setup)}, {esc(result.method)}, {esc(result.site)}, "
-                            f"positions {esc(result.positions)}, n={result.n}) — {esc(result.model)}",
-                      template="plotly_white", height=max(500, 18 * result.n_layers))
+    fig.update_layout(
+        title=f"Activation patching ({esc(result.setup)}, {esc(result.method)}, {esc(result.site)}, "
+        f"positions {esc(result.positions)}, n={result.n}) — {esc(result.model)}",
+        template="plotly_white",
+        height=max(500, 18 * result.n_layers),
+    )
     return fig
 
 
@@ -139,12 +234,21 @@ def edit_figure(report) -> go.Figure:
     names = [n for n, s in report.summary.items() if s.get("n")]
     fig = go.Figure()
     for key, label, color in (("before", "before edit", "#9e9e9e"), ("after", "after edit", "#1f77b4")):
-        fig.add_bar(name=label, x=[esc(n) for n in names], y=[report.summary[n][key] for n in names], marker_color=color,
-                    customdata=[[report.summary[n]["n"], report.summary[n]["C"] or 0.0] for n in names],
-                    hovertemplate="%{x}: %{y:.2f} (n=%{customdata[0]}, C=%{customdata[1]:.2f})<extra>" + label + "</extra>")
-    fig.update_layout(barmode="group", template="plotly_white", yaxis=dict(title="event rate (greedy answer right)", range=[0, 1]),
-                      title=f"Edit of heads {esc(', '.join(report.heads))} ({esc(report.target)} target"
-                            f"{', batch' if report.batch else ''}; {report.seconds_per_edit:.1f} s/edit) — {esc(report.model)}")
+        fig.add_bar(
+            name=label,
+            x=[esc(n) for n in names],
+            y=[report.summary[n][key] for n in names],
+            marker_color=color,
+            customdata=[[report.summary[n]["n"], report.summary[n]["C"] or 0.0] for n in names],
+            hovertemplate="%{x}: %{y:.2f} (n=%{customdata[0]}, C=%{customdata[1]:.2f})<extra>" + label + "</extra>",
+        )
+    fig.update_layout(
+        barmode="group",
+        template="plotly_white",
+        yaxis=dict(title="event rate (greedy answer right)", range=[0, 1]),
+        title=f"Edit of heads {esc(', '.join(report.heads))} ({esc(report.target)} target"
+        f"{', batch' if report.batch else ''}; {report.seconds_per_edit:.1f} s/edit) — {esc(report.model)}",
+    )
     return fig
 
 
@@ -174,29 +278,56 @@ def retune_figure(result) -> go.Figure:
 
     labels, vals = _retune_bars(result)
     cols = 2 if labels else 1
-    fig = make_subplots(rows=1, cols=cols, column_widths=[0.55, 0.45] if labels else None,
-                        subplot_titles=("loss per step", "before / after re-tuning" if labels else ""))
+    fig = make_subplots(
+        rows=1,
+        cols=cols,
+        column_widths=[0.55, 0.45] if labels else None,
+        subplot_titles=("loss per step", "before / after re-tuning" if labels else ""),
+    )
     steps = [r["step"] for r in result.history]
-    series = [("task", "task (answer cross-entropy)", "#1f77b4"), ("mi", "L_MI (word InfoNCE)", "#2ca02c"),
-              ("stab", "L_stab (layer drift)", "#9467bd"), ("total", "total", "#d62728")]
+    series = [
+        ("task", "task (answer cross-entropy)", "#1f77b4"),
+        ("mi", "L_MI (word InfoNCE)", "#2ca02c"),
+        ("stab", "L_stab (layer drift)", "#9467bd"),
+        ("total", "total", "#d62728"),
+    ]
     for key, label, color in series:
         if any(key in r for r in result.history) and (key != "total" or result.carma):
-            fig.add_scatter(x=steps, y=[r.get(key) for r in result.history], name=label, line=dict(color=color),
-                            hovertemplate="step %{x}: %{y:.4f}<extra>" + label + "</extra>", row=1, col=1)
+            fig.add_scatter(
+                x=steps,
+                y=[r.get(key) for r in result.history],
+                name=label,
+                line=dict(color=color),
+                hovertemplate="step %{x}: %{y:.4f}<extra>" + label + "</extra>",
+                row=1,
+                col=1,
+            )
     if result.resumed_from:
-        fig.add_vline(x=result.resumed_from, line=dict(color="gray", dash="dot"), annotation_text="resumed", row=1, col=1)
+        fig.add_vline(
+            x=result.resumed_from, line=dict(color="gray", dash="dot"), annotation_text="resumed", row=1, col=1
+        )
     fig.update_xaxes(title="step", row=1, col=1)
     fig.update_yaxes(title="loss", rangemode="tozero", row=1, col=1)
     if labels:
         for when, color in (("before", "#9e9e9e"), ("after", "#1f77b4")):
-            fig.add_bar(x=[esc(l) for l in labels], y=vals[when], name=f"{when} re-tuning", marker_color=color,
-                        hovertemplate="%{x}: %{y:.3f}<extra>" + when + "</extra>", row=1, col=2)
+            fig.add_bar(
+                x=[esc(l) for l in labels],
+                y=vals[when],
+                name=f"{when} re-tuning",
+                marker_color=color,
+                hovertemplate="%{x}: %{y:.3f}<extra>" + when + "</extra>",
+                row=1,
+                col=2,
+            )
         fig.update_yaxes(title="share", range=[0, 1], row=1, col=2)
         fig.update_layout(barmode="group")
     how = "CARMA" if result.carma else "plain"
-    fig.update_layout(title=f"Re-tuning ({how}, {esc(result.task)}, params {esc(result.config.get('params'))}, "
-                            f"{len(result.history)} steps, lr {result.config.get('lr')}) — {esc(result.model)}",
-                      template="plotly_white", legend=dict(orientation="h", y=-0.25))
+    fig.update_layout(
+        title=f"Re-tuning ({how}, {esc(result.task)}, params {esc(result.config.get('params'))}, "
+        f"{len(result.history)} steps, lr {result.config.get('lr')}) — {esc(result.model)}",
+        template="plotly_white",
+        legend=dict(orientation="h", y=-0.25),
+    )
     return fig
 
 
@@ -208,8 +339,11 @@ def mechanisms_figure(result) -> go.Figure:
     (plain = deltas summed into W_O, routed = gated modules); hover shows n and the relative Δp C."""
     from plotly.subplots import make_subplots
 
-    metrics = [m for m in ("correction", "retention", "paraphrase", "irrelevance", "facts", "entity_facts", "edited")
-               if any(s["n"] for c in result.curves.values() for s in c.get(m, []))]
+    metrics = [
+        m
+        for m in ("correction", "retention", "paraphrase", "irrelevance", "facts", "entity_facts", "edited")
+        if any(s["n"] for c in result.curves.values() for s in c.get(m, []))
+    ]
     cols = 3
     rows = -(-len(metrics) // cols)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[esc(m) for m in metrics])
@@ -218,18 +352,32 @@ def mechanisms_figure(result) -> go.Figure:
         color = MECH_COLOR.get(variant, palette[vi % len(palette)])
         for mi_, metric in enumerate(metrics):
             pts = [(n, s) for n, s in zip(result.stages, curve[metric]) if s["n"]]
-            fig.add_scatter(x=[n for n, _ in pts], y=[s["after"] for _, s in pts], mode="lines+markers",
-                            name=esc(variant), legendgroup=esc(variant), showlegend=mi_ == 0, line=dict(color=color),
-                            customdata=[[s["n"], s["C"] or 0.0, s["before"] or 0.0] for _, s in pts],
-                            hovertemplate="%{x} edits: %{y:.2f} (before %{customdata[2]:.2f}, n=%{customdata[0]}, "
-                                          "C=%{customdata[1]:.2f})<extra>" + esc(variant) + "</extra>",
-                            row=mi_ // cols + 1, col=mi_ % cols + 1)
+            fig.add_scatter(
+                x=[n for n, _ in pts],
+                y=[s["after"] for _, s in pts],
+                mode="lines+markers",
+                name=esc(variant),
+                legendgroup=esc(variant),
+                showlegend=mi_ == 0,
+                line=dict(color=color),
+                customdata=[[s["n"], s["C"] or 0.0, s["before"] or 0.0] for _, s in pts],
+                hovertemplate="%{x} edits: %{y:.2f} (before %{customdata[2]:.2f}, n=%{customdata[0]}, "
+                "C=%{customdata[1]:.2f})<extra>" + esc(variant) + "</extra>",
+                row=mi_ // cols + 1,
+                col=mi_ % cols + 1,
+            )
     fig.update_yaxes(range=[-0.02, 1.02], title="share right")
     fig.update_xaxes(title="edits stacked", type="log")
-    dep = "; ".join(f"{esc(k)}: HSIC {v['hsic']:.3f}" for k, v in result.dependence.items() if v.get("hsic") is not None)
-    fig.update_layout(title=f"Sequential edits of {esc(', '.join(result.heads))}, plain vs routed ({esc(result.gate)} gates)"
-                            f" — {esc(result.model)}" + (f"<br><sup>dependence between modules: {dep}</sup>" if dep else ""),
-                      template="plotly_white", height=330 * rows, legend=dict(orientation="h", y=-0.12))
+    dep = "; ".join(
+        f"{esc(k)}: HSIC {v['hsic']:.3f}" for k, v in result.dependence.items() if v.get("hsic") is not None
+    )
+    fig.update_layout(
+        title=f"Sequential edits of {esc(', '.join(result.heads))}, plain vs routed ({esc(result.gate)} gates)"
+        f" — {esc(result.model)}" + (f"<br><sup>dependence between modules: {dep}</sup>" if dep else ""),
+        template="plotly_white",
+        height=330 * rows,
+        legend=dict(orientation="h", y=-0.12),
+    )
     return fig
 
 
@@ -243,8 +391,12 @@ def emergence_figure(conditions: dict, model: str, experiment: str = "", summary
 
     icl = bool(summary) and all("k" in s for s in summary.values())
     titles = ["information emergence E(l) (bits)", "macro MI (bits)", "mean micro MI (bits)"]
-    fig = make_subplots(rows=1, cols=4 if icl else 3, subplot_titles=titles + (["layer-mean IE vs k"] if icl else []),
-                        specs=[[{}, {}, {}] + ([{"secondary_y": True}] if icl else [])])
+    fig = make_subplots(
+        rows=1,
+        cols=4 if icl else 3,
+        subplot_titles=titles + (["layer-mean IE vs k"] if icl else []),
+        specs=[[{}, {}, {}] + ([{"secondary_y": True}] if icl else [])],
+    )
     first = next(iter(conditions.values()))
     for ci, (name, r) in enumerate(conditions.items()):
         color = EMERGENCE_PALETTE[ci % len(EMERGENCE_PALETTE)]
@@ -252,21 +404,54 @@ def emergence_figure(conditions: dict, model: str, experiment: str = "", summary
         for col, (key, std_key) in enumerate((("ie", "ie_std"), ("macro", "macro_std"), ("micro", "micro_std")), 1):
             x, y, sd = r["layers"], r[key], r.get(std_key)
             if sd:
-                fig.add_scatter(x=x + x[::-1], y=[a + b for a, b in zip(y, sd)] + [a - b for a, b in zip(y, sd)][::-1],
-                                fill="toself", line=dict(width=0), fillcolor=color, opacity=0.12, showlegend=False,
-                                hoverinfo="skip", row=1, col=col)
-            fig.add_scatter(x=x, y=y, name=label, legendgroup=label, showlegend=col == 1, line=dict(color=color),
-                            customdata=sd or [0.0] * len(y),
-                            hovertemplate="block %{x}: %{y:.2f} ± %{customdata:.2f} bits<extra>" + label + "</extra>",
-                            row=1, col=col)
+                fig.add_scatter(
+                    x=x + x[::-1],
+                    y=[a + b for a, b in zip(y, sd)] + [a - b for a, b in zip(y, sd)][::-1],
+                    fill="toself",
+                    line=dict(width=0),
+                    fillcolor=color,
+                    opacity=0.12,
+                    showlegend=False,
+                    hoverinfo="skip",
+                    row=1,
+                    col=col,
+                )
+            fig.add_scatter(
+                x=x,
+                y=y,
+                name=label,
+                legendgroup=label,
+                showlegend=col == 1,
+                line=dict(color=color),
+                customdata=sd or [0.0] * len(y),
+                hovertemplate="block %{x}: %{y:.2f} ± %{customdata:.2f} bits<extra>" + label + "</extra>",
+                row=1,
+                col=col,
+            )
     fig.add_hline(y=0, line=dict(color="black", width=0.5), row=1, col=1)
     if icl:
         ks = [s["k"] for s in summary.values()]
-        fig.add_scatter(x=ks, y=[s["mean_ie"] for s in summary.values()], mode="lines+markers", name="layer-mean IE",
-                        error_y=dict(array=[s.get("mean_ie_std", 0.0) for s in summary.values()], thickness=0.8),
-                        line=dict(color="#1f77b4"), row=1, col=4, secondary_y=False)
-        fig.add_scatter(x=ks, y=[s["accuracy"] for s in summary.values()], mode="lines+markers", name="accuracy",
-                        line=dict(color="#d62728", dash="dash"), row=1, col=4, secondary_y=True)
+        fig.add_scatter(
+            x=ks,
+            y=[s["mean_ie"] for s in summary.values()],
+            mode="lines+markers",
+            name="layer-mean IE",
+            error_y=dict(array=[s.get("mean_ie_std", 0.0) for s in summary.values()], thickness=0.8),
+            line=dict(color="#1f77b4"),
+            row=1,
+            col=4,
+            secondary_y=False,
+        )
+        fig.add_scatter(
+            x=ks,
+            y=[s["accuracy"] for s in summary.values()],
+            mode="lines+markers",
+            name="accuracy",
+            line=dict(color="#d62728", dash="dash"),
+            row=1,
+            col=4,
+            secondary_y=True,
+        )
         fig.update_xaxes(title="demonstrations k", row=1, col=4)
         fig.update_yaxes(title="accuracy", range=[0, 1], row=1, col=4, secondary_y=True)
     for col in (1, 2, 3):
@@ -274,9 +459,13 @@ def emergence_figure(conditions: dict, model: str, experiment: str = "", summary
     p = first["estimator_params"]
     est = f"{esc(first['estimator'])}, dim {p.get('dim')}" + (f", ridge {p['ridge']}" if "ridge" in p else "")
     ceiling = f", ceiling {p['ceiling_bits']:.1f} bits" if p.get("ceiling_bits") else ""
-    fig.update_layout(title=f"Information emergence{' — ' + esc(experiment) if experiment else ''} — {esc(model)} "
-                            f"({est}{ceiling}; band: ± std over {esc(first['spread_kind'])})",
-                      template="plotly_white", height=480, legend=dict(orientation="h", y=-0.2))
+    fig.update_layout(
+        title=f"Information emergence{' — ' + esc(experiment) if experiment else ''} — {esc(model)} "
+        f"({est}{ceiling}; band: ± std over {esc(first['spread_kind'])})",
+        template="plotly_white",
+        height=480,
+        legend=dict(orientation="h", y=-0.2),
+    )
     return fig
 
 
@@ -286,9 +475,14 @@ def compare_figure(result) -> go.Figure:
     from plotly.subplots import make_subplots
 
     overgen = "overgeneralisation" in result.tasks
-    fig = make_subplots(rows=1, cols=2 if overgen else 1, column_widths=[0.55, 0.45] if overgen else None,
-                        subplot_titles=("scores (chance 0.5 for the probes)", "over-generalisation share per layer")
-                        if overgen else ("scores (chance 0.5 for the probes)",))
+    fig = make_subplots(
+        rows=1,
+        cols=2 if overgen else 1,
+        column_widths=[0.55, 0.45] if overgen else None,
+        subplot_titles=("scores (chance 0.5 for the probes)", "over-generalisation share per layer")
+        if overgen
+        else ("scores (chance 0.5 for the probes)",),
+    )
     columns = list(result.tasks) + (["two-hop gap share"] if result.gap else [])
     for mi_, name in enumerate(result.models):
         color = EMERGENCE_PALETTE[mi_ % len(EMERGENCE_PALETTE)]
@@ -297,33 +491,58 @@ def compare_figure(result) -> go.Figure:
             s = result.scores[name][task]
             if "auroc" in s:
                 ys.append(s["auroc"])
-                hover.append(f"AUROC {s['auroc']:.3f} (p {s['p_value']:.3f})<br>accuracy {s['accuracy']:.2f}, "
-                             f"calibrated {s['calibrated_accuracy']:.2f}, yes-rate {s['yes_rate']:.2f}, n={s['n']}")
+                hover.append(
+                    f"AUROC {s['auroc']:.3f} (p {s['p_value']:.3f})<br>accuracy {s['accuracy']:.2f}, "
+                    f"calibrated {s['calibrated_accuracy']:.2f}, yes-rate {s['yes_rate']:.2f}, n={s['n']}"
+                )
             else:
                 ys.append(s["layer_mean"])
-                hover.append(f"layer-mean share {s['layer_mean']:.3f} (95% CI {s['ci95'][0]:.2f}–{s['ci95'][1]:.2f})"
-                             f"<br>n={s['n']} triples, {s['n_compounds']} compounds")
+                hover.append(
+                    f"layer-mean share {s['layer_mean']:.3f} (95% CI {s['ci95'][0]:.2f}–{s['ci95'][1]:.2f})"
+                    f"<br>n={s['n']} triples, {s['n_compounds']} compounds"
+                )
         if result.gap:
             g = result.gap[name]
             ys.append(g["gap_share"])
             hover.append(f"gap {g['gap_count']}/{g['both_hops']} (composed acc {g['composed_acc']:.2f})")
         info = result.info[name]
         label = f"{esc(name)} ({info['parameters'] / 1e6:.0f}M{', instruct' if info['instruction_tuned'] else ''})"
-        fig.add_bar(x=[esc(c) for c in columns], y=ys, name=label, marker_color=color, customdata=hover,
-                    hovertemplate="%{x}: %{y:.3f}<br>%{customdata}<extra>" + label + "</extra>", row=1, col=1)
+        fig.add_bar(
+            x=[esc(c) for c in columns],
+            y=ys,
+            name=label,
+            marker_color=color,
+            customdata=hover,
+            hovertemplate="%{x}: %{y:.3f}<br>%{customdata}<extra>" + label + "</extra>",
+            row=1,
+            col=1,
+        )
         if overgen:
             share = result.scores[name]["overgeneralisation"]["share"]
             depth = [i / (len(share) - 1) for i in range(len(share))]
-            fig.add_scatter(x=depth, y=share, mode="lines+markers", name=label, legendgroup=label, showlegend=False,
-                            line=dict(color=color), customdata=list(range(len(share))),
-                            hovertemplate="stream %{customdata} (depth %{x:.2f}): %{y:.2f}<extra>" + label + "</extra>",
-                            row=1, col=2)
+            fig.add_scatter(
+                x=depth,
+                y=share,
+                mode="lines+markers",
+                name=label,
+                legendgroup=label,
+                showlegend=False,
+                line=dict(color=color),
+                customdata=list(range(len(share))),
+                hovertemplate="stream %{customdata} (depth %{x:.2f}): %{y:.2f}<extra>" + label + "</extra>",
+                row=1,
+                col=2,
+            )
     fig.add_hline(y=0.5, line=dict(color="black", width=0.8, dash="dot"), row=1, col=1)
     if overgen:
         fig.add_hline(y=0.5, line=dict(color="black", width=0.8, dash="dot"), row=1, col=2)
         fig.update_xaxes(title="relative depth (0 = embeddings, 1 = final stream)", row=1, col=2)
         fig.update_yaxes(title="share: endocentric phrase closer to the noun", range=[0, 1], row=1, col=2)
     fig.update_yaxes(title="score", range=[0, 1], row=1, col=1)
-    fig.update_layout(barmode="group", template="plotly_white", legend=dict(orientation="h", y=-0.2),
-                      title="Compositionality across models — " + esc(", ".join(result.models)))
+    fig.update_layout(
+        barmode="group",
+        template="plotly_white",
+        legend=dict(orientation="h", y=-0.2),
+        title="Compositionality across models — " + esc(", ".join(result.models)),
+    )
     return fig

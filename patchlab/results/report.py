@@ -66,11 +66,18 @@ def _glance(results: list[tuple[Path, Result]], run: dict[str, Any]) -> list[tup
     gap, loc, edit = _first(results, "gap"), _first(results, "locate"), _first(results, "edit-report")
     if gap is not None:
         s = gap.summary["all"]
-        rows.append(("compositionality gap", f"{s['gap_count']} of {s['both_hops']} items with both hops right fail "
-                     f"composed ({s['gap_share']:.0%}); composed accuracy {s['composed_acc']:.2f} on {s['n']} items"))
+        rows.append(
+            (
+                "compositionality gap",
+                f"{s['gap_count']} of {s['both_hops']} items with both hops right fail "
+                f"composed ({s['gap_share']:.0%}); composed accuracy {s['composed_acc']:.2f} on {s['n']} items",
+            )
+        )
     if loc is not None and loc.site == "z":
         top = ", ".join(f"{r['unit']} ({r['mean']:+.2f})" for r in loc.ranking[:5])
-        rows.append(("located heads (mean normalised effect)", f"{top} — {loc.n} items, {loc.method}, {loc.seconds:.0f} s"))
+        rows.append(
+            ("located heads (mean normalised effect)", f"{top} — {loc.n} items, {loc.method}, {loc.seconds:.0f} s")
+        )
     if edit is not None:
         rows.append(("edited heads", ", ".join(edit.heads) + f" ({edit.target} target, {len(edit.items)} edits)"))
         for name, s in edit.summary.items():
@@ -79,14 +86,27 @@ def _glance(results: list[tuple[Path, Result]], run: dict[str, Any]) -> list[tup
         rows.append(("edit cost", f"{edit.seconds_per_edit:.1f} s per edit"))
     if run.get("timings"):
         total = sum(run["timings"].values())
-        rows.append(("run time", f"{total:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in run["timings"].items()) + ")"))
+        rows.append(
+            ("run time", f"{total:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in run["timings"].items()) + ")")
+        )
     return rows
 
 
 def _versions(results: list[tuple[Path, Result]]) -> list[tuple[str, str]]:
     """Model, dtype, threads and library versions, from the first result's provenance."""
     meta = next((r.meta for _, r in results if getattr(r, "meta", None)), {})
-    keys = ("model", "dtype", "n_layers", "n_heads", "threads", "patchlab", "torch", "transformers", "transformer_lens", "python")
+    keys = (
+        "model",
+        "dtype",
+        "n_layers",
+        "n_heads",
+        "threads",
+        "patchlab",
+        "torch",
+        "transformers",
+        "transformer_lens",
+        "python",
+    )
     return [(k, str(meta[k])) for k in keys if k in meta]
 
 
@@ -101,8 +121,10 @@ def _section(path: Path, result: Result, folder: Path) -> str:
     table = table.to_html() if table is not None else ""
     fig = result.figure().to_html(full_html=False, include_plotlyjs=False, default_height=480)
     anchor = _e(result.kind)
-    return (f'<section id="{anchor}"><h2>{_e(result.heading)}</h2><p>{_e(result.intro)}</p>'
-            f'<p class="src">from {_e(path.relative_to(folder))}</p>{table}{fig}</section>')
+    return (
+        f'<section id="{anchor}"><h2>{_e(result.heading)}</h2><p>{_e(result.intro)}</p>'
+        f'<p class="src">from {_e(path.relative_to(folder))}</p>{table}{fig}</section>'
+    )
 
 
 STYLE = """
@@ -125,8 +147,10 @@ def render_report(results: list[tuple[Path, Result]], folder: Path, run: dict[st
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title><style>{STYLE}</style>",
         f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>",
         f"<h1>{_e(title)}</h1><p class='sub'>built {stamp} from {_e(folder)}</p><nav>{nav}</nav>",
-        '<section id="summary"><h2>Summary</h2>', _kv_table(_glance(results, run), "at a glance"),
-        _kv_table(_versions(results), "model and versions"), "</section>",
+        '<section id="summary"><h2>Summary</h2>',
+        _kv_table(_glance(results, run), "at a glance"),
+        _kv_table(_versions(results), "model and versions"),
+        "</section>",
         *(_section(p, r, folder) for p, r in results),
         "</body></html>",
     ]
@@ -138,8 +162,10 @@ def build_report(folder: str | Path, out: str | Path | None = None, title: str |
     folder = Path(folder)
     results = find_results(folder)
     if not results:
-        raise PatchlabError(f"no patchlab results found (looked for result JSON files of types {', '.join(Result.sections())})",
-                            where=str(folder))
+        raise PatchlabError(
+            f"no patchlab results found (looked for result JSON files of types {', '.join(Result.sections())})",
+            where=str(folder),
+        )
     run_path = folder / RUN_FILE
     run = json.loads(run_path.read_text(encoding="utf-8")) if run_path.is_file() else {}
     model = next((getattr(r, "model", None) for _, r in results if getattr(r, "model", None)), "a model")
@@ -170,10 +196,17 @@ def summary_figure(results: list[tuple[Path, Result]]):
             fig.add_trace(trace, row=row + 1, col=col + 1)
         for axis, update in (("xaxis", fig.update_xaxes), ("yaxis", fig.update_yaxes)):
             src = source.layout[axis]
-            title = src.title.text if (axis == "yaxis" or row == 1) else None  # top-row x titles would hit the titles below
+            title = (
+                src.title.text if (axis == "yaxis" or row == 1) else None
+            )  # top-row x titles would hit the titles below
             update(type=src.type, title_text=title, range=src.range, autorange=src.autorange, row=row + 1, col=col + 1)
-    fig.update_layout(template="plotly_white", showlegend=False, width=1400, height=900,
-                      title="patchlab report — " + html.escape(str(getattr(picked[0], "model", ""))))
+    fig.update_layout(
+        template="plotly_white",
+        showlegend=False,
+        width=1400,
+        height=900,
+        title="patchlab report — " + html.escape(str(getattr(picked[0], "model", ""))),
+    )
     return fig
 
 
@@ -189,7 +222,9 @@ def summary_png(results: list[tuple[Path, Result]], out: str | Path) -> Path:
         raise PatchlabError("writing a PNG needs kaleido 0.2.1: pip install 'patchlab[docs]'", param="png") from None
     js = os.path.join(os.path.dirname(plotly.__file__), "package_data", "plotly.min.js")
     fig = summary_figure(results)
-    png = PlotlyScope(plotlyjs=js, mathjax=False).transform(json.loads(fig.to_json()), format="png", width=1400, height=900)
+    png = PlotlyScope(plotlyjs=js, mathjax=False).transform(
+        json.loads(fig.to_json()), format="png", width=1400, height=900
+    )
     from patchlab.core.io import atomic_write_bytes
 
     return atomic_write_bytes(Path(out), png)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from patchlab.core.errors import PatchlabError
 from patchlab.runs.registry import load_plugins
@@ -137,7 +138,12 @@ class SerialPool:
 
     def __init__(self, model, load: Load):
         # no fault injection here: a crash would kill the driver itself
-        self.model, self.load, self.events, self.starting = model, Load(load.model, load.dtype, load.threads, load.kwargs), deque(), 0
+        self.model, self.load, self.events, self.starting = (
+            model,
+            Load(load.model, load.dtype, load.threads, load.kwargs),
+            deque(),
+            0,
+        )
 
     def start(self) -> None:
         from patchlab.runtime.identity import identity
@@ -197,7 +203,7 @@ class LocalPool:
         return conn, status, payload
 
     def close(self) -> None:
-        for conn, proc in self.workers.items():
+        for conn in self.workers:
             try:
                 conn.send(None)
             except OSError:
@@ -279,8 +285,9 @@ class RayPool:
 # --- the one scheduling loop ----------------------------------------------------------------------------
 
 
-def schedule(pool, idle: list, tasks: list[Task], identity: Callable[[dict], None],
-             stats: dict | None = None) -> Iterator[tuple[int, list[dict], list[str]]]:
+def schedule(
+    pool, idle: list, tasks: list[Task], identity: Callable[[dict], None], stats: dict | None = None
+) -> Iterator[tuple[int, list[dict], list[str]]]:
     """Run `tasks` on the pool's workers (`idle`: those free now; kept up to date across calls); yield
     (shard, rows, quarantined item ids) as each shard finishes. `identity` checks each new worker's model;
     `stats["workers_died"]` counts the deaths."""
@@ -324,13 +331,16 @@ def schedule(pool, idle: list, tasks: list[Task], identity: Callable[[dict], Non
                 queue.appendleft(task)
             elif not task.solo:  # this shard killed two workers: find the item(s) that do
                 split[task.shard] = {"results": {}, "order": [it["id"] for it in task.items]}
-                queue.extendleft(Task(task.shard, task.task, task.config, [it], task.pool, solo=True)
-                                 for it in reversed(task.items))
+                queue.extendleft(
+                    Task(task.shard, task.task, task.config, [it], task.pool, solo=True) for it in reversed(task.items)
+                )
             else:
                 yield from _finished(task, None, split)
 
 
-def _finished(task: Task, rows: list[dict] | None, split: dict[int, dict]) -> Iterator[tuple[int, list[dict], list[str]]]:
+def _finished(
+    task: Task, rows: list[dict] | None, split: dict[int, dict]
+) -> Iterator[tuple[int, list[dict], list[str]]]:
     """A whole shard at once, or — for a split shard — once its last item is in (None: quarantined)."""
     if not task.solo:
         yield task.shard, rows, []
@@ -340,8 +350,11 @@ def _finished(task: Task, rows: list[dict] | None, split: dict[int, dict]) -> It
     if len(state["results"]) == len(state["order"]):
         results, order = state["results"], state["order"]  # rows in the shard's order, not completion order
         del split[task.shard]
-        yield (task.shard, [row for i in order if results[i] is not None for row in results[i]],
-               [i for i in order if results[i] is None])
+        yield (
+            task.shard,
+            [row for i in order if results[i] is not None for row in results[i]],
+            [i for i in order if results[i] is None],
+        )
 
 
 def open_pool(backend: str, load: Load, workers: int, model=None, address: str | None = None):
@@ -363,5 +376,8 @@ def check_threads(backend: str, workers: int, threads: int, address: str | None)
         raise PatchlabError(f"must be >= 1, got {threads}", param="threads")
     cores = os.cpu_count() or 1
     if (backend == "local" or address is None) and workers * threads > cores:
-        raise PatchlabError(f"{workers} workers x {threads} threads = {workers * threads} > {cores} cores on this "
-                            "machine: lower `workers` or `threads`", param="workers")
+        raise PatchlabError(
+            f"{workers} workers x {threads} threads = {workers * threads} > {cores} cores on this "
+            "machine: lower `workers` or `threads`",
+            param="workers",
+        )

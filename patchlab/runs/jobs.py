@@ -20,15 +20,16 @@ import json
 import os
 import time
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from patchlab.runs.backends import Load, Task, check_threads, open_pool, schedule
 from patchlab.core.errors import PatchlabError
 from patchlab.core.io import atomic_write_bytes, atomic_write_json, sweep_stale
 from patchlab.core.progress import track
 from patchlab.core.prompts import TwoHopItem
+from patchlab.runs.backends import Load, Task, check_threads, open_pool, schedule
 from patchlab.runtime.identity import versions
 
 DEFAULT_SHARD = 8
@@ -64,12 +65,19 @@ class Stage:
 
     def __post_init__(self):
         self.keys = {d["id"]: item_key(d) for d in self.items}
-        self.id = digest({"task": self.task, "config": self.config, "items": sorted(self.keys.values()),
-                          "pool": sorted(item_key(d) for d in self.pool), "shard_size": self.shard_size})[:16]
+        self.id = digest(
+            {
+                "task": self.task,
+                "config": self.config,
+                "items": sorted(self.keys.values()),
+                "pool": sorted(item_key(d) for d in self.pool),
+                "shard_size": self.shard_size,
+            }
+        )[:16]
 
     def shards(self) -> list[list[dict]]:
         ordered = sorted(self.items, key=lambda d: self.keys[d["id"]])
-        return [ordered[i:i + self.shard_size] for i in range(0, len(ordered), self.shard_size)]
+        return [ordered[i : i + self.shard_size] for i in range(0, len(ordered), self.shard_size)]
 
 
 class RunDir:
@@ -85,9 +93,11 @@ class RunDir:
             except (OSError, ValueError, AttributeError):
                 raise PatchlabError("job.json is unreadable: not a patchlab run directory", where=str(marker)) from None
             if found != self.run_id:
-                raise PatchlabError(f"belongs to run {found}, not to this run ({self.run_id}): a run directory holds "
-                                    "one run (same command, model, prompt set, versions); use a new `run_dir`",
-                                    where=str(self.path))
+                raise PatchlabError(
+                    f"belongs to run {found}, not to this run ({self.run_id}): a run directory holds "
+                    "one run (same command, model, prompt set, versions); use a new `run_dir`",
+                    where=str(self.path),
+                )
         elif resume:
             raise PatchlabError("no run to resume here (no job.json)", param="resume", where=f"{self.path}")
         elif self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
@@ -98,8 +108,12 @@ class RunDir:
     def stage_dir(self, stage: Stage) -> Path:
         folder = self.path / f"{stage.task}-{stage.id}"
         if not (folder / "plan.json").is_file():
-            plan = {"task": stage.task, "config": stage.config, "shard_size": stage.shard_size,
-                    "shards": [[stage.keys[d["id"]] for d in s] for s in stage.shards()]}
+            plan = {
+                "task": stage.task,
+                "config": stage.config,
+                "shard_size": stage.shard_size,
+                "shards": [[stage.keys[d["id"]] for d in s] for s in stage.shards()],
+            }
             atomic_write_json(folder / "plan.json", plan)
         sweep_stale(folder)  # temp files of a killed run
         return folder
@@ -112,7 +126,11 @@ class RunDir:
             data = rows_path.read_bytes()
         except (OSError, ValueError):
             return None
-        if not isinstance(done, dict) or hashlib.sha256(data).hexdigest() != done.get("sha256") or done.get("keys") != keys:
+        if (
+            not isinstance(done, dict)
+            or hashlib.sha256(data).hexdigest() != done.get("sha256")
+            or done.get("keys") != keys
+        ):
             return None
         lines = [json.loads(line) for line in data.decode("utf-8").splitlines() if line]
         if len(lines) != done.get("rows"):
@@ -124,13 +142,19 @@ class RunDir:
             lines = [{**line, "row": _with_tensors(line["row"], tensors)} for line in lines]
         return {"rows": lines, "quarantined": done.get("quarantined", [])}
 
-    def write_shard(self, folder: Path, index: int, keys: list[str], rows: list[dict], quarantined: list[str],
-                    seconds: float) -> None:
+    def write_shard(
+        self, folder: Path, index: int, keys: list[str], rows: list[dict], quarantined: list[str], seconds: float
+    ) -> None:
         tensors: dict[str, Any] = {}
         plain = [{**r, "row": _without_tensors(r["row"], tensors)} for r in rows]
         data = b"".join(_line(r) for r in plain)
-        done = {"rows": len(rows), "sha256": hashlib.sha256(data).hexdigest(), "keys": keys,
-                "quarantined": quarantined, "seconds": round(seconds, 3)}
+        done = {
+            "rows": len(rows),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "keys": keys,
+            "quarantined": quarantined,
+            "seconds": round(seconds, 3),
+        }
         if tensors:
             from safetensors.torch import save
 
@@ -191,16 +215,31 @@ class Backend:
 class Run:
     """An open run: a started worker pool and a run directory bound to the run id. Use as a context manager."""
 
-    def __init__(self, command: str, config: dict, items: Sequence[TwoHopItem], run_dir: str | Path,
-                 load: Load, backend: Backend = Backend(), model=None, resume: bool = False):
+    def __init__(
+        self,
+        command: str,
+        config: dict,
+        items: Sequence[TwoHopItem],
+        run_dir: str | Path,
+        load: Load,
+        backend: Backend = Backend(),
+        model=None,
+        resume: bool = False,
+    ):
         check_threads(backend.kind, backend.workers, backend.per_worker_threads(), backend.address)
         self.command, self.config, self.backend = command, config, backend
         self.records = [it.to_dict() for it in items]
         self.load = Load(load.model, load.dtype, backend.per_worker_threads(), load.kwargs, _fault_from_env())
         self.model, self.run_dir_path, self.resume = model, Path(run_dir), resume
         self.quarantined: list[str] = []
-        self.stats = {"shards_run": 0, "shards_reused": 0, "workers_died": 0, "seconds_in_shards": 0.0,
-                      "worker_cpu_s": 0.0, "worker_peak_rss_mib": 0.0}
+        self.stats = {
+            "shards_run": 0,
+            "shards_reused": 0,
+            "workers_died": 0,
+            "seconds_in_shards": 0.0,
+            "worker_cpu_s": 0.0,
+            "worker_peak_rss_mib": 0.0,
+        }
 
     def __enter__(self) -> Run:
         started = time.perf_counter()
@@ -226,20 +265,29 @@ class Run:
             return worker
         if status == "error":
             raise PatchlabError(str(payload))
-        raise PatchlabError(f"a worker died while loading {self.load.model} (exit {payload}); from a script, call "
-                            "patchlab under `if __name__ == '__main__':` (local workers are spawned processes that "
-                            "import your script)")
+        raise PatchlabError(
+            f"a worker died while loading {self.load.model} (exit {payload}); from a script, call "
+            "patchlab under `if __name__ == '__main__':` (local workers are spawned processes that "
+            "import your script)"
+        )
 
     def job(self) -> dict:
         """job.json: the run id and everything it hashes."""
-        body = {"command": self.command, "config": self.config, "model": _bare(self.identity), "versions": versions(),
-                "prompt_set_sha256": digest(sorted(item_key(d) for d in self.records))}
+        body = {
+            "command": self.command,
+            "config": self.config,
+            "model": _bare(self.identity),
+            "versions": versions(),
+            "prompt_set_sha256": digest(sorted(item_key(d) for d in self.records)),
+        }
         return {"run_id": digest(body)[:16], **body, "items": len(self.records)}
 
     def _check_identity(self, ident: dict) -> None:
         if _bare(ident) != _bare(self.identity):
-            raise PatchlabError(f"a worker loaded other weights ({ident['weights_sha256'][:12]}) than the run's "
-                                f"({self.identity['weights_sha256'][:12]}): every worker must see the same model files")
+            raise PatchlabError(
+                f"a worker loaded other weights ({ident['weights_sha256'][:12]}) than the run's "
+                f"({self.identity['weights_sha256'][:12]}): every worker must see the same model files"
+            )
 
     def stage(self, task: str, config: dict, items: Sequence[dict], pool: Sequence[dict] = ()) -> dict[str, dict]:
         """Run (or reuse) every shard of a stage; the rows by item id, in the stage's key order."""
@@ -269,11 +317,17 @@ class Run:
 
     def meta(self) -> dict:
         """What a result records about its run: id, directory, backend, shards, quarantined items, timings."""
-        return {"run_id": self.dir.run_id, "run_dir": str(self.dir.path), "backend": self.backend.kind,
-                "workers": self.backend.workers, "threads_per_worker": self.load.threads,
-                "shard_size": self.config.get("shard_size", DEFAULT_SHARD), "quarantined": list(self.quarantined),
-                "startup_s": round(self.startup_s, 3),
-                **{k: round(v, 3) if isinstance(v, float) else v for k, v in self.stats.items()}}
+        return {
+            "run_id": self.dir.run_id,
+            "run_dir": str(self.dir.path),
+            "backend": self.backend.kind,
+            "workers": self.backend.workers,
+            "threads_per_worker": self.load.threads,
+            "shard_size": self.config.get("shard_size", DEFAULT_SHARD),
+            "quarantined": list(self.quarantined),
+            "startup_s": round(self.startup_s, 3),
+            **{k: round(v, 3) if isinstance(v, float) else v for k, v in self.stats.items()},
+        }
 
 
 def _bare(ident: dict) -> dict:
@@ -290,8 +344,13 @@ def _fault_from_env() -> dict:
 # --- the sharded commands ---------------------------------------------------------------------------------
 
 
-def evaluate(run: Run, items: Sequence[TwoHopItem], source: str = "<items>", batch_size: int = 32,
-             max_new_tokens: int | None = None):
+def evaluate(
+    run: Run,
+    items: Sequence[TwoHopItem],
+    source: str = "<items>",
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
+):
     """The gap evaluation of `items`, sharded: the same rows and summaries as `patchlab.evaluate.evaluate_gap`."""
     from patchlab.methods.gap import CRITERION, gap_from_rows
     from patchlab.runtime.scoring import MAX_NEW_TOKENS
@@ -303,11 +362,28 @@ def evaluate(run: Run, items: Sequence[TwoHopItem], source: str = "<items>", bat
     return gap_from_rows([rows[it.id] for it in items if it.id in rows], run.identity["model"], source, meta)
 
 
-def locate(run: Run, items: Sequence[TwoHopItem], pool: Sequence[TwoHopItem] = (), setup: str = "guide",
-           method: str = "both", site: str = "z", positions: str = "last", top_k: int = 10, verify: int = 20):
+def locate(
+    run: Run,
+    items: Sequence[TwoHopItem],
+    pool: Sequence[TwoHopItem] = (),
+    setup: str = "guide",
+    method: str = "both",
+    site: str = "z",
+    positions: str = "last",
+    top_k: int = 10,
+    verify: int = 20,
+):
     """Activation patching of `items`, sharded: screen (attribution) and/or verify (exact) stages, then the
     same aggregation as `patchlab.locate.locate_pairs`."""
-    from patchlab.methods.locate import METRIC, _units, aggregate, attribution_mean, check_options, check_pairs, screened_heads
+    from patchlab.methods.locate import (
+        METRIC,
+        _units,
+        aggregate,
+        attribution_mean,
+        check_options,
+        check_pairs,
+        screened_heads,
+    )
 
     check_options(method, site, top_k)
     if setup not in ("guide", "template"):
@@ -322,19 +398,40 @@ def locate(run: Run, items: Sequence[TwoHopItem], pool: Sequence[TwoHopItem] = (
     att_mean = attribution_mean(screen_rows)
     rows = screen_rows
     if method != "attribution":
-        heads = screened_heads(att_mean, max(verify, top_k), run.identity["n_heads"], site) if method == "both" else None
+        heads = (
+            screened_heads(att_mean, max(verify, top_k), run.identity["n_heads"], site) if method == "both" else None
+        )
         config = {**base, "heads": sorted(heads.items()) if heads is not None else None}
         verified = run.stage("verify", config, records, partners)
         rows = [verified[i] for i in ids if i in verified]
     if not rows:
         check_pairs([], positions)
     meta = {**run.identity["meta"], "metric": METRIC, "run": run.meta()}
-    return aggregate(rows, run.identity["model"], run.identity["n_layers"], _units(site, run.identity["n_heads"]),
-                     setup, method, site, positions, top_k, att_mean, time.perf_counter() - started, meta)
+    return aggregate(
+        rows,
+        run.identity["model"],
+        run.identity["n_layers"],
+        _units(site, run.identity["n_heads"]),
+        setup,
+        method,
+        site,
+        positions,
+        top_k,
+        att_mean,
+        time.perf_counter() - started,
+        meta,
+    )
 
 
-def evaluate_edit(run: Run, edit_path: str | Path, items: Sequence[TwoHopItem], pool: Sequence[TwoHopItem], gap,
-                  n_irrelevant: int = 30, exclude: set[str] = frozenset()):
+def evaluate_edit(
+    run: Run,
+    edit_path: str | Path,
+    items: Sequence[TwoHopItem],
+    pool: Sequence[TwoHopItem],
+    gap,
+    n_irrelevant: int = 30,
+    exclude: set[str] = frozenset(),
+):
     """A saved edit's before/after report on `items`, sharded by item (each shard measures its own unedited
     queries, so its numbers do not depend on which shards a worker ran before)."""
     from patchlab.methods.edit import Edit
@@ -343,15 +440,26 @@ def evaluate_edit(run: Run, edit_path: str | Path, items: Sequence[TwoHopItem], 
     edit_path = Path(edit_path).resolve()
     edit = Edit.load(edit_path)
     if edit.weights_sha256 != run.identity["weights_sha256"]:
-        raise PatchlabError(f"edit was made for '{edit.model}' weights {edit.weights_sha256[:12]}…, not these",
-                            where=str(edit_path))
-    config = {"edit": str(edit_path), "edit_sha256": hashlib.sha256(edit_path.read_bytes()).hexdigest(),
-              "right_composed": sorted(r["id"] for r in gap.items if r["composed"]),
-              "right_hop2": sorted(r["id"] for r in gap.items if r["hop2"]),
-              "n_irrelevant": n_irrelevant, "exclude": sorted(exclude)}
+        raise PatchlabError(
+            f"edit was made for '{edit.model}' weights {edit.weights_sha256[:12]}…, not these", where=str(edit_path)
+        )
+    config = {
+        "edit": str(edit_path),
+        "edit_sha256": hashlib.sha256(edit_path.read_bytes()).hexdigest(),
+        "right_composed": sorted(r["id"] for r in gap.items if r["composed"]),
+        "right_hop2": sorted(r["id"] for r in gap.items if r["hop2"]),
+        "n_irrelevant": n_irrelevant,
+        "exclude": sorted(exclude),
+    }
     rows = run.stage("edit-eval", config, [it.to_dict() for it in items], [it.to_dict() for it in pool])
-    meta = {**run.identity["meta"], "seed": 0, "n_irrelevant": n_irrelevant, "method": edit.method, "metric": METRIC,
-            "run": run.meta()}
+    meta = {
+        **run.identity["meta"],
+        "seed": 0,
+        "n_irrelevant": n_irrelevant,
+        "method": edit.method,
+        "metric": METRIC,
+        "run": run.meta(),
+    }
     return report_from_rows([rows[it.id] for it in items if it.id in rows], run.identity["model"], edit, 0.0, meta)
 
 
@@ -379,7 +487,19 @@ def hidden_states(run: Run, tokens, bos: list[int], streams: list[str], batch_si
     vocab = torch.unique(tokens)
     singles = [{"id": f"t{t}", "tokens": [t]} for t in vocab.tolist()]
     macro, micro = run.stage("capture", config, seqs), run.stage("capture", config, singles)
-    meta = {"format": STATES_FORMAT, "model": run.identity["model"], "weights_sha256": run.identity["weights_sha256"],
-            "tokens_sha256": tokens_hash(tokens, bos), "bos": bos, "streams": streams, "run": run.meta()}
-    return HiddenStates(tokens.clone(), torch.stack([macro[d["id"]]["states"] for d in seqs]), vocab,
-                        torch.stack([micro[d["id"]]["states"] for d in singles]), meta)
+    meta = {
+        "format": STATES_FORMAT,
+        "model": run.identity["model"],
+        "weights_sha256": run.identity["weights_sha256"],
+        "tokens_sha256": tokens_hash(tokens, bos),
+        "bos": bos,
+        "streams": streams,
+        "run": run.meta(),
+    }
+    return HiddenStates(
+        tokens.clone(),
+        torch.stack([macro[d["id"]]["states"] for d in seqs]),
+        vocab,
+        torch.stack([micro[d["id"]]["states"] for d in singles]),
+        meta,
+    )

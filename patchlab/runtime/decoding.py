@@ -21,7 +21,7 @@ needs `cache=False` (one full forward per step, the reference path).
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -86,8 +86,8 @@ def _left_padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tenso
     tokens = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros_like(tokens)
     for j, s in enumerate(seqs):
-        tokens[j, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
-        mask[j, width - len(s):] = 1
+        tokens[j, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+        mask[j, width - len(s) :] = 1
     return tokens, mask
 
 
@@ -99,10 +99,13 @@ def _generate_cached(model, seqs: Sequence[Sequence[int]], max_new_tokens: int) 
     eos = eos_ids(model)
     tokens, mask = _left_padded(seqs, pad)
     device = model.cfg.device
-    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                              eos_token_id=sorted(eos) or None, pad_token_id=pad)
-    gen = hf_module(model).generate(input_ids=tokens.to(device), attention_mask=mask.to(device), generation_config=config)
-    return [cut_at_eos(gen[j, tokens.shape[1]:].tolist(), eos) for j in range(len(seqs))]
+    config = GenerationConfig(
+        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=sorted(eos) or None, pad_token_id=pad
+    )
+    gen = hf_module(model).generate(
+        input_ids=tokens.to(device), attention_mask=mask.to(device), generation_config=config
+    )
+    return [cut_at_eos(gen[j, tokens.shape[1] :].tolist(), eos) for j in range(len(seqs))]
 
 
 def _generate_uncached(model, seqs: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
@@ -172,10 +175,19 @@ def _check_once(model) -> tuple[float, list[int], list[int]]:
     eos = eos_ids(model)
     with torch.inference_mode():
         uncached = _generate_uncached(model, [ids], CHECK_TOKENS)[0]
-        config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=CHECK_TOKENS, eos_token_id=None,
-                                  pad_token_id=pad_id(model), output_logits=True, return_dict_in_generate=True)
-        gen = hf_module(model).generate(input_ids=torch.tensor([ids], device=model.cfg.device), generation_config=config)
-        cached = gen.sequences[0, len(ids):].tolist()
+        config = GenerationConfig(
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=CHECK_TOKENS,
+            eos_token_id=None,
+            pad_token_id=pad_id(model),
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        gen = hf_module(model).generate(
+            input_ids=torch.tensor([ids], device=model.cfg.device), generation_config=config
+        )
+        cached = gen.sequences[0, len(ids) :].tolist()
         step = len(cached) - 1
         ref = model(torch.tensor([ids + cached[:step]], device=model.cfg.device))[0, -1].float()
         diff = (gen.logits[step][0].float() - ref).abs().max().item()

@@ -88,16 +88,24 @@ def weights_id(model) -> dict[str, Any]:
     applied = getattr(model, "_patchlab_edits", None)
     if not applied:
         return {"weights_sha256": base_hash(model)}
-    return {"weights_sha256": weights_hash(model),
-            "edits_applied": [getattr(e, "head_list", type(e).__name__) for e in applied]}
+    return {
+        "weights_sha256": weights_hash(model),
+        "edits_applied": [getattr(e, "head_list", type(e).__name__) for e in applied],
+    }
 
 
 def identity(model) -> dict[str, Any]:
     """What identifies a loaded model for a run: name, weights and tokenizer hashes, dtype, shape, provenance."""
     meta = provenance(model)
-    return {"model": model_name(model), "weights_sha256": meta["weights_sha256"], "dtype": meta["dtype"],
-            "tokenizer_sha256": tokenizer_hash(model.tokenizer), "n_layers": meta["n_layers"],
-            "n_heads": meta["n_heads"], "meta": meta}
+    return {
+        "model": model_name(model),
+        "weights_sha256": meta["weights_sha256"],
+        "dtype": meta["dtype"],
+        "tokenizer_sha256": tokenizer_hash(model.tokenizer),
+        "n_layers": meta["n_layers"],
+        "n_heads": meta["n_heads"],
+        "meta": meta,
+    }
 
 
 def tokenizer_hash(tokenizer) -> str:

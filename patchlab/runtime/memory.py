@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Union
 
 import torch
 
@@ -192,8 +193,14 @@ def read_shape(name: str, dtype: torch.dtype = torch.float32) -> ModelShape | No
         tensors.pop("lm_head.weight")  # a tied head shares the embedding's storage once loaded
     dims = _dims(cfg)
     largest_file = max((f.stat().st_size for f in folder.glob("*.safetensors")), default=0)
-    return ModelShape(**dims, tensors=tensors, tokenizer_bytes=_tokenizer_bytes(folder, dims["vocab"]),
-                      largest_file=largest_file, quantized=bool(raw.get("quantization_config")), config=raw)
+    return ModelShape(
+        **dims,
+        tensors=tensors,
+        tokenizer_bytes=_tokenizer_bytes(folder, dims["vocab"]),
+        largest_file=largest_file,
+        quantized=bool(raw.get("quantization_config")),
+        config=raw,
+    )
 
 
 # --- where the weights go ------------------------------------------------------------------------------------
@@ -216,14 +223,16 @@ def _by_prefix(names: Sequence[str], dmap: dict[str, Any]) -> dict[str, str]:
     for n in names:
         hit = next((k for k in keys if k == "" or n == k or n.startswith(k + ".")), None)
         if hit is None:
-            raise PatchlabError(f"the device map does not place '{n}' (map every module, or use '' for the rest)",
-                                param="device_map")
+            raise PatchlabError(
+                f"the device map does not place '{n}' (map every module, or use '' for the rest)", param="device_map"
+            )
         out[n] = _device_name(dmap[hit])
     return out
 
 
-def planned_map(shape: ModelShape, folder: Path, dtype: torch.dtype, strategy: str,
-                max_memory: dict | None) -> dict[str, Any]:
+def planned_map(
+    shape: ModelShape, folder: Path, dtype: torch.dtype, strategy: str, max_memory: dict | None
+) -> dict[str, Any]:
     """The {module: device} map Hugging Face would infer for a strategy, computed on an empty-weights model."""
     from accelerate.utils import get_max_memory
     from transformers.integrations.accelerate import get_balanced_memory, infer_auto_device_map
@@ -233,13 +242,18 @@ def planned_map(shape: ModelShape, folder: Path, dtype: torch.dtype, strategy: s
     if strategy == "sequential":
         budget = get_max_memory(dict(max_memory) if max_memory else None)
     else:
-        budget = get_balanced_memory(model, max_memory=dict(max_memory) if max_memory else None,
-                                     no_split_module_classes=no_split, low_zero=strategy == "balanced_low_0")
+        budget = get_balanced_memory(
+            model,
+            max_memory=dict(max_memory) if max_memory else None,
+            no_split_module_classes=no_split,
+            low_zero=strategy == "balanced_low_0",
+        )
     return infer_auto_device_map(model, max_memory=budget, no_split_module_classes=no_split)
 
 
-def place_weights(shape: ModelShape, dtype: torch.dtype, device: str | None, device_map, max_memory: dict | None,
-                  folder: Path | None) -> dict[str, int]:
+def place_weights(
+    shape: ModelShape, dtype: torch.dtype, device: str | None, device_map, max_memory: dict | None, folder: Path | None
+) -> dict[str, int]:
     """Weight bytes per device ('cpu', 'cuda:0', ... and 'disk' when a plan would offload)."""
     names = list(shape.tensors)
     if device_map is None:
@@ -277,8 +291,10 @@ def _graph(s: ModelShape, rows: int, seq: int, layers: int, e: int) -> int:
 
 def _evaluate(s: ModelShape, w: Workload, e: int) -> dict[str, int]:
     rows, seq = w.batch, w.seq_len
-    return {"logits + layer (one batch)": _forward(s, rows, seq, e),
-            "KV cache": _kv_cache(s, rows, seq + w.new_tokens, e)}
+    return {
+        "logits + layer (one batch)": _forward(s, rows, seq, e),
+        "KV cache": _kv_cache(s, rows, seq + w.new_tokens, e),
+    }
 
 
 def _locate(s: ModelShape, w: Workload, e: int) -> dict[str, int]:
@@ -299,26 +315,34 @@ def _locate(s: ModelShape, w: Workload, e: int) -> dict[str, int]:
 def _edit(s: ModelShape, w: Workload, e: int) -> dict[str, int]:
     width = s.n_heads * s.d_head
     layers = w.n_layers_cached or 1
-    return {"covariance of z (float32)": layers * width * width * 4 + s.d_model * width * 4,
-            "z batch": _forward(s, min(w.batch, 64), w.seq_len, e, logit_rows=0),
-            "forward with grad (7 rows)": _graph(s, 7, w.seq_len, s.n_layers, e)}
+    return {
+        "covariance of z (float32)": layers * width * width * 4 + s.d_model * width * 4,
+        "z batch": _forward(s, min(w.batch, 64), w.seq_len, e, logit_rows=0),
+        "forward with grad (7 rows)": _graph(s, 7, w.seq_len, s.n_layers, e),
+    }
 
 
 def _train(s: ModelShape, w: Workload, e: int, weights: int) -> dict[str, int]:
     attn = 2 * (s.n_heads + s.n_kv_heads) * s.d_head * s.d_model * s.n_layers / max(1, s.n_params)
     share = {"all": 1.0, "attn": attn, "edit-heads": 0.0}.get(w.trainable, 1.0)
-    return {"gradients + Adam moments": int(3 * share * weights),
-            "forward with grad": _graph(s, w.batch, w.seq_len, s.n_layers, e)}
+    return {
+        "gradients + Adam moments": int(3 * share * weights),
+        "forward with grad": _graph(s, w.batch, w.seq_len, s.n_layers, e),
+    }
 
 
 def activations(s: ModelShape, w: Workload, dtype: torch.dtype, weights: int = 0) -> dict[str, int]:
     """The named parts of the largest step of `w` (bytes); a gap evaluation run first counts if larger."""
     e = dtype.itemsize
     w = replace(w, seq_len=min(w.seq_len, s.n_ctx))  # a longer prompt is refused before any forward
-    steps = {"evaluate": [_evaluate(s, w, e)], "locate": [_locate(s, w, e)], "edit": [_edit(s, w, e)],
-             "forward": [{"logits + layer (one batch)": _forward(s, w.batch, w.seq_len, e)}],
-             "train": [_train(s, w, e, weights)],
-             "demo": [_evaluate(s, w, e), _locate(s, w, e), _edit(s, w, e)]}[w.kind]
+    steps = {
+        "evaluate": [_evaluate(s, w, e)],
+        "locate": [_locate(s, w, e)],
+        "edit": [_edit(s, w, e)],
+        "forward": [{"logits + layer (one batch)": _forward(s, w.batch, w.seq_len, e)}],
+        "train": [_train(s, w, e, weights)],
+        "demo": [_evaluate(s, w, e), _locate(s, w, e), _edit(s, w, e)],
+    }[w.kind]
     if w.with_gap and w.kind not in ("evaluate", "demo"):
         steps.append(_evaluate(s, w, e))
     return max(steps, key=lambda parts: sum(parts.values()))
@@ -405,8 +429,11 @@ class DeviceNeed:
 
     def arithmetic(self) -> str:
         """The sum as words: 'weights 513 MiB + activations 173 MiB + runtime and tokenizer 486 MiB = 1.14 GiB'."""
-        moving = (f"activations {fmt(self.activations)}" if self.activations >= self.transient
-                  else f"{self.transient_what} {fmt(self.transient)}")
+        moving = (
+            f"activations {fmt(self.activations)}"
+            if self.activations >= self.transient
+            else f"{self.transient_what} {fmt(self.transient)}"
+        )
         extra = "runtime and tokenizer" if self.device == "cpu" else "CUDA context"
         return f"weights {fmt(self.weights)} + {moving} + {extra} {fmt(self.overhead)} = {fmt(self.total)}"
 
@@ -439,9 +466,12 @@ class Estimate:
         for d in self.devices.values():
             if not d.fits:
                 param = "max_memory" if d.source.startswith("`max_memory`") else None
-                raise PatchlabError(f"{self.model} ({self.dtype}, {self.workload.kind}) needs {d.arithmetic()} on "
-                                    f"{d.device}, but only {fmt(d.available)} is available ({d.source})",
-                                    param=param, where=None if param else "memory")
+                raise PatchlabError(
+                    f"{self.model} ({self.dtype}, {self.workload.kind}) needs {d.arithmetic()} on "
+                    f"{d.device}, but only {fmt(d.available)} is available ({d.source})",
+                    param=param,
+                    where=None if param else "memory",
+                )
 
 
 def fmt(n: int | None) -> str:
@@ -469,8 +499,14 @@ def _spread(total: int, weights: dict[str, int]) -> dict[str, int]:
     return {d: total * w // all_w for d, w in weights.items()}
 
 
-def estimate(name: str, dtype: torch.dtype, work: Workload, device: str | None = None, device_map=None,
-             max_memory: dict | None = None) -> Estimate | None:
+def estimate(
+    name: str,
+    dtype: torch.dtype,
+    work: Workload,
+    device: str | None = None,
+    device_map=None,
+    max_memory: dict | None = None,
+) -> Estimate | None:
     """The memory `work` needs on `name` loaded in `dtype` with this placement; None (with nothing loaded)
     where neither the weights nor the config are on disk yet."""
     from patchlab.runtime.models import _hub_file, model_folder
@@ -484,21 +520,32 @@ def estimate(name: str, dtype: torch.dtype, work: Workload, device: str | None =
     weights = place_weights(shape, dtype, device, device_map, max_memory, folder)
     if "disk" in weights or "meta" in weights:
         off = weights.get("disk", 0) + weights.get("meta", 0)
-        raise PatchlabError(f"{fmt(off)} of {name}'s weights would be offloaded to disk: they do not fit "
-                            f"{', '.join(f'{d} {fmt(b)}' for d, b in weights.items() if d not in ('disk', 'meta'))}"
-                            " (patchlab's hooks need every weight on a device): give more `max_memory` or GPUs, "
-                            "or use `dtype` bfloat16", param="max_memory" if max_memory else "device_map")
+        raise PatchlabError(
+            f"{fmt(off)} of {name}'s weights would be offloaded to disk: they do not fit "
+            f"{', '.join(f'{d} {fmt(b)}' for d, b in weights.items() if d not in ('disk', 'meta'))}"
+            " (patchlab's hooks need every weight on a device): give more `max_memory` or GPUs, "
+            "or use `dtype` bfloat16",
+            param="max_memory" if max_memory else "device_map",
+        )
     parts = activations(shape, work, dtype, sum(weights.values()))
     act = sum(parts.values())
     gpus = {d: b for d, b in weights.items() if d != "cpu"}
     cuda_host = CUDA_HOST if gpus and not torch.cuda.is_initialized() else 0  # else already in the resident set
     resident = runtime_bytes()
     largest = max((shape.nbytes(n, dtype) for n in shape.tensors), default=0)
-    needs = {"cpu": DeviceNeed("cpu", weights.get("cpu", 0), 0 if gpus and "cpu" not in weights else act,
-                               resident + shape.tokenizer_bytes + cuda_host, largest)}
+    needs = {
+        "cpu": DeviceNeed(
+            "cpu",
+            weights.get("cpu", 0),
+            0 if gpus and "cpu" not in weights else act,
+            resident + shape.tokenizer_bytes + cuda_host,
+            largest,
+        )
+    }
     if gpus:  # the hash copies a GPU tensor to the host and then to bytes; loading reads each weight file there
         needs["cpu"].transient, needs["cpu"].transient_what = max(
-            (2 * largest, "weights-hash copy"), (shape.largest_file, "weight file read while loading"))
+            (2 * largest, "weights-hash copy"), (shape.largest_file, "weight file read while loading")
+        )
     for d, share in _spread(act, gpus).items():
         needs[d] = DeviceNeed(d, gpus[d], share, CUDA_CONTEXT)
     if gpus and "cpu" in weights:  # a cpu share of an all-placed map computes its own layers there

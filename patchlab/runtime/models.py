@@ -11,9 +11,9 @@ import importlib.util
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -171,8 +171,7 @@ def _quiet_transformers() -> None:
     transformers.logging.disable_progress_bar()
 
 
-def _boot(name: str, folder: Path | None, device: str | None, dtype: torch.dtype,
-          device_map=None, max_memory=None):
+def _boot(name: str, folder: Path | None, device: str | None, dtype: torch.dtype, device_map=None, max_memory=None):
     """Boot a bridge: a folder is loaded by Hugging Face here (placed by `device_map`, else moved to
     `device`, default cpu) and handed over whole; a hub name is loaded by TransformerLens itself."""
     from transformer_lens.model_bridge import TransformerBridge
@@ -249,8 +248,13 @@ def _hub_file(name: str, filename: str) -> str | None:
     return got if isinstance(got, str) else None
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype = torch.float32,
-               device_map=None, max_memory=None):
+def load_model(
+    name: str = DEFAULT_MODEL,
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device_map=None,
+    max_memory=None,
+):
     """Load `name` (an offline key, a local HF folder, or any TransformerLens model name) as a bridge.
 
     `device_map` ("auto", "balanced", "sequential" or {module: device}) spreads the weights over several

@@ -23,11 +23,23 @@ STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 OFFLOAD = ("disk", "meta")
 DeviceMap = Union[str, dict[str, Union[int, str]]]
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 _SIZE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-_WHY_OFFLOAD = ("patchlab's hooks and edits need every weight resident on a device (an offloaded module holds "
-                "placeholders): give more `max_memory` or more GPUs, or use a smaller `dtype`")
+_WHY_OFFLOAD = (
+    "patchlab's hooks and edits need every weight resident on a device (an offloaded module holds "
+    "placeholders): give more `max_memory` or more GPUs, or use a smaller `dtype`"
+)
 
 
 @dataclass(frozen=True)
@@ -119,18 +131,27 @@ def parse_device_map(text: str) -> DeviceMap:
         raise PatchlabError(f"'{text}' would offload every weight: {_WHY_OFFLOAD}", param="device_map")
     path = Path(text).expanduser()
     if not path.suffix.lower() == ".json" and not path.is_file():
-        raise PatchlabError(f"unknown strategy '{text}' (use {', '.join(STRATEGIES)} or a JSON file)",
-                            param="device_map")
+        raise PatchlabError(
+            f"unknown strategy '{text}' (use {', '.join(STRATEGIES)} or a JSON file)", param="device_map"
+        )
     where = text
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise PatchlabError(f"cannot read the file ({exc.strerror or type(exc).__name__})", param="device_map", where=where) from None
+        raise PatchlabError(
+            f"cannot read the file ({exc.strerror or type(exc).__name__})", param="device_map", where=where
+        ) from None
     except ValueError as exc:
-        raise PatchlabError(f"not valid JSON ({str(exc).splitlines()[0][:120]})", param="device_map", where=where) from None
+        raise PatchlabError(
+            f"not valid JSON ({str(exc).splitlines()[0][:120]})", param="device_map", where=where
+        ) from None
     if not isinstance(data, dict) or not data or not all(isinstance(k, str) for k in data):
-        raise PatchlabError("must be a JSON object mapping module names to devices, e.g. "
-                            '{"model.embed_tokens": 0, "model.layers.0": 0, ..., "lm_head": 1}', param="device_map", where=where)
+        raise PatchlabError(
+            "must be a JSON object mapping module names to devices, e.g. "
+            '{"model.embed_tokens": 0, "model.layers.0": 0, ..., "lm_head": 1}',
+            param="device_map",
+            where=where,
+        )
     return {k: _map_value(v, f"{where}: module '{k}'", "device_map") for k, v in data.items()}
 
 
@@ -152,8 +173,11 @@ def check(device: str | None, device_map: DeviceMap | None, max_memory: dict | N
 def refuse_dtype(model_type: str | None, dtype: torch.dtype) -> None:
     """float16 on Gemma-3: its activations exceed float16's range (65504) and turn into inf / NaN."""
     if dtype == torch.float16 and (model_type or "").lower().startswith("gemma3"):
-        raise PatchlabError("float16 is refused for Gemma-3: its activations overflow float16 (inf / NaN); "
-                            "use `dtype` bfloat16 or float32", param="dtype")
+        raise PatchlabError(
+            "float16 is refused for Gemma-3: its activations overflow float16 (inf / NaN); "
+            "use `dtype` bfloat16 or float32",
+            param="dtype",
+        )
 
 
 def offloaded(hf_model) -> list[str]:

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from patchlab.core.errors import PatchlabError
 from patchlab.runtime.decoding import greedy_tokens, length_batches, pad_id
 from patchlab.runtime.trace import Hooks, attached
-from patchlab.core.errors import PatchlabError
 
 DEFAULT_BATCH = 32
 MAX_NEW_TOKENS = 6

@@ -8,7 +8,7 @@ in whichever worker holds a model, so the runs layer needs no list of what can b
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from patchlab.core.errors import PatchlabError
 

@@ -19,8 +19,8 @@ self-checked against a full forward per model).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -177,8 +177,9 @@ def _skipping(layers: torch.nn.ModuleList, start: int) -> Iterator[None]:
             layers[i] = layer
 
 
-def run_from_layer(model, resid: Float[Tensor, "b pos d"], start: int, last: Int[Tensor, " b"],
-                   patch: Hooks = ()) -> Float[Tensor, "b vocab"]:
+def run_from_layer(
+    model, resid: Float[Tensor, "b pos d"], start: int, last: Int[Tensor, " b"], patch: Hooks = ()
+) -> Float[Tensor, "b vocab"]:
     """Logits at positions `last` when `resid` enters block `start` (blocks < start are not run)."""
     base, layers = _decoder(model)
     hf = hf_module(model)

@@ -10,8 +10,8 @@ task loss is then ignored).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -94,8 +94,11 @@ def word_spans(
     break words. Adjacent punctuation ("Paris,") joins the word it touches.
     """
     pairs = offsets.tolist() if isinstance(offsets, Tensor) else [tuple(o) for o in offsets]
-    keep = [True] * len(pairs) if words_mask is None else [bool(m) for m in (
-        words_mask.tolist() if isinstance(words_mask, Tensor) else words_mask)]
+    keep = (
+        [True] * len(pairs)
+        if words_mask is None
+        else [bool(m) for m in (words_mask.tolist() if isinstance(words_mask, Tensor) else words_mask)]
+    )
     if len(keep) != len(pairs):
         raise _fail(f"words_mask has {len(keep)} entries for {len(pairs)} offsets")
     group, gid, prev_end = [-1] * len(pairs), -1, None
@@ -131,13 +134,17 @@ def word_ids_for_batch(
     if tokenizer.pad_token is None:
         raise _fail("tokenizer has no pad_token; set one before batching")
     enc = tokenizer(
-        list(texts), padding=True, truncation=max_len is not None, max_length=max_len, padding_side="right",
-        return_offsets_mapping=True, return_special_tokens_mask=True, return_tensors="pt",
+        list(texts),
+        padding=True,
+        truncation=max_len is not None,
+        max_length=max_len,
+        padding_side="right",
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+        return_tensors="pt",
     )
     real = enc["attention_mask"].bool() & ~enc["special_tokens_mask"].bool()
-    word_ids = torch.stack([
-        word_spans(enc["offset_mapping"][b], real[b], text) for b, text in enumerate(texts)
-    ])
+    word_ids = torch.stack([word_spans(enc["offset_mapping"][b], real[b], text) for b, text in enumerate(texts)])
     return enc["input_ids"].long(), enc["attention_mask"].long(), word_ids
 
 

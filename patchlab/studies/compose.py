@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import gc
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,11 +37,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from patchlab.core.errors import PatchlabError
-from patchlab.methods.lens import capture_resid
-from patchlab.runtime.bridge import hf_module
 from patchlab.core.progress import track
 from patchlab.core.prompts import _check_str, _lines
+from patchlab.methods.lens import capture_resid
 from patchlab.results.base import Result
+from patchlab.runtime.bridge import hf_module
 from patchlab.runtime.identity import provenance
 from patchlab.runtime.scoring import encode, length_batches, map_last_logits, pad_id, pad_right
 
@@ -75,7 +76,9 @@ def check_tasks(tasks: Sequence[str], where: str = "tasks") -> list[str]:
     out = list(dict.fromkeys(tasks))
     bad = [t for t in out if t not in TASKS]
     if bad or not out:
-        raise PatchlabError(f"unknown task {bad[0]!r} (use {', '.join(TASKS)})" if bad else "no tasks given", where=where)
+        raise PatchlabError(
+            f"unknown task {bad[0]!r} (use {', '.join(TASKS)})" if bad else "no tasks given", where=where
+        )
     return out
 
 
@@ -204,16 +207,20 @@ def entailment_summary(scores: Tensor, labels: Sequence[str], groups: Sequence[s
     own, calibrated = scores > 0, scores > median
     out: dict[str, Any] = {
         "n": len(labels), "auroc": auroc(scores, positive), "p_value": permutation_p(scores, positive),
-        "accuracy": float((own == positive).double().mean()), "calibrated_accuracy": float((calibrated == positive).double().mean()),
+        "accuracy": float((own == positive).double().mean()),
+        "calibrated_accuracy": float((calibrated == positive).double().mean()),
         "yes_rate": float(own.double().mean()), "chance": 0.5, "mean_logodds": float(scores.mean()), "threshold": median,
     }  # fmt: skip
     if groups is not None:
         by: dict[str, Any] = {}
         for g in sorted(set(groups)):
             idx = torch.tensor([x == g for x in groups])
-            by[g] = {"n": int(idx.sum()), "label_yes": float(positive[idx].double().mean()),
-                     "accuracy": float((own[idx] == positive[idx]).double().mean()),
-                     "calibrated_accuracy": float((calibrated[idx] == positive[idx]).double().mean())}
+            by[g] = {
+                "n": int(idx.sum()),
+                "label_yes": float(positive[idx].double().mean()),
+                "accuracy": float((own[idx] == positive[idx]).double().mean()),
+                "calibrated_accuracy": float((calibrated[idx] == positive[idx]).double().mean()),
+            }
         out["by_group"] = by
     return out
 
@@ -227,16 +234,20 @@ def score_entailment(
     scores = yes_no_logodds(model, prompts, batch_size)
     groups = [f"{it.get('pattern', 'all')}/{it.get('adj_class', 'all')}" for it in tests]
     out = entailment_summary(scores, [it["label"] for it in tests], groups)
-    out.update(shots=len(demos), score="log p(yes) - log p(no)",
-               items=[[it["id"], round(float(s), 4)] for it, s in zip(tests, scores)])
+    out.update(
+        shots=len(demos),
+        score="log p(yes) - log p(no)",
+        items=[[it["id"], round(float(s), 4)] for it, s in zip(tests, scores)],
+    )
     return out
 
 
 # ------------------------------------------------------------------------------- over-generalisation
 
 
-def phrase_states(model, phrases: Sequence[str], frame: str = FRAME, batch_size: int = PROBE_BATCH,
-                  progress: str | None = None) -> Float[Tensor, "n s d"]:
+def phrase_states(
+    model, phrases: Sequence[str], frame: str = FRAME, batch_size: int = PROBE_BATCH, progress: str | None = None
+) -> Float[Tensor, "n s d"]:
     """Residual stream entering every block (and the final one) at the last token of each framed phrase."""
     seqs = [encode(model, frame.format(p), where=f"phrase[{i}]") for i, p in enumerate(phrases)]
     pad = pad_id(model)
@@ -251,8 +262,14 @@ def phrase_states(model, phrases: Sequence[str], frame: str = FRAME, batch_size:
     return torch.stack(out)  # type: ignore[arg-type]
 
 
-def score_overgeneralisation(model, items: Sequence[dict[str, Any]], frame: str = FRAME,
-                             batch_size: int = PROBE_BATCH, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+def score_overgeneralisation(
+    model,
+    items: Sequence[dict[str, Any]],
+    frame: str = FRAME,
+    batch_size: int = PROBE_BATCH,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Per stream, the share of triples whose endocentric phrase is closer (centred cosine) to the noun
     than the exocentric compound is; ties count half. Also the mean margin, and the layer-mean share
     (streams 1..n, i.e. every block's output) with a bootstrap CI over compounds."""
@@ -269,7 +286,9 @@ def score_overgeneralisation(model, items: Sequence[dict[str, Any]], frame: str 
     wins = (margin > tol).double() + 0.5 * (margin.abs() <= tol).double()
     share = wins.mean(0)
     compounds = sorted({it["exocentric"] for it in tests})
-    by_compound = torch.stack([wins[[i for i, it in enumerate(tests) if it["exocentric"] == c]].mean(0) for c in compounds])
+    by_compound = torch.stack(
+        [wins[[i for i, it in enumerate(tests) if it["exocentric"] == c]].mean(0) for c in compounds]
+    )
     layer_mean = by_compound[:, 1:].mean(1)  # per compound, over every block's output
     gen = torch.Generator().manual_seed(seed)
     boot = layer_mean[torch.randint(len(compounds), (n_boot, len(compounds)), generator=gen)].mean(1)
@@ -292,8 +311,10 @@ class CompareResult(Result):
 
     kind = "compare"
     heading = "Compositionality across models"
-    intro = ("Substitutivity, systematicity and over-generalisation probes (after Dhar & Søgaard 2024) and the "
-              "two-hop gap, per model.")
+    intro = (
+        "Substitutivity, systematicity and over-generalisation probes (after Dhar & Søgaard 2024) and the "
+        "two-hop gap, per model."
+    )
     order = 90
     models: list[str]
     tasks: list[str]
@@ -323,12 +344,22 @@ def model_info(model, name: str) -> dict[str, Any]:
     tuned = INSTRUCTION_TUNED.get(name)
     if tuned is None and any(tag in name.lower() for tag in ("instruct", "-it", "chat")):
         tuned = True
-    return {"parameters": int(sum(p.numel() for p in hf_module(model).parameters())), "n_layers": int(model.cfg.n_layers),
-            "d_model": int(model.cfg.d_model), "instruction_tuned": tuned}
+    return {
+        "parameters": int(sum(p.numel() for p in hf_module(model).parameters())),
+        "n_layers": int(model.cfg.n_layers),
+        "d_model": int(model.cfg.d_model),
+        "instruction_tuned": tuned,
+    }
 
 
-def probe_model(model, tasks: Sequence[str], probes: dict[str, list[dict[str, Any]]], shots: int = DEFAULT_SHOTS,
-                batch_size: int = PROBE_BATCH, progress: bool = True) -> dict[str, dict[str, Any]]:
+def probe_model(
+    model,
+    tasks: Sequence[str],
+    probes: dict[str, list[dict[str, Any]]],
+    shots: int = DEFAULT_SHOTS,
+    batch_size: int = PROBE_BATCH,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
     """Every task's summary for one loaded model."""
     out = {}
     for task in track(list(tasks), "probing" if progress else None):
@@ -358,9 +389,9 @@ def compare(
     device_map / max_memory, given to every model."""
     import time
 
+    from patchlab.core.prompts import PromptSet
     from patchlab.methods.gap import evaluate_gap
     from patchlab.runtime.models import load_model
-    from patchlab.core.prompts import PromptSet
 
     names = list(dict.fromkeys(models))
     if not names:
@@ -379,8 +410,14 @@ def compare(
         info[name] = {**model_info(model, name), "seconds": round(time.perf_counter() - start, 1)}
         del model
         gc.collect()
-    meta = provenance(None, shots=shots, prompt_set=getattr(ps, "source", None), dtype=str(dtype).replace("torch.", ""),
-                      frame=FRAME, question=QUESTION)
+    meta = provenance(
+        None,
+        shots=shots,
+        prompt_set=getattr(ps, "source", None),
+        dtype=str(dtype).replace("torch.", ""),
+        frame=FRAME,
+        question=QUESTION,
+    )
     return CompareResult(models=names, tasks=tasks, scores=scores, gap=gaps, info=info, meta=meta)
 
 

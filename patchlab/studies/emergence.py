@@ -33,10 +33,11 @@ import json
 import math
 import random
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -45,16 +46,16 @@ from torch import Tensor
 
 from patchlab.core.errors import PatchlabError
 from patchlab.core.io import atomic_write_bytes
-from patchlab.methods.lens import lens_logits, resid_hook_names
-from patchlab.studies.mi import DEFAULT_ESTIMATOR, ESTIMATORS, MIN_SAMPLES, mi
-from patchlab.runtime.models import cache_root
-from patchlab.runtime.bridge import hf_module, model_name
 from patchlab.core.progress import track
+from patchlab.methods.lens import lens_logits, resid_hook_names
 from patchlab.results.base import Result
+from patchlab.runtime.bridge import hf_module, model_name
 from patchlab.runtime.identity import provenance
-from patchlab.runtime.trace import trace
-from patchlab.runtime.shards import shard_task
+from patchlab.runtime.models import cache_root
 from patchlab.runtime.scoring import DEFAULT_BATCH, answer_token_id
+from patchlab.runtime.shards import shard_task
+from patchlab.runtime.trace import trace
+from patchlab.studies.mi import DEFAULT_ESTIMATOR, ESTIMATORS, MIN_SAMPLES, mi
 
 DEFAULT_DIM = 8  # principal components per side for the Gaussian estimator (n of ~150 needs dim << n / 2)
 DEFAULT_RIDGE = 0.1  # gaussian: noise at 10% of each whitened component's variance (see the module doc)
@@ -129,8 +130,9 @@ def equal_length(model, texts: Sequence[str], length: int | None = None, keep: f
         raise PatchlabError(f"{length} tokens exceed the model's context ({n_ctx})", param="length")
     kept = [i for i, s in enumerate(lists) if len(s) >= length]
     if len(kept) < MIN_SAMPLES:
-        raise PatchlabError(f"only {len(kept)} of {len(texts)} texts have >= {length} tokens; need {MIN_SAMPLES}",
-                            param="texts")
+        raise PatchlabError(
+            f"only {len(kept)} of {len(texts)} texts have >= {length} tokens; need {MIN_SAMPLES}", param="texts"
+        )
     tokens = torch.tensor([lists[i][:length] for i in kept], dtype=torch.long)
     cut = sum(len(lists[i]) > length for i in kept)
     note = f"first {length} tokens of each text; {len(texts) - len(kept)} shorter texts dropped, {cut} cut"
@@ -196,8 +198,9 @@ class HiddenStates:
         return cls(meta=meta, **tensors)
 
 
-def capture_last(model, tokens: Int[Tensor, "n pos"], batch_size: int = DEFAULT_BATCH,
-                 progress: str | None = None) -> Float[Tensor, "n s d"]:
+def capture_last(
+    model, tokens: Int[Tensor, "n pos"], batch_size: int = DEFAULT_BATCH, progress: str | None = None
+) -> Float[Tensor, "n s d"]:
     """Every stream at the last position of equal-length rows (BOS is prepended here when the model uses one)."""
     names = resid_hook_names(model)
     bos = bos_prefix(model)
@@ -259,16 +262,28 @@ def hidden_states(
         path = states_path(cache_dir, weights, data)
         if path.is_file():
             hs = HiddenStates.load(path)
-            if hs.meta.get("format") == STATES_FORMAT and hs.meta.get("tokens_sha256") == data and torch.equal(hs.tokens, tokens):
+            if (
+                hs.meta.get("format") == STATES_FORMAT
+                and hs.meta.get("tokens_sha256") == data
+                and torch.equal(hs.tokens, tokens)
+            ):
                 return hs
     if capture is not None and (weights or _weights_sha256(model)) == capture.weights_sha256:
         hs = capture(tokens, bos, resid_hook_names(model), batch_size)
     else:
         macro = capture_last(model, tokens, batch_size, "hidden states (sequences)" if progress else None)
         vocab = torch.unique(tokens)
-        micro = capture_last(model, vocab[:, None], 8 * batch_size, "hidden states (tokens alone)" if progress else None)
-        meta = {"format": STATES_FORMAT, "model": model_name(model), "weights_sha256": weights, "tokens_sha256": data,
-                "bos": bos, "streams": resid_hook_names(model)}
+        micro = capture_last(
+            model, vocab[:, None], 8 * batch_size, "hidden states (tokens alone)" if progress else None
+        )
+        meta = {
+            "format": STATES_FORMAT,
+            "model": model_name(model),
+            "weights_sha256": weights,
+            "tokens_sha256": data,
+            "bos": bos,
+            "streams": resid_hook_names(model),
+        }
         hs = HiddenStates(tokens.clone(), macro, vocab, micro, meta)
     if path is not None:
         hs.save(path)
@@ -284,9 +299,11 @@ class EmergenceResult(Result):
 
     kind = "emergence"
     heading = "Information emergence"
-    intro = ("Per block: MI between the block's input and output at the last position of whole sequences, minus "
-              "the mean MI of single tokens run on their own (Chen et al. 2024); estimator and sample size are "
-              "stated in the figure.")
+    intro = (
+        "Per block: MI between the block's input and output at the last position of whole sequences, minus "
+        "the mean MI of single tokens run on their own (Chen et al. 2024); estimator and sample size are "
+        "stated in the figure."
+    )
     order = 70
     model: str
     condition: str
@@ -426,7 +443,7 @@ def emergence_from_states(
     kw = {"dim": DEFAULT_DIM, **({"ridge": DEFAULT_RIDGE} if estimator == "gaussian" else {}), **mi_kw}
     layers = _check_layers(layers, hs.n_streams - 1)
     base = torch.arange(hs.tokens.shape[0]) if rows is None else torch.as_tensor(list(rows), dtype=torch.long)
-    n, T = int(base.numel()), int(hs.tokens.shape[1])
+    n = int(base.numel())
     if n < MIN_SAMPLES:
         raise PatchlabError(f"{n} sequences; need at least {MIN_SAMPLES}", param="rows")
     with one_thread():
@@ -444,8 +461,18 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _estimate(hs: HiddenStates, base: Tensor, layers: list[int], estimator: str, n_boot: int, seeds: list[int],
-              condition: str, pre_dim: int | None, progress: bool, kw: dict[str, Any]) -> EmergenceResult:
+def _estimate(
+    hs: HiddenStates,
+    base: Tensor,
+    layers: list[int],
+    estimator: str,
+    n_boot: int,
+    seeds: list[int],
+    condition: str,
+    pre_dim: int | None,
+    progress: bool,
+    kw: dict[str, Any],
+) -> EmergenceResult:
     """The body of `emergence_from_states`, after its checks."""
     n, T = int(base.numel()), int(hs.tokens.shape[1])
     st = _streams(hs, base, layers, pre_dim)
@@ -508,7 +535,9 @@ def information_emergence(
     else:
         aligned = equal_length(model, list(texts), length)
     hs = hidden_states(model, aligned.tokens, cache_dir, progress=progress, capture=capture)
-    result = emergence_from_states(hs, layers, estimator, n_boot, seeds, condition=condition, progress=progress, **mi_kw)
+    result = emergence_from_states(
+        hs, layers, estimator, n_boot, seeds, condition=condition, progress=progress, **mi_kw
+    )
     result.model, result.data_note = model_name(model), aligned.note
     result.meta.update(provenance(model))
     return result
@@ -527,7 +556,11 @@ def random_init_like(model, seed: int = 0):
         torch.manual_seed(seed)
         hf = AutoModelForCausalLM.from_config(config, dtype=model.cfg.dtype)
     bridge = TransformerBridge.boot_transformers(
-        str(model.cfg.model_name), hf_model=hf, tokenizer=model.tokenizer, device=str(model.cfg.device), dtype=model.cfg.dtype
+        str(model.cfg.model_name),
+        hf_model=hf,
+        tokenizer=model.tokenizer,
+        device=str(model.cfg.device),
+        dtype=model.cfg.dtype,
     )
     bridge.cfg.default_prepend_bos = model.cfg.default_prepend_bos
     bridge.eval()
@@ -544,8 +577,10 @@ class EmergenceExperiment(Result):
 
     kind = "emergence-experiment"
     heading = "Information emergence: experiment"
-    intro = ("Information emergence under a controlled change of the input (demonstrations, shuffled tokens, right "
-              "vs failed two-hop items).")
+    intro = (
+        "Information emergence under a controlled change of the input (demonstrations, shuffled tokens, right "
+        "vs failed two-hop items)."
+    )
     order = 80
     experiment: str
     model: str
@@ -569,19 +604,28 @@ class EmergenceExperiment(Result):
 
 def _summary(r: EmergenceResult, **extra: Any) -> dict[str, Any]:
     """Layer means of IE, macro and micro MI (bits) with n and T."""
-    out = {"mean_ie": float(np.mean(r.ie)), "mean_macro": float(np.mean(r.macro)), "mean_micro": float(np.mean(r.micro)),
-           "n": r.n, "T": r.T}
+    out = {
+        "mean_ie": float(np.mean(r.ie)),
+        "mean_macro": float(np.mean(r.macro)),
+        "mean_micro": float(np.mean(r.micro)),
+        "n": r.n,
+        "T": r.T,
+    }
     if r.ie_std:
         out["mean_ie_std"] = float(np.mean(r.ie_std))
     return {**out, **extra}
 
 
-def _experiment(name: str, model, results: dict[str, EmergenceResult], extras: dict[str, dict] | None = None,
-                **meta: Any) -> EmergenceExperiment:
+def _experiment(
+    name: str, model, results: dict[str, EmergenceResult], extras: dict[str, dict] | None = None, **meta: Any
+) -> EmergenceExperiment:
     extras = extras or {}
     return EmergenceExperiment(
-        experiment=name, model=model_name(model), conditions={k: r.to_json() for k, r in results.items()},
-        summary={k: _summary(r, **extras.get(k, {})) for k, r in results.items()}, meta=provenance(model, **meta),
+        experiment=name,
+        model=model_name(model),
+        conditions={k: r.to_json() for k, r in results.items()},
+        summary={k: _summary(r, **extras.get(k, {})) for k, r in results.items()},
+        meta=provenance(model, **meta),
     )
 
 
@@ -600,12 +644,15 @@ def natural_vs_shuffled(
     texts = list(texts) if texts is not None else shipped_texts()
     aligned = equal_length(model, texts, length)
     conds = {"natural": aligned.tokens, "shuffled": shuffle_tokens(aligned.tokens, seed)}
-    results = {k: information_emergence(model, v, layers, cache_dir=cache_dir, condition=k, progress=progress, **ie_kw)
-               for k, v in conds.items()}
+    results = {
+        k: information_emergence(model, v, layers, cache_dir=cache_dir, condition=k, progress=progress, **ie_kw)
+        for k, v in conds.items()
+    }
     if random_init:
         rnd = random_init_like(model, seed)
-        results["random-init"] = information_emergence(rnd, aligned.tokens, layers, cache_dir=cache_dir,
-                                                       condition="random-init", progress=progress, **ie_kw)
+        results["random-init"] = information_emergence(
+            rnd, aligned.tokens, layers, cache_dir=cache_dir, condition="random-init", progress=progress, **ie_kw
+        )
         del rnd
         gc.collect()
     for r in results.values():
@@ -638,8 +685,9 @@ def single_token_pairs(model, pairs: Sequence[tuple[str, str]]) -> list[tuple[st
     return [(a, b) for a, b in pairs if one(a) and one(" " + b)]
 
 
-def icl_prompts(model, k: int, n: int, pairs: Sequence[tuple[str, str]], seed: int = 0,
-                candidates: int = 2000) -> tuple[Int[Tensor, "n T"], list[str]]:
+def icl_prompts(
+    model, k: int, n: int, pairs: Sequence[tuple[str, str]], seed: int = 0, candidates: int = 2000
+) -> tuple[Int[Tensor, "n T"], list[str]]:
     """n equal-length prompts with k demonstrations each, and each prompt's expected answer.
 
     Pairs are drawn from those that are single tokens for the model when at least k + 1 are (then every
@@ -682,15 +730,23 @@ def icl_emergence(
     for k in demos:
         tokens, answers = icl_prompts(model, k, n, pairs, seed)
         name = f"k={k}"
-        results[name] = information_emergence(model, tokens, layers, cache_dir=cache_dir, condition=name,
-                                               progress=progress, **ie_kw)
+        results[name] = information_emergence(
+            model, tokens, layers, cache_dir=cache_dir, condition=name, progress=progress, **ie_kw
+        )
         hs = hidden_states(model, tokens, cache_dir, progress=False, capture=ie_kw.get("capture"))
         with torch.inference_mode():
             top = lens_logits(model, hs.macro[:, -1].to(model.cfg.device, model.cfg.dtype)).argmax(-1).cpu()
         want = torch.tensor([answer_token_id(model, a) for a in answers])
         extras[name] = {"k": k, "accuracy": float((top == want).float().mean())}
-    return _experiment("icl", model, results, extras, pairs=len(pairs), single_token_pairs=len(single_token_pairs(model, pairs)),
-                       seed=seed)
+    return _experiment(
+        "icl",
+        model,
+        results,
+        extras,
+        pairs=len(pairs),
+        single_token_pairs=len(single_token_pairs(model, pairs)),
+        seed=seed,
+    )
 
 
 FAILED = ("wrong", "gap")
@@ -736,8 +792,8 @@ def twohop_emergence(
     computed per length and outcome. A condition's curve is the n-weighted mean over lengths. Small groups
     need a small `dim` (n - 1 must exceed 2 dim): pass e.g. dim=3.
     """
-    from patchlab.methods.gap import evaluate_gap
     from patchlab.core.prompts import PromptSet
+    from patchlab.methods.gap import evaluate_gap
 
     ps = prompt_set if prompt_set is not None else PromptSet.shipped()
     items = list(ps)
@@ -754,15 +810,34 @@ def twohop_emergence(
         for outcome in ("correct", "failed"):
             idx = sorted(rng.sample(g[outcome], m))
             tokens = torch.tensor(token_lists(model, [items[i].composed for i in idx]))
-            per[outcome].append(information_emergence(
-                model, tokens, layers, cache_dir=cache_dir, condition=f"{outcome} (T={length})", progress=progress, **ie_kw))
+            per[outcome].append(
+                information_emergence(
+                    model,
+                    tokens,
+                    layers,
+                    cache_dir=cache_dir,
+                    condition=f"{outcome} (T={length})",
+                    progress=progress,
+                    **ie_kw,
+                )
+            )
     if not used:
         sizes = {L: (len(g["correct"]), len(g["failed"])) for L, g in groups.items()}
-        raise PatchlabError(f"no token length has >= {min_group} correct and failed queries (length: (correct, failed) "
-                            f"{sizes})", param="prompt_set")
+        raise PatchlabError(
+            f"no token length has >= {min_group} correct and failed queries (length: (correct, failed) {sizes})",
+            param="prompt_set",
+        )
     results = {k: pool_results(v, k) for k, v in per.items()}
-    return _experiment("twohop", model, results, {k: {"lengths": used} for k in results}, min_group=min_group,
-                       failed=failed, seed=seed, gap_share=gap.summary["all"]["gap_share"])
+    return _experiment(
+        "twohop",
+        model,
+        results,
+        {k: {"lengths": used} for k in results},
+        min_group=min_group,
+        failed=failed,
+        seed=seed,
+        gap_share=gap.summary["all"]["gap_share"],
+    )
 
 
 def pool_results(results: Sequence[EmergenceResult], condition: str) -> EmergenceResult:

@@ -36,27 +36,28 @@ import glob
 import json
 import random
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from patchlab.methods import edit as E
 from patchlab.core.errors import PatchlabError
-from patchlab.runtime.bridge import model_name
 from patchlab.core.progress import track
 from patchlab.core.prompts import TwoHopItem
-from patchlab.results.base import Result
-from patchlab.runtime.identity import provenance
 from patchlab.core.spec import columns
+from patchlab.methods import edit as E
+from patchlab.results.base import Result
 from patchlab.runtime import sites
-from patchlab.runtime.trace import attached, trace
+from patchlab.runtime.bridge import model_name
+from patchlab.runtime.identity import provenance
 from patchlab.runtime.scoring import encode, length_batches, pad_id, pad_right
+from patchlab.runtime.trace import attached, trace
 
 FORMAT = "patchlab-module/1"
 GATES = ("hard", "soft")
@@ -74,8 +75,13 @@ def all_z(model, prompts: Sequence[str], layers: Sequence[int], batch_size: int 
     for rows in length_batches([len(s) for s in seqs], batch_size):
         tokens, lengths = pad_right([seqs[i] for i in rows], pad_id(model))
         with torch.inference_mode():
-            t = trace(model, tokens, [sites.z(l) for l in layers], to_cpu=True,
-                      stop_at_layer=stop if stop < model.cfg.n_layers else None)
+            t = trace(
+                model,
+                tokens,
+                [sites.z(l) for l in layers],
+                to_cpu=True,
+                stop_at_layer=stop if stop < model.cfg.n_layers else None,
+            )
         for l in layers:
             z = t[sites.z(l)].reshape(len(rows), tokens.shape[1], -1)
             for j, i in enumerate(rows):
@@ -122,8 +128,14 @@ class Reference:
     _whiteners: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def build(cls, model, questions: Sequence[str], layers: Sequence[int], sentences: Sequence[str] | None = None,
-              ridge: float = 0.01) -> Reference:
+    def build(
+        cls,
+        model,
+        questions: Sequence[str],
+        layers: Sequence[int],
+        sentences: Sequence[str] | None = None,
+        ridge: float = 0.01,
+    ) -> Reference:
         """Reference activations from `questions` (held-out prompts, see `reference_prompts`) plus the neutral corpus."""
         if not questions:
             raise PatchlabError("the reference set needs at least one held-out question (a correct composed query)")
@@ -145,8 +157,9 @@ class Reference:
         return self._whiteners[key]
 
 
-def reference_prompts(pool: Sequence[TwoHopItem], gap, n: int = 40, seed: int = 0,
-                      exclude: set[str] = frozenset()) -> tuple[list[str], set[str]]:
+def reference_prompts(
+    pool: Sequence[TwoHopItem], gap, n: int = 40, seed: int = 0, exclude: set[str] = frozenset()
+) -> tuple[list[str], set[str]]:
     """The composed queries, paraphrases and hop-2 facts of a seeded sample of at most `n` items answered right
     (none in `exclude`; at most half of them, the rest are left to test), and their ids, which the irrelevance
     and facts tests then leave out."""
@@ -171,7 +184,9 @@ class RouteConfig:
 
     def __post_init__(self) -> None:
         if self.key_heads not in KEY_HEADS:
-            raise PatchlabError(f"key_heads must be one of {', '.join(KEY_HEADS)}, got '{self.key_heads}'", param="key_heads")
+            raise PatchlabError(
+                f"key_heads must be one of {', '.join(KEY_HEADS)}, got '{self.key_heads}'", param="key_heads"
+            )
         for name in ("hi_quantile", "tau_fraction"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
@@ -192,7 +207,7 @@ class Route:
     hi: float  # a low quantile of the module's own scores: the soft gate is fully open above it
     tau: float  # the hard gate opens above it
 
-    def scores(self, z: Float[Tensor, "... HD"], d_head: int) -> Float[Tensor, "..."]:
+    def scores(self, z: Float[Tensor, "... HD"], d_head: int) -> Float[Tensor, ...]:
         """The module's score at every position of z ([..., n_heads*d_head], all heads)."""
         return project(z[..., columns(self.key_heads, d_head)], self.center, self.whiten) @ self.key
 
@@ -212,15 +227,26 @@ class Module:
     def tensors(self) -> dict[str, Tensor]:
         out = self.edit.tensors()
         for l, r in self.routes.items():
-            out.update({f"layer.{l}.center": r.center.contiguous().float(), f"layer.{l}.whiten": r.whiten.contiguous().float(),
-                        f"layer.{l}.key": r.key.contiguous().float()})
+            out.update(
+                {
+                    f"layer.{l}.center": r.center.contiguous().float(),
+                    f"layer.{l}.whiten": r.whiten.contiguous().float(),
+                    f"layer.{l}.key": r.key.contiguous().float(),
+                }
+            )
         return out
 
     def save(self, path: str | Path) -> Path:
         """One safetensors file: the edit's deltas and the gates' tensors, JSON metadata, sealed by `edit.write_signed`."""
-        routes = {str(l): {"key_heads": r.key_heads, "lo": r.lo, "hi": r.hi, "tau": r.tau} for l, r in self.routes.items()}
-        meta = {**self.edit.metadata(), "format": FORMAT, "routes": json.dumps(routes),
-                "calibration": json.dumps(self.calibration)}
+        routes = {
+            str(l): {"key_heads": r.key_heads, "lo": r.lo, "hi": r.hi, "tau": r.tau} for l, r in self.routes.items()
+        }
+        meta = {
+            **self.edit.metadata(),
+            "format": FORMAT,
+            "routes": json.dumps(routes),
+            "calibration": json.dumps(self.calibration),
+        }
         return E.write_signed(path, self.tensors(), meta)
 
     @classmethod
@@ -229,15 +255,25 @@ class Module:
         meta, tensors = E.read_signed(path, FORMAT, "module")
         edit = E.Edit.from_file(meta, tensors, str(path))
         try:
-            routes = {int(l): Route([int(h) for h in r["key_heads"]], tensors[f"layer.{l}.center"], tensors[f"layer.{l}.whiten"],
-                                    tensors[f"layer.{l}.key"], float(r["lo"]), float(r["hi"]), float(r["tau"]))
-                      for l, r in json.loads(meta["routes"]).items()}
+            routes = {
+                int(l): Route(
+                    [int(h) for h in r["key_heads"]],
+                    tensors[f"layer.{l}.center"],
+                    tensors[f"layer.{l}.whiten"],
+                    tensors[f"layer.{l}.key"],
+                    float(r["lo"]),
+                    float(r["hi"]),
+                    float(r["tau"]),
+                )
+                for l, r in json.loads(meta["routes"]).items()
+            }
             calibration = json.loads(meta.get("calibration", "{}"))
         except (KeyError, ValueError, TypeError) as exc:
             raise PatchlabError(f"module metadata is incomplete ({exc})", where=str(path)) from None
         if set(routes) != set(edit.heads):
-            raise PatchlabError(f"module has gates at layers {sorted(routes)} but edits layers {sorted(edit.heads)}",
-                                where=str(path))
+            raise PatchlabError(
+                f"module has gates at layers {sorted(routes)} but edits layers {sorted(edit.heads)}", where=str(path)
+            )
         return cls(edit, routes, calibration)
 
 
@@ -245,7 +281,12 @@ def own_prompts(items: Sequence[TwoHopItem], n_prefixes: int, paraphrases: bool 
     """The prompts an edit was made for, each under the editor's prefixes: per item its composed query, then
     (with `paraphrases`) each paraphrase."""
     pre = E.prefixes(n_prefixes)
-    return [q for it in items for p in (it.composed, *(it.paraphrases if paraphrases else ())) for q in E.with_prefixes(p, pre)]
+    return [
+        q
+        for it in items
+        for p in (it.composed, *(it.paraphrases if paraphrases else ()))
+        for q in E.with_prefixes(p, pre)
+    ]
 
 
 def own_z(model, edit: E.Edit, items: Sequence[TwoHopItem], cfg: RouteConfig) -> dict[int, Tensor]:
@@ -255,8 +296,14 @@ def own_z(model, edit: E.Edit, items: Sequence[TwoHopItem], cfg: RouteConfig) ->
     return E.last_z(model, own_prompts(items, cfg.n_prefixes, cfg.paraphrases), sorted(edit.heads))
 
 
-def make_module(edit: E.Edit, own: dict[int, Tensor], reference: Reference, d_head: int, cfg: RouteConfig,
-                earlier: Sequence[Module] = ()) -> Module:
+def make_module(
+    edit: E.Edit,
+    own: dict[int, Tensor],
+    reference: Reference,
+    d_head: int,
+    cfg: RouteConfig,
+    earlier: Sequence[Module] = (),
+) -> Module:
     """Key and calibrate the gates of `edit` from its own activations `own` and the reference set."""
     routes, calib = {}, {}
     for layer, hs in edit.heads.items():
@@ -266,7 +313,9 @@ def make_module(edit: E.Edit, own: dict[int, Tensor], reference: Reference, d_he
         mine = project(own[layer][:, cols], center, whiten)
         key, kept = unit(mine.mean(0)), 1.0
         if cfg.orthogonal:
-            key, kept = _orthogonal(key, [m.routes[layer] for m in earlier if layer in m.routes], key_heads, center, whiten)
+            key, kept = _orthogonal(
+                key, [m.routes[layer] for m in earlier if layer in m.routes], key_heads, center, whiten
+            )
         ref = project(reference.at(layer, cols), center, whiten) @ key
         s = mine @ key
         lo, hi = float(ref.max()), float(torch.quantile(s, cfg.hi_quantile))
@@ -274,14 +323,25 @@ def make_module(edit: E.Edit, own: dict[int, Tensor], reference: Reference, d_he
         hi = hi if separable else lo + 1e-3
         tau = lo + cfg.tau_fraction * (hi - lo)
         routes[layer] = Route(key_heads, center, whiten, key, lo, hi, tau)
-        calib[str(layer)] = {"lo": lo, "hi": hi, "tau": tau, "separable": separable, "own_open": float((s > tau).float().mean()),
-                             "own_mean": float(s.mean()), "own_std": float(s.std()), "reference_positions": int(ref.numel()),
-                             "reference_q99": float(torch.quantile(ref, 0.99)), "n_own": int(s.numel()), "key_kept": kept}
+        calib[str(layer)] = {
+            "lo": lo,
+            "hi": hi,
+            "tau": tau,
+            "separable": separable,
+            "own_open": float((s > tau).float().mean()),
+            "own_mean": float(s.mean()),
+            "own_std": float(s.std()),
+            "reference_positions": int(ref.numel()),
+            "reference_q99": float(torch.quantile(ref, 0.99)),
+            "n_own": int(s.numel()),
+            "key_kept": kept,
+        }
     return Module(edit, routes, {"layers": calib, "config": cfg.__dict__})
 
 
-def _orthogonal(key: Tensor, before: Sequence[Route], key_heads: list[int], center: Tensor,
-                whiten: Tensor) -> tuple[Tensor, float]:
+def _orthogonal(
+    key: Tensor, before: Sequence[Route], key_heads: list[int], center: Tensor, whiten: Tensor
+) -> tuple[Tensor, float]:
     """`key` minus its projections on the earlier keys read in the same whitened space (modified Gram–Schmidt),
     renormalised, and the norm of what was left (1: already orthogonal)."""
     for r in before:
@@ -289,14 +349,22 @@ def _orthogonal(key: Tensor, before: Sequence[Route], key_heads: list[int], cent
             key = key - (key @ r.key) * r.key
     kept = float(key.norm())
     if kept < 1e-3:
-        raise PatchlabError(f"the key lies in the span of the {len(before)} earlier keys: too many modules for "
-                            f"{key.numel()} dimensions (key them with orthogonal=False)")
+        raise PatchlabError(
+            f"the key lies in the span of the {len(before)} earlier keys: too many modules for "
+            f"{key.numel()} dimensions (key them with orthogonal=False)"
+        )
     return unit(key), kept
 
 
-def route_edits(model, edits: Sequence[E.Edit], items: Sequence[TwoHopItem], reference: Reference,
-                cfg: RouteConfig | None = None, own: Sequence[dict[int, Tensor]] | None = None,
-                progress: bool = True) -> list[Module]:
+def route_edits(
+    model,
+    edits: Sequence[E.Edit],
+    items: Sequence[TwoHopItem],
+    reference: Reference,
+    cfg: RouteConfig | None = None,
+    own: Sequence[dict[int, Tensor]] | None = None,
+    progress: bool = True,
+) -> list[Module]:
     """Turn edits into modules, in order (with `orthogonal`, each key is orthogonal to those before it)."""
     cfg = cfg or RouteConfig()
     by_id = {it.id: it for it in items}
@@ -334,7 +402,9 @@ class Router:
             raise PatchlabError(f"gate must be one of {', '.join(GATES)}, got '{gate}'", param="gate")
         for m in modules:
             if set(m.routes) != set(m.edit.heads):
-                raise PatchlabError(f"module {m.name} has gates at layers {sorted(m.routes)} but edits {sorted(m.edit.heads)}")
+                raise PatchlabError(
+                    f"module {m.name} has gates at layers {sorted(m.routes)} but edits {sorted(m.edit.heads)}"
+                )
         self.modules, self.gate = list(modules), gate
         self._z: dict[int, Tensor] = {}
         self.opened: dict[int, int] = {}  # per layer: how many times a module's gate opened in a forward (diagnostics)
@@ -344,11 +414,26 @@ class Router:
         for m in self.modules:
             for layer, r in m.routes.items():
                 groups = out.setdefault(layer, [])
-                g = next((g for g in groups if torch.equal(g.cols, columns(r.key_heads, d_head).to(device))
-                          and torch.equal(g.center, r.center.to(device)) and torch.equal(g.whiten, r.whiten.to(device))), None)
+                g = next(
+                    (
+                        g
+                        for g in groups
+                        if torch.equal(g.cols, columns(r.key_heads, d_head).to(device))
+                        and torch.equal(g.center, r.center.to(device))
+                        and torch.equal(g.whiten, r.whiten.to(device))
+                    ),
+                    None,
+                )
                 if g is None:
-                    g = _Group(columns(r.key_heads, d_head).to(device), r.center.to(device), r.whiten.to(device),
-                               torch.empty(0, r.key.numel(), device=device), *(torch.empty(0, device=device),) * 3, [], [])
+                    g = _Group(
+                        columns(r.key_heads, d_head).to(device),
+                        r.center.to(device),
+                        r.whiten.to(device),
+                        torch.empty(0, r.key.numel(), device=device),
+                        *(torch.empty(0, device=device),) * 3,
+                        [],
+                        [],
+                    )
                     groups.append(g)
                 g.keys = torch.cat([g.keys, r.key.to(device)[None]])
                 for name in ("lo", "hi", "tau"):
@@ -378,7 +463,9 @@ class Router:
             z = self._z.pop(layer).float()
             out = act
             for g in groups:
-                gates = gate_values(project(z[..., g.cols], g.center, g.whiten) @ g.keys.T, g.lo, g.hi, g.tau, self.gate)
+                gates = gate_values(
+                    project(z[..., g.cols], g.center, g.whiten) @ g.keys.T, g.lo, g.hi, g.tau, self.gate
+                )
                 for m in (gates > 0).flatten(0, -2).any(0).nonzero().flatten().tolist():
                     where = gates[..., m] > 0
                     change = gates[..., m][where][:, None] * (z[where][:, g.delta_cols[m]] @ g.deltas[m].T)
@@ -416,8 +503,9 @@ def _check_route(r: Route, model, where: str) -> None:
     if r.center.shape != (s,) or r.key.shape != (s,) or r.whiten.shape != (s, s):
         raise PatchlabError(f"gate tensors do not fit {len(r.key_heads)} heads of {model.cfg.d_head} dims", where=where)
     if not all(torch.isfinite(t).all() for t in (r.center, r.key, r.whiten)) or not r.lo <= r.tau <= r.hi:
-        raise PatchlabError(f"gate is not finite or its thresholds are out of order (lo {r.lo}, tau {r.tau}, hi {r.hi})",
-                            where=where)
+        raise PatchlabError(
+            f"gate is not finite or its thresholds are out of order (lo {r.lo}, tau {r.tau}, hi {r.hi})", where=where
+        )
 
 
 def gate_values(s: Tensor, lo: Tensor, hi: Tensor, tau: Tensor, gate: str) -> Tensor:
@@ -462,8 +550,13 @@ def dependence(S: Float[Tensor, "n M"], gates: Float[Tensor, "n M"] | None = Non
     g = torch.Generator().manual_seed(seed)
     shuffled = torch.stack([S[torch.randperm(S.shape[0], generator=g), j] for j in range(M)], 1)
     r = torch.corrcoef(S.T.double()).nan_to_num(0.0)
-    out = {"modules": M, "samples": int(S.shape[0]), "hsic": float(hsic_matrix(S)[off].mean()),
-           "hsic_null": float(hsic_matrix(shuffled)[off].mean()), "abs_r": float(r[off].abs().mean())}
+    out = {
+        "modules": M,
+        "samples": int(S.shape[0]),
+        "hsic": float(hsic_matrix(S)[off].mean()),
+        "hsic_null": float(hsic_matrix(shuffled)[off].mean()),
+        "abs_r": float(r[off].abs().mean()),
+    }
     out["hsic_excess"] = out["hsic"] - out["hsic_null"]
     if gates is not None:
         opened = (gates > 0).float()
@@ -485,14 +578,18 @@ class MechanismsResult(Result):
 
     kind = "mechanisms"
     heading = "Routed edit mechanisms"
-    intro = ("Many edits applied one after another, summed into W_O vs kept as gated, routed modules: retention, "
-              "correction, paraphrase and irrelevance as edits accumulate.")
+    intro = (
+        "Many edits applied one after another, summed into W_O vs kept as gated, routed modules: retention, "
+        "correction, paraphrase and irrelevance as edits accumulate."
+    )
     order = 100
     model: str
     heads: list[str]
     gate: str
     stages: list[int]
-    curves: dict[str, dict[str, list[dict[str, Any]]]]  # variant -> metric -> per stage: n, before, after, C, beats_wrong
+    curves: dict[
+        str, dict[str, list[dict[str, Any]]]
+    ]  # variant -> metric -> per stage: n, before, after, C, beats_wrong
     dependence: dict[str, dict[str, Any]]  # construction -> statistics
     cost: dict[str, Any]
     modules: list[dict[str, Any]]  # per module: ids, gate calibration
@@ -536,8 +633,14 @@ PER_MODULE = ("composed", "paraphrase")
 FIXED = ("irrelevance", "facts", "entity_facts")
 
 
-def stack_tests(modules: Sequence[Module], pool: Sequence[TwoHopItem], gap, n_test: int = 60, seed: int = 0,
-                exclude: set[str] = frozenset()) -> dict[str, list]:
+def stack_tests(
+    modules: Sequence[Module],
+    pool: Sequence[TwoHopItem],
+    gap,
+    n_test: int = 60,
+    seed: int = 0,
+    exclude: set[str] = frozenset(),
+) -> dict[str, list]:
     """The stack's test sets, none in `exclude`: per module its composed queries and paraphrases; irrelevance =
     composed queries answered right about other subjects; facts = hop-2 facts answered right about entities no
     edit names (neither an edited subject nor bridge); entity_facts = hop-2 facts answered right about an
@@ -555,28 +658,40 @@ def stack_tests(modules: Sequence[Module], pool: Sequence[TwoHopItem], gap, n_te
     irr = [it for it in others if it.id in right_c and it.subject not in subjects]
     facts = [it for it in others if it.id in right_h and it.bridge not in subjects | bridges]
     related = [it for it in others if it.id in right_h and it.bridge in subjects]
-    return {"composed": [[Query(it.composed, it.answers) for it in its] for its in edited],
-            "paraphrase": [[Query(p, it.answers) for it in its for p in it.paraphrases] for its in edited],
-            "irrelevance": [Query(it.composed, it.answers) for it in rng.sample(irr, min(n_test, len(irr)))],
-            "facts": [Query(it.hop2, it.answers) for it in rng.sample(facts, min(n_test, len(facts)))],
-            "entity_facts": [Query(it.hop2, it.answers) for it in related[:n_test]]}
+    return {
+        "composed": [[Query(it.composed, it.answers) for it in its] for its in edited],
+        "paraphrase": [[Query(p, it.answers) for it in its for p in it.paraphrases] for its in edited],
+        "irrelevance": [Query(it.composed, it.answers) for it in rng.sample(irr, min(n_test, len(irr)))],
+        "facts": [Query(it.hop2, it.answers) for it in rng.sample(facts, min(n_test, len(facts)))],
+        "entity_facts": [Query(it.hop2, it.answers) for it in related[:n_test]],
+    }
 
 
-def evaluate_stack(model, modules: Sequence[Module], pool: Sequence[TwoHopItem], gap, stages: Sequence[int],
-                   gate: str = "hard", n_test: int = 60, exclude: set[str] = frozenset(),
-                   others: dict[str, tuple[Sequence[Module], str]] | None = None,
-                   dependence_stats: dict[str, dict[str, Any]] | None = None, progress: bool = True) -> MechanismsResult:
+def evaluate_stack(
+    model,
+    modules: Sequence[Module],
+    pool: Sequence[TwoHopItem],
+    gap,
+    stages: Sequence[int],
+    gate: str = "hard",
+    n_test: int = 60,
+    exclude: set[str] = frozenset(),
+    others: dict[str, tuple[Sequence[Module], str]] | None = None,
+    dependence_stats: dict[str, dict[str, Any]] | None = None,
+    progress: bool = True,
+) -> MechanismsResult:
     """Stack the modules' edits stage by stage — plain (deltas summed into W_O) and routed — and measure every
     test set after each stage; `others` adds routed variants (name -> (modules in the same order, gate))."""
     from patchlab.methods.editeval import measure
 
     base = E.base_hash(model)
     variants = {"routed": (list(modules), gate), **(others or {})}
-    for mods, g in variants.values():
+    for mods, _gate in variants.values():
         wrong = [m.name for m in mods if m.edit.weights_sha256 != base]
         if wrong:
-            raise PatchlabError(f"edit {wrong[0]} was made for other weights than this model's ({base[:12]}…)",
-                                param="edits")
+            raise PatchlabError(
+                f"edit {wrong[0]} was made for other weights than this model's ({base[:12]}…)", param="edits"
+            )
         if len(mods) != len(modules):
             raise PatchlabError(f"every routed variant needs the same {len(modules)} modules, got {len(mods)}")
     sets = stack_tests(modules, pool, gap, n_test, exclude=exclude)
@@ -597,15 +712,27 @@ def evaluate_stack(model, modules: Sequence[Module], pool: Sequence[TwoHopItem],
             _stage(curves[name], before, after, done, n)
             done = n
     return MechanismsResult(
-        model=model_name(model), heads=sorted({h for m in modules for h in m.edit.head_list}), gate=gate,
-        stages=list(stages), curves=curves, dependence=dependence_stats or {}, cost={},
+        model=model_name(model),
+        heads=sorted({h for m in modules for h in m.edit.head_list}),
+        gate=gate,
+        stages=list(stages),
+        curves=curves,
+        dependence=dependence_stats or {},
+        cost={},
         modules=[{"ids": m.edit.item_ids, **m.calibration} for m in modules],
-        meta=provenance(model, n_test=n_test, **{k: len(sets[k]) for k in FIXED}, metric="greedy 6 tokens",
-                        variants={k: {"gate": g} for k, (_, g) in variants.items()}),
+        meta=provenance(
+            model,
+            n_test=n_test,
+            **{k: len(sets[k]) for k in FIXED},
+            metric="greedy 6 tokens",
+            variants={k: {"gate": g} for k, (_, g) in variants.items()},
+        ),
     )
 
 
-def position_scores(model, modules: Sequence[Module], prompts: Sequence[str]) -> tuple[Float[Tensor, "n M"], Tensor, Tensor]:
+def position_scores(
+    model, modules: Sequence[Module], prompts: Sequence[str]
+) -> tuple[Float[Tensor, "n M"], Tensor, Tensor]:
     """Every module's score at every position of `prompts` (at its first edited layer), with each row's
     prompt index and whether it is the prompt's last position."""
     layers = sorted({min(m.routes) for m in modules})
@@ -618,9 +745,17 @@ def position_scores(model, modules: Sequence[Module], prompts: Sequence[str]) ->
     return S, which, last
 
 
-def stack_dependence(model, modules: Sequence[Module], pool: Sequence[TwoHopItem], gap, n_test: int = 60,
-                     exclude: set[str] = frozenset(), gate: str = "hard", max_positions: int = 600,
-                     seed: int = 0) -> dict[str, Any]:
+def stack_dependence(
+    model,
+    modules: Sequence[Module],
+    pool: Sequence[TwoHopItem],
+    gap,
+    n_test: int = 60,
+    exclude: set[str] = frozenset(),
+    gate: str = "hard",
+    max_positions: int = 600,
+    seed: int = 0,
+) -> dict[str, Any]:
     """The modules' dependence over every position of their own prompts (no prefix) and of the stack's
     irrelevance and facts prompts (a seeded sample of `max_positions`), and how often a module's gate opens
     at the last token of another module's own prompts (same subject / other subjects)."""
@@ -635,11 +770,14 @@ def stack_dependence(model, modules: Sequence[Module], pool: Sequence[TwoHopItem
     return out
 
 
-def _cross_open(G: Tensor, which: Tensor, last: Tensor, own: list[list[str]], modules: Sequence[Module],
-                pool: Sequence[TwoHopItem]) -> dict[str, Any]:
+def _cross_open(
+    G: Tensor, which: Tensor, last: Tensor, own: list[list[str]], modules: Sequence[Module], pool: Sequence[TwoHopItem]
+) -> dict[str, Any]:
     by_id = {it.id: it for it in pool}
     subject = [{by_id[i].subject for i in m.edit.item_ids if i in by_id} for m in modules]
-    owner = torch.cat([torch.full((len(o),), j) for j, o in enumerate(own)]) if own else torch.empty(0, dtype=torch.long)
+    owner = (
+        torch.cat([torch.full((len(o),), j) for j, o in enumerate(own)]) if own else torch.empty(0, dtype=torch.long)
+    )
     g_last = G[last][: len(owner)] > 0  # last tokens of the own prompts, in prompt order
     same, other, self_open = [], [], []
     for i in range(len(modules)):
@@ -650,8 +788,12 @@ def _cross_open(G: Tensor, which: Tensor, last: Tensor, own: list[list[str]], mo
             else:
                 (same if subject[i] & subject[j] else other).append(rate)
     mean = lambda v: float(np.nanmean(v)) if v else None  # noqa: E731
-    return {"own_open": mean(self_open), "cross_open_same_subject": mean(same), "same_subject_pairs": len(same),
-            "cross_open_other": mean(other)}
+    return {
+        "own_open": mean(self_open),
+        "cross_open_same_subject": mean(same),
+        "same_subject_pairs": len(same),
+        "cross_open_other": mean(other),
+    }
 
 
 def _gates_from(S: Tensor, modules: Sequence[Module], gate: str) -> Tensor:
@@ -693,8 +835,9 @@ def _stage(curve: dict[str, list], before: dict[str, list], after: dict[str, lis
 # --- cost of routing -------------------------------------------------------------------------------------
 
 
-def routing_cost(model, modules: Sequence[Module], prompts: Sequence[str], gate: str = "hard",
-                 repeats: int = 5) -> dict[str, Any]:
+def routing_cost(
+    model, modules: Sequence[Module], prompts: Sequence[str], gate: str = "hard", repeats: int = 5
+) -> dict[str, Any]:
     """Seconds per batched forward of `prompts`, plain model vs routed, measured side by side (median of `repeats`)."""
     tokens, _ = pad_right([encode(model, p) for p in prompts], pad_id(model))
     tokens = tokens.to(model.cfg.device)
@@ -711,7 +854,14 @@ def routing_cost(model, modules: Sequence[Module], prompts: Sequence[str], gate:
                 model(tokens)
                 routed.append(time.perf_counter() - start)
     p, r = float(np.median(plain)), float(np.median(routed))
-    return {"plain_s": p, "routed_s": r, "ratio": r / p, "batch": len(prompts), "modules": len(modules), "repeats": repeats}
+    return {
+        "plain_s": p,
+        "routed_s": r,
+        "ratio": r / p,
+        "batch": len(prompts),
+        "modules": len(modules),
+        "repeats": repeats,
+    }
 
 
 # --- what the command line calls --------------------------------------------------------------------------
@@ -760,8 +910,15 @@ def load_any(path: str | Path) -> E.Edit | Module:
     raise PatchlabError(f"not a patchlab edit or module file (format {fmt!r})", where=str(path))
 
 
-def modules_for(model, edits: Sequence[E.Edit | Module], pool: Sequence[TwoHopItem], gap, cfg: RouteConfig | None = None,
-                n_reference: int = 40, progress: bool = True) -> tuple[list[Module], set[str], dict[str, Any]]:
+def modules_for(
+    model,
+    edits: Sequence[E.Edit | Module],
+    pool: Sequence[TwoHopItem],
+    gap,
+    cfg: RouteConfig | None = None,
+    n_reference: int = 40,
+    progress: bool = True,
+) -> tuple[list[Module], set[str], dict[str, Any]]:
     """Key every plain edit of `edits` as a module, in order (modules pass through), against a reference set of
     held-out prompts of items the model answers right (never the editor's KL prompts); returns the modules, the ids the tests
     must leave out, and what was built on the way (the reference, every plain edit's own activations)."""
@@ -775,7 +932,9 @@ def modules_for(model, edits: Sequence[E.Edit | Module], pool: Sequence[TwoHopIt
         e = x.edit if isinstance(x, Module) else x
         missing = [i for i in e.item_ids if i not in by_id]
         if missing:
-            raise PatchlabError(f"an edit was made for item '{missing[0]}', which the prompt set lacks", param="prompt_set")
+            raise PatchlabError(
+                f"an edit was made for item '{missing[0]}', which the prompt set lacks", param="prompt_set"
+            )
     built: dict[str, Any] = {"reference": None, "own": {}}
     plain = [i for i, x in enumerate(edits) if isinstance(x, E.Edit)]
     if plain:
@@ -788,14 +947,25 @@ def modules_for(model, edits: Sequence[E.Edit | Module], pool: Sequence[TwoHopIt
 def _keyed(model, edits: Sequence[E.Edit | Module], built: dict[str, Any], cfg: RouteConfig) -> list[Module]:
     modules: list[Module] = []
     for i, x in enumerate(edits):
-        modules.append(x if isinstance(x, Module) else
-                       make_module(x, built["own"][i], built["reference"], model.cfg.d_head, cfg, modules))
+        modules.append(
+            x
+            if isinstance(x, Module)
+            else make_module(x, built["own"][i], built["reference"], model.cfg.d_head, cfg, modules)
+        )
     return modules
 
 
-def run_stack(model, edits: Sequence[E.Edit | Module], pool: Sequence[TwoHopItem], gap,
-              stages: str | Sequence[int] | None = None, gate: str = "hard", cfg: RouteConfig | None = None,
-              n_test: int = 60, progress: bool = True) -> MechanismsResult:
+def run_stack(
+    model,
+    edits: Sequence[E.Edit | Module],
+    pool: Sequence[TwoHopItem],
+    gap,
+    stages: str | Sequence[int] | None = None,
+    gate: str = "hard",
+    cfg: RouteConfig | None = None,
+    n_test: int = 60,
+    progress: bool = True,
+) -> MechanismsResult:
     """Key the plain edits as modules, stack them stage by stage plain vs routed, and measure the modules'
     dependence (also with the other key construction, when every module was keyed here) and routing's cost."""
     cfg = cfg or RouteConfig()
@@ -804,13 +974,17 @@ def run_stack(model, edits: Sequence[E.Edit | Module], pool: Sequence[TwoHopItem
         raise PatchlabError(f"gate must be one of {', '.join(GATES)}, got '{gate}'", param="gate")
     modules, exclude, built = modules_for(model, edits, pool, gap, cfg, progress=progress)
     name = lambda c: "orthogonal keys" if c.orthogonal else "plain keys"  # noqa: E731
-    dep = {name(cfg) if built["reference"] is not None else "as given":
-           stack_dependence(model, modules, pool, gap, n_test, exclude, gate)}
+    dep = {
+        name(cfg) if built["reference"] is not None else "as given": stack_dependence(
+            model, modules, pool, gap, n_test, exclude, gate
+        )
+    }
     if len(built["own"]) == len(edits) and len(edits) > 1:
         other = replace(cfg, orthogonal=not cfg.orthogonal)
         dep[name(other)] = stack_dependence(model, _keyed(model, edits, built, other), pool, gap, n_test, exclude, gate)
-    result = evaluate_stack(model, modules, pool, gap, stage_list, gate, n_test, exclude, dependence_stats=dep,
-                            progress=progress)
+    result = evaluate_stack(
+        model, modules, pool, gap, stage_list, gate, n_test, exclude, dependence_stats=dep, progress=progress
+    )
     right = [it.composed for it in gap.correct_items(pool)][:16] or [pool[0].composed]
     result.cost = routing_cost(model, modules, right, gate, repeats=3)
     return result

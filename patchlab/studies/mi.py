@@ -24,8 +24,9 @@ import copy
 import inspect
 import math
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -160,7 +161,9 @@ def _gaussian(
     nats = 0.5 * float(logdet(cov[:px, :px]) + logdet(cov[px:, px:]) - logdet(cov))
     corrected = bias_correct and dof > px + py
     if dof <= px + py:
-        warnings.warn(f"gaussian MI: n={dof + 1} samples for {px}+{py} dims; the value is ridge-dominated, pass dim", stacklevel=4)
+        warnings.warn(
+            f"gaussian MI: n={dof + 1} samples for {px}+{py} dims; the value is ridge-dominated, pass dim", stacklevel=4
+        )
     if corrected:
         nats -= 0.5 * (logdet_bias(px, dof) + logdet_bias(py, dof) - logdet_bias(px + py, dof))
     info = {"dim": dim, "proj_dims": (px, py), "ridge": ridge, "bias_corrected": corrected}
@@ -185,7 +188,9 @@ def gaussian_mi(
     return _gaussian_checked(x, y, dim, ridge, bias_correct)[0]
 
 
-def _gaussian_checked(x: ArrayX, y: ArrayY, dim: int | None, ridge: float, bias_correct: bool) -> tuple[float, dict[str, Any], tuple[int, ...]]:
+def _gaussian_checked(
+    x: ArrayX, y: ArrayY, dim: int | None, ridge: float, bias_correct: bool
+) -> tuple[float, dict[str, Any], tuple[int, ...]]:
     """Validate, then `_gaussian`; also returns (n, dx, dy)."""
     X, Y = check_pair(x, y)
     _check_dim(dim)
@@ -208,7 +213,9 @@ def _gaussian_estimate(
 
 def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
     """Two hidden ReLU layers."""
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+    return nn.Sequential(
+        nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d_out)
+    )
 
 
 class Tower(nn.Module):
@@ -515,7 +522,9 @@ def mi(x: ArrayX, y: ArrayY, estimator: str = DEFAULT_ESTIMATOR, n_boot: int = 0
     allowed = set(inspect.signature(fn).parameters) - {"x", "y"}
     unknown = sorted(set(kw) - allowed)
     if unknown:
-        raise PatchlabError(f"unknown option(s) {', '.join(unknown)} for {estimator} (use {', '.join(sorted(allowed))})", param="mi")
+        raise PatchlabError(
+            f"unknown option(s) {', '.join(unknown)} for {estimator} (use {', '.join(sorted(allowed))})", param="mi"
+        )
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 0 or n_boot == 1:
         raise PatchlabError(f"must be 0 or an int >= 2, got {n_boot!r}", param="n_boot")
     X, Y = check_pair(x, y)

@@ -31,27 +31,27 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from patchlab.studies.carma import CarmaConfig, CarmaRegulariser, word_spans
-from patchlab.methods.edit import Edit, head_columns, o_proj, tensors_hash
 from patchlab.core.errors import PatchlabError
 from patchlab.core.io import atomic_dir, atomic_write_json, sweep_orphans
-from patchlab.runtime.bridge import hf_module, model_name
-from patchlab.runtime.identity import weights_hash
 from patchlab.core.progress import track
+from patchlab.methods.edit import Edit, head_columns, o_proj, tensors_hash
 from patchlab.results.base import Result
-from patchlab.runtime.identity import provenance
 from patchlab.runtime import sites
-from patchlab.runtime.trace import trace
+from patchlab.runtime.bridge import hf_module, model_name
+from patchlab.runtime.identity import provenance, weights_hash
 from patchlab.runtime.scoring import answer_token_ids, encode, pad_id, pad_right
+from patchlab.runtime.trace import trace
+from patchlab.studies.carma import CarmaConfig, CarmaRegulariser, word_spans
 
 FORMAT = "patchlab-retune/1"
 PARAMS = ("all", "attn", "edit-heads")
@@ -140,7 +140,10 @@ def encode_example(model, prompt: str, answer: str, where: str = "data") -> Enco
     Word ids are computed only when the fast tokenizer reproduces the model's own prompt tokens
     (after an optional BOS); otherwise every token gets -1 (no word pairs for CARMA's L_MI).
     """
-    p_ids, a_ids = encode(model, prompt, where=f"{where}: prompt"), answer_token_ids(model, answer, where=f"{where}: answer")
+    p_ids, a_ids = (
+        encode(model, prompt, where=f"{where}: prompt"),
+        answer_token_ids(model, answer, where=f"{where}: answer"),
+    )
     ids = p_ids + a_ids
     if len(ids) > int(model.cfg.n_ctx):
         raise PatchlabError(f"prompt + answer is {len(ids)} tokens, longer than the context", where=where)
@@ -152,13 +155,17 @@ def encode_example(model, prompt: str, answer: str, where: str = "data") -> Enco
         lead = len(p_ids) - len(pe["input_ids"])
         if lead in (0, 1) and p_ids[lead:] == pe["input_ids"] and ae["input_ids"] == a_ids:
             shift = len(prompt)
-            offsets = [(0, 0)] * lead + list(pe["offset_mapping"]) + [(s + shift, e + shift) for s, e in ae["offset_mapping"]]
+            offsets = (
+                [(0, 0)] * lead + list(pe["offset_mapping"]) + [(s + shift, e + shift) for s, e in ae["offset_mapping"]]
+            )
             real = [False] * lead + [True] * (len(ids) - lead)
             words = word_spans(offsets, real, prompt + " " + answer.strip()).tolist()
     return Encoded(tuple(ids), len(p_ids), tuple(words))
 
 
-def collate(batch: Sequence[Encoded], pad: int) -> tuple[Int[Tensor, "b pos"], Int[Tensor, "b pos"], Int[Tensor, "b pos"], Int[Tensor, "b pos"]]:
+def collate(
+    batch: Sequence[Encoded], pad: int
+) -> tuple[Int[Tensor, "b pos"], Int[Tensor, "b pos"], Int[Tensor, "b pos"], Int[Tensor, "b pos"]]:
     """Right-padded (tokens, attention mask, next-token targets with IGNORE off the answer, word ids)."""
     tokens, lengths = pad_right([e.ids for e in batch], pad)
     mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long()
@@ -207,7 +214,9 @@ def trainable(model, params: str, edit: Edit | None = None) -> dict[str, torch.n
         chosen = {n: p for n, p in named.items() if id(p) in ids}
     elif params == "edit-heads":
         if edit is None:
-            raise PatchlabError("params 'edit-heads' needs an edit (its heads' W_O columns are trained)", param="params")
+            raise PatchlabError(
+                "params 'edit-heads' needs an edit (its heads' W_O columns are trained)", param="params"
+            )
         ids = {id(o_proj(model, layer).weight) for layer in edit.heads}
         chosen = {n: p for n, p in named.items() if id(p) in ids}
     else:
@@ -274,8 +283,10 @@ class RetuneResult(Result):
 
     kind = "retune"
     heading = "Re-tuning (CARMA)"
-    intro = ("Fine-tuning a parameter subset with or without the CARMA regulariser (word-level mutual-information "
-              "alignment + layer stability): the loss curves and the before/after evaluation.")
+    intro = (
+        "Fine-tuning a parameter subset with or without the CARMA regulariser (word-level mutual-information "
+        "alignment + layer stability): the loss curves and the before/after evaluation."
+    )
     order = 60
     model: str
     task: str
@@ -331,20 +342,37 @@ def _save_file(tensors: dict[str, Tensor], path: Path, meta: dict[str, str]) -> 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, Tensor]:
     sd = opt.state_dict()
     # 0-dim tensors (AdamW's step) are stored with shape (1,) and read back as 0-dim
-    return {f"opt.{i}.{k}": v.detach().cpu().reshape(v.shape or (1,)).clone() for i, st in sd["state"].items() for k, v in st.items()}
+    return {
+        f"opt.{i}.{k}": v.detach().cpu().reshape(v.shape or (1,)).clone()
+        for i, st in sd["state"].items()
+        for k, v in st.items()
+    }
 
 
-def save_checkpoint(folder: str | Path, step: int, named: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer,
-                    state: dict[str, Any], rng: Tensor | None = None, keep: int = 2) -> Path:
+def save_checkpoint(
+    folder: str | Path,
+    step: int,
+    named: dict[str, torch.nn.Parameter],
+    opt: torch.optim.Optimizer,
+    state: dict[str, Any],
+    rng: Tensor | None = None,
+    keep: int = 2,
+) -> Path:
     """Write checkpoint `step` atomically (a folder renamed into place), then drop all but the newest `keep`."""
     folder = Path(folder)
     weights = {n: p.detach().cpu().contiguous().clone() for n, p in named.items()}
     opt_t = _optimizer_tensors(opt)
     if rng is not None:
         opt_t["rng.carma"] = rng.clone()
-    state = {**state, "format": FORMAT, "step": step, "names": list(named),
-             "weights_sha256": tensors_hash(weights), "optimizer_sha256": tensors_hash(opt_t),
-             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]]}
+    state = {
+        **state,
+        "format": FORMAT,
+        "step": step,
+        "names": list(named),
+        "weights_sha256": tensors_hash(weights),
+        "optimizer_sha256": tensors_hash(opt_t),
+        "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]],
+    }
     target = _step_dir(folder, step)
     with atomic_dir(target) as tmp:
         _save_file(weights, tmp / "trainable.safetensors", {"format": FORMAT})
@@ -379,13 +407,18 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         weights = load_file(str(path / "trainable.safetensors"))
         opt_t = load_file(str(path / "optimizer.safetensors"))
     except Exception as exc:  # json / OS / safetensors errors all mean "not a readable checkpoint"
-        raise PatchlabError(f"not a readable checkpoint ({type(exc).__name__}: {str(exc)[:120]})".replace("\n", " "),
-                            where=str(path)) from None
+        raise PatchlabError(
+            f"not a readable checkpoint ({type(exc).__name__}: {str(exc)[:120]})".replace("\n", " "), where=str(path)
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise PatchlabError(f"not a patchlab retune checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})",
-                            where=str(path))
+        raise PatchlabError(
+            f"not a patchlab retune checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})",
+            where=str(path),
+        )
     if tensors_hash(weights) != state.get("weights_sha256") or tensors_hash(opt_t) != state.get("optimizer_sha256"):
-        raise PatchlabError("checkpoint tensors do not match their recorded sha256 (changed after saving)", where=str(path))
+        raise PatchlabError(
+            "checkpoint tensors do not match their recorded sha256 (changed after saving)", where=str(path)
+        )
     return Checkpoint(path, weights, opt_t, state)
 
 
@@ -393,8 +426,9 @@ def load_trainable(model, path: str | Path, verify_hash: bool = True) -> Checkpo
     """Put a checkpoint's trained weights into `model` (which must hold the weights the run started from)."""
     ck = load_checkpoint(path)
     if verify_hash and weights_hash(model) != ck.state.get("base_weights_sha256"):
-        raise PatchlabError("checkpoint was trained from other weights than this model's (apply the same edit first?)",
-                            where=str(path))
+        raise PatchlabError(
+            "checkpoint was trained from other weights than this model's (apply the same edit first?)", where=str(path)
+        )
     named = {_clean(n): p for n, p in hf_module(model).named_parameters()}
     missing = [n for n in ck.weights if n not in named or tuple(named[n].shape) != tuple(ck.weights[n].shape)]
     if missing:
@@ -416,12 +450,18 @@ def _restore_optimizer(opt: torch.optim.Optimizer, ck: Checkpoint) -> None:
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def config_hash(cfg: RetuneConfig, carma: CarmaConfig | None, data: Sequence[tuple[str, str]], base: str,
-                edit: Edit | None) -> str:
+def config_hash(
+    cfg: RetuneConfig, carma: CarmaConfig | None, data: Sequence[tuple[str, str]], base: str, edit: Edit | None
+) -> str:
     """What makes two runs the same run: settings (not the step count), CARMA, data, start weights, edit."""
     run = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("steps", "checkpoint_every", "keep")}
-    obj = {"config": run, "carma": dataclasses.asdict(carma) if carma else None, "data": list(map(list, data)),
-           "base_weights_sha256": base, "edit": None if edit is None else tensors_hash(edit.tensors())}
+    obj = {
+        "config": run,
+        "carma": dataclasses.asdict(carma) if carma else None,
+        "data": list(map(list, data)),
+        "base_weights_sha256": base,
+        "edit": None if edit is None else tensors_hash(edit.tensors()),
+    }
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
@@ -442,14 +482,24 @@ def task_loss(logits: Float[Tensor, "b pos vocab"], targets: Int[Tensor, "b pos"
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().to(logits.device), ignore_index=IGNORE)
 
 
-def _resume(folder: Path, run_hash: str, steps: int, named: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer,
-            reg: CarmaRegulariser | None, device) -> tuple[int, list[dict[str, Any]], Path]:
+def _resume(
+    folder: Path,
+    run_hash: str,
+    steps: int,
+    named: dict[str, torch.nn.Parameter],
+    opt: torch.optim.Optimizer,
+    reg: CarmaRegulariser | None,
+    device,
+) -> tuple[int, list[dict[str, Any]], Path]:
     """Load the newest checkpoint of this run into the weights, AdamW and CARMA's sampler: (step, history, path)."""
     path = checkpoints(folder)[-1]
     ck = load_checkpoint(path)
     if ck.state.get("config_hash") != run_hash:
-        raise PatchlabError("checkpoint belongs to another run (settings, data, CARMA, edit or start weights differ); "
-                            "use another checkpoint folder or resume=False", where=str(path))
+        raise PatchlabError(
+            "checkpoint belongs to another run (settings, data, CARMA, edit or start weights differ); "
+            "use another checkpoint folder or resume=False",
+            where=str(path),
+        )
     if ck.step > steps:
         raise PatchlabError(f"checkpoint is at step {ck.step}, beyond the {steps} steps asked for", where=str(path))
     with torch.no_grad():
@@ -461,9 +511,17 @@ def _resume(folder: Path, run_hash: str, steps: int, named: dict[str, torch.nn.P
     return ck.step, list(ck.state["history"]), path
 
 
-def _step(model, batch: list[Encoded], cfg: RetuneConfig, step: int, opt: torch.optim.Optimizer,
-          named: dict[str, torch.nn.Parameter], frozen: dict[str, tuple[Tensor, Tensor]],
-          reg: CarmaRegulariser | None, where: str) -> dict[str, Any]:
+def _step(
+    model,
+    batch: list[Encoded],
+    cfg: RetuneConfig,
+    step: int,
+    opt: torch.optim.Optimizer,
+    named: dict[str, torch.nn.Parameter],
+    frozen: dict[str, tuple[Tensor, Tensor]],
+    reg: CarmaRegulariser | None,
+    where: str,
+) -> dict[str, Any]:
     """One AdamW step on one batch; returns its record (losses, lr, gradient norm, seconds)."""
     t0 = time.perf_counter()
     tokens, mask, targets, words = collate(batch, pad_id(model))
@@ -535,8 +593,10 @@ def retune(
     base = weights_hash(model)
     run_hash = config_hash(cfg, carma, pairs, base, edit)
     named = trainable(model, cfg.params, edit)
-    frozen = {n: (cols, named[n].detach()[:, cols].clone())
-              for n, cols in (column_masks(model, named, edit) if cfg.params == "edit-heads" else {}).items()}
+    frozen = {
+        n: (cols, named[n].detach()[:, cols].clone())
+        for n, cols in (column_masks(model, named, edit) if cfg.params == "edit-heads" else {}).items()
+    }
     opt = torch.optim.AdamW(list(named.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
     reg = CarmaRegulariser(carma) if carma is not None else None
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -548,9 +608,15 @@ def retune(
                 shutil.rmtree(old)
         elif checkpoints(folder):
             start, history, last_ck = _resume(folder, run_hash, cfg.steps, named, opt, reg, model.cfg.device)
-    state = {"config_hash": run_hash, "config": dataclasses.asdict(cfg), "carma": dataclasses.asdict(carma) if carma else None,
-             "base_weights_sha256": base, "model": model_name(model), "task": task,
-             "edit_heads": edit.head_list if edit is not None else None}
+    state = {
+        "config_hash": run_hash,
+        "config": dataclasses.asdict(cfg),
+        "carma": dataclasses.asdict(carma) if carma else None,
+        "base_weights_sha256": base,
+        "model": model_name(model),
+        "task": task,
+        "edit_heads": edit.head_list if edit is not None else None,
+    }
     order: dict[int, list[int]] = {}
     model._patchlab_hash = None  # edit.base_hash caches the weights' hash: these weights are about to change
     began = time.perf_counter()
@@ -560,17 +626,23 @@ def retune(
             where = f"step {step + 1}; last good checkpoint: {last_ck if last_ck is not None else 'none'}"
             history.append(_step(model, batch, cfg, step, opt, named, frozen, reg, where))
             done = step + 1
-            if folder is not None and (done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
+            if folder is not None and (
+                done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+            ):
                 rng = reg.generator(torch.device(model.cfg.device)).get_state() if reg is not None else None
                 last_ck = save_checkpoint(folder, done, named, opt, {**state, "history": history}, rng, cfg.keep)
             if on_step is not None:
                 on_step(done, history[-1])
     n_frozen = sum(named[n].shape[0] * len(cols) for n, (cols, _) in frozen.items())
     return RetuneResult(
-        model=model_name(model), task=task, config=dataclasses.asdict(cfg),
-        carma=dataclasses.asdict(carma) if carma else None, history=history,
+        model=model_name(model),
+        task=task,
+        config=dataclasses.asdict(cfg),
+        carma=dataclasses.asdict(carma) if carma else None,
+        history=history,
         n_trainable=int(sum(p.numel() for p in named.values()) - n_frozen),
-        seconds=time.perf_counter() - began, resumed_from=start or None,
+        seconds=time.perf_counter() - began,
+        resumed_from=start or None,
         checkpoint=str(last_ck) if last_ck is not None else None,
         edit={"heads": edit.head_list, "items": edit.item_ids} if edit is not None else {},
         meta=provenance(model, seed=cfg.seed, config_hash=run_hash, n_examples=len(pairs)),

@@ -15,10 +15,11 @@ import json
 import math
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from patchlab.core.errors import PatchlabError
 from patchlab.core.prompts import PromptSet, TwoHopItem
@@ -112,8 +113,9 @@ def idm_task(seed: int = 0, test_share: float = 0.3, path: str | Path | None = N
 # --- two-hop QA ------------------------------------------------------------------------------------
 
 
-def twohop_task(prompt_set: PromptSet | Sequence[TwoHopItem] | None = None, seed: int = 0,
-                test_share: float = 0.5) -> Task:
+def twohop_task(
+    prompt_set: PromptSet | Sequence[TwoHopItem] | None = None, seed: int = 0, test_share: float = 0.5
+) -> Task:
     """Train on hop1 + hop2 of every item and the composed query of a seeded share; test on the rest."""
     items = list(prompt_set if prompt_set is not None else PromptSet.shipped())
     seen, held = split(items, test_share, seed)
@@ -122,7 +124,9 @@ def twohop_task(prompt_set: PromptSet | Sequence[TwoHopItem] | None = None, seed
     train += [QA(f"{it.id}/composed", it.composed, it.answers) for it in seen]
     test = {
         "composed": [QA(f"{it.id}/composed", it.composed, it.answers) for it in held],
-        "paraphrase": [QA(f"{it.id}/paraphrase{j}", p, it.answers) for it in held for j, p in enumerate(it.paraphrases)],
+        "paraphrase": [
+            QA(f"{it.id}/paraphrase{j}", p, it.answers) for it in held for j, p in enumerate(it.paraphrases)
+        ],
     }
     return Task("twohop", train, test, meta={"seed": seed, "test_share": test_share, "items": len(items)})
 
@@ -203,18 +207,31 @@ def _default_lexicon() -> dict[str, tuple[str, ...]]:
 # --- evaluation ------------------------------------------------------------------------------------
 
 
-def accuracy(model, qas: Sequence[QA], max_new_tokens: int = MAX_NEW_TOKENS,
-             batch_size: int = DEFAULT_BATCH, progress: str | None = None) -> list[bool]:
+def accuracy(
+    model,
+    qas: Sequence[QA],
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    batch_size: int = DEFAULT_BATCH,
+    progress: str | None = None,
+) -> list[bool]:
     """Is each query answered right (its greedy continuation contains an accepted answer)?"""
     if not qas:
         return []
-    ok, _ = correct(model, [q.prompt for q in qas], [q.answers for q in qas], max_new_tokens, batch_size,
-                    progress=progress)
+    ok, _ = correct(
+        model, [q.prompt for q in qas], [q.answers for q in qas], max_new_tokens, batch_size, progress=progress
+    )
     return ok
 
 
-def synonym_retention(model, qas: Sequence[QA], rate: float, seed: int = 0, max_new_tokens: int = MAX_NEW_TOKENS,
-                      right: Sequence[bool] | None = None, draws: int = 3) -> dict[str, Any]:
+def synonym_retention(
+    model,
+    qas: Sequence[QA],
+    rate: float,
+    seed: int = 0,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    right: Sequence[bool] | None = None,
+    draws: int = 3,
+) -> dict[str, Any]:
     """Share of the queries answered right on their own prompt that stay right with synonyms substituted.
 
     Every right query is perturbed `draws` times (seeds seed, seed + 1, ...); only perturbations that
@@ -224,14 +241,22 @@ def synonym_retention(model, qas: Sequence[QA], rate: float, seed: int = 0, max_
     changed = [(q, perturb(q.prompt, rate, seed + d)) for q, ok in zip(qas, right) if ok for d in range(draws)]
     changed = list(dict.fromkeys((q, p) for q, p in changed if p != q.prompt))  # a repeated draw counts once
     kept = accuracy(model, [QA(q.id, p, q.answers) for q, p in changed], max_new_tokens)
-    return {"rate": rate, "draws": draws, "items": len({q.id for q, _ in changed}), "n": len(changed), "kept": int(sum(kept)),
-            "retention": float(sum(kept) / len(changed)) if changed else None}
+    return {
+        "rate": rate,
+        "draws": draws,
+        "items": len({q.id for q, _ in changed}),
+        "n": len(changed),
+        "kept": int(sum(kept)),
+        "retention": float(sum(kept) / len(changed)) if changed else None,
+    }
 
 
-def evaluate_task(model, task: Task, rates: Sequence[float] = RATES, seed: int = 0, limit: int | None = None,
-                  train: bool = True) -> dict[str, Any]:
+def evaluate_task(
+    model, task: Task, rates: Sequence[float] = RATES, seed: int = 0, limit: int | None = None, train: bool = True
+) -> dict[str, Any]:
     """Accuracy on (a seeded sample of `limit` of) the train queries and every test set, and synonym
     retention on the test sets at each rate."""
+
     def sample(qas: list[QA]) -> list[QA]:
         if limit is None or len(qas) <= limit:
             return qas
@@ -244,6 +269,7 @@ def evaluate_task(model, task: Task, rates: Sequence[float] = RATES, seed: int =
         out["accuracy"][name] = float(sum(right) / len(right)) if right else None
         out["n"][name] = len(qas)
         if name != "train":
-            out["synonyms"][name] = {f"{r:.2f}": synonym_retention(model, qas, r, seed, task.max_new_tokens, right)
-                                     for r in rates}
+            out["synonyms"][name] = {
+                f"{r:.2f}": synonym_retention(model, qas, r, seed, task.max_new_tokens, right) for r in rates
+            }
     return out

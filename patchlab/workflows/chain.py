@@ -7,9 +7,10 @@ is printed. The command line parses, calls one of these, prints the result's tab
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from patchlab.core.errors import PatchlabError
 from patchlab.core.io import atomic_dir
@@ -19,8 +20,9 @@ from patchlab.results.base import Result
 from patchlab.workflows.setup import ModelSpec, Notify, Scale, _quiet, file_sha256, gap_for, saved_gap, workload
 
 
-def evaluate(spec: ModelSpec, ps: PromptSet, out: Path, scale: Scale = Scale(), batch_size: int = 32,
-             notify: Notify = _quiet):
+def evaluate(
+    spec: ModelSpec, ps: PromptSet, out: Path, scale: Scale = Scale(), batch_size: int = 32, notify: Notify = _quiet
+):
     """The compositionality gap of `ps` (sharded when `scale` asks for it)."""
     from patchlab.methods.gap import evaluate_gap
 
@@ -45,10 +47,21 @@ class LensRun:
     correct: int = 0  # composed-correct items intervened on
 
 
-def lens(spec: ModelSpec, ps: PromptSet | None = None, prompt: str | None = None, track: Sequence[str] = (),
-         gap: Path | None = None, positions: str = "last", intervene: bool = True, intervene_layers: str = "all",
-         intervene_items: int = 24, controls: int = 3, orthogonal: bool = False, top_k: int = 5,
-         notify: Notify = _quiet) -> LensRun:
+def lens(
+    spec: ModelSpec,
+    ps: PromptSet | None = None,
+    prompt: str | None = None,
+    track: Sequence[str] = (),
+    gap: Path | None = None,
+    positions: str = "last",
+    intervene: bool = True,
+    intervene_layers: str = "all",
+    intervene_items: int = 24,
+    controls: int = 3,
+    orthogonal: bool = False,
+    top_k: int = 5,
+    notify: Notify = _quiet,
+) -> LensRun:
     """The logit lens of a prompt set (correct vs failed), or of one `prompt`; then the bridge intervention."""
     from patchlab.methods import lens as L
 
@@ -62,8 +75,9 @@ def lens(spec: ModelSpec, ps: PromptSet | None = None, prompt: str | None = None
     g = gap_for(m, ps, gap)
     run = LensRun(L.lens_items(m, list(ps), gap=g, extra=list(track)))
     if positions == "all":
-        run.positions = [(it.id, L.top_tokens(m, it.composed, k=top_k, track_words=[it.bridge, it.answer]))
-                         for it in list(ps)[:50]]
+        run.positions = [
+            (it.id, L.top_tokens(m, it.composed, k=top_k, track_words=[it.bridge, it.answer])) for it in list(ps)[:50]
+        ]
     if intervene:
         correct = g.correct_items(ps)[:intervene_items]
         if not correct:
@@ -75,13 +89,29 @@ def lens(spec: ModelSpec, ps: PromptSet | None = None, prompt: str | None = None
 
 def _no_items(items, setup: str) -> None:
     if not items:
-        raise PatchlabError(f"no items for `setup` {setup} (guide needs composed failures with both hops right, "
-                            "template needs composed-correct items)", param="prompt_set")
+        raise PatchlabError(
+            f"no items for `setup` {setup} (guide needs composed failures with both hops right, "
+            "template needs composed-correct items)",
+            param="prompt_set",
+        )
 
 
-def locate(spec: ModelSpec, ps: PromptSet, out: Path, scale: Scale = Scale(), setup: str = "guide",
-           method: str = "both", site: str = "z", positions: str = "last", top: int = 10, verify: int = 20,
-           max_items: int = 40, ids: Sequence[str] | None = None, gap: Path | None = None, notify: Notify = _quiet):
+def locate(
+    spec: ModelSpec,
+    ps: PromptSet,
+    out: Path,
+    scale: Scale = Scale(),
+    setup: str = "guide",
+    method: str = "both",
+    site: str = "z",
+    positions: str = "last",
+    top: int = 10,
+    verify: int = 20,
+    max_items: int = 40,
+    ids: Sequence[str] | None = None,
+    gap: Path | None = None,
+    notify: Notify = _quiet,
+):
     """Locate the heads behind the failures (guide) or the correct answers (template) of `ps`."""
     from patchlab.methods.locate import check_options
     from patchlab.methods.locate import locate as run_locate
@@ -97,11 +127,18 @@ def locate(spec: ModelSpec, ps: PromptSet, out: Path, scale: Scale = Scale(), se
     if scale.sharded:
         from patchlab.runs import jobs
 
-        config = {**options, "ids": ",".join(ids) if ids else None, "max_items": max_items,
-                  "gap": str(gap) if gap else None}
+        config = {
+            **options,
+            "ids": ",".join(ids) if ids else None,
+            "max_items": max_items,
+            "gap": str(gap) if gap else None,
+        }
         with scale.open("locate", config, list(ps), out, spec.worker_load(work, notify)) as run:
-            items = chosen if chosen is not None else pick(saved_gap(gap, run.identity["model"]) if gap else
-                                                            jobs.evaluate(run, list(ps), ps.source))
+            items = (
+                chosen
+                if chosen is not None
+                else pick(saved_gap(gap, run.identity["model"]) if gap else jobs.evaluate(run, list(ps), ps.source))
+            )
             _no_items(items, setup)
             return jobs.locate(run, items, list(ps), **options)
     m = spec.load(work, notify)
@@ -115,8 +152,9 @@ def chosen_heads(model, heads: str | HeadSet | None, heads_from: Path | None, to
     from patchlab.methods.locate import heads_from as from_result
 
     if (heads is None) == (heads_from is None):
-        raise PatchlabError("give exactly one of `heads` (e.g. 14.3,17.9) or `heads_from` (a locate result.json)",
-                            param="heads")
+        raise PatchlabError(
+            "give exactly one of `heads` (e.g. 14.3,17.9) or `heads_from` (a locate result.json)", param="heads"
+        )
     if heads is not None:
         heads = heads if isinstance(heads, HeadSet) else HeadSet.parse(heads)
         return HeadSet(heads, model.cfg.n_layers, model.cfg.n_heads)
@@ -145,10 +183,22 @@ class EditRun:
             return self.report.save(out)
 
 
-def edit(spec: ModelSpec, ps: PromptSet, heads: str | HeadSet | None = None, heads_from: Path | None = None,
-         top: int = 2, ids: Sequence[str] | None = None, failures: bool = False, cfg=None, batch: bool = False,
-         held_out: float = 0.0, max_items: int = 100, gap: Path | None = None, routed: bool = False,
-         notify: Notify = _quiet) -> EditRun:
+def edit(
+    spec: ModelSpec,
+    ps: PromptSet,
+    heads: str | HeadSet | None = None,
+    heads_from: Path | None = None,
+    top: int = 2,
+    ids: Sequence[str] | None = None,
+    failures: bool = False,
+    cfg=None,
+    batch: bool = False,
+    held_out: float = 0.0,
+    max_items: int = 100,
+    gap: Path | None = None,
+    routed: bool = False,
+    notify: Notify = _quiet,
+) -> EditRun:
     """Edit the chosen failures (by id, or every failure with both hops right) on the chosen heads, then measure."""
     from patchlab.methods.edit import EditConfig, check_editable, edit_each
     from patchlab.methods.editeval import evaluate_edits, kl_prompts
@@ -173,7 +223,7 @@ def edit(spec: ModelSpec, ps: PromptSet, heads: str | HeadSet | None = None, hea
     items = items[:max_items]
     if not items:
         raise PatchlabError("no failures to edit in this prompt set", param="prompt_set")
-    kept_out = items[len(items) - int(round(held_out * len(items))):] if held_out else []
+    kept_out = items[len(items) - int(round(held_out * len(items))) :] if held_out else []
     items = items[: len(items) - len(kept_out)]
     unrelated, exclude = kl_prompts(list(ps), g)
     check_editable(m, chosen.layers)
@@ -183,8 +233,15 @@ def edit(spec: ModelSpec, ps: PromptSet, heads: str | HeadSet | None = None, hea
     return EditRun(report, edits, modules, batch)
 
 
-def apply(spec: ModelSpec, edit_file: Path, ps: PromptSet, out: Path, scale: Scale = Scale(), gap: Path | None = None,
-          notify: Notify = _quiet):
+def apply(
+    spec: ModelSpec,
+    edit_file: Path,
+    ps: PromptSet,
+    out: Path,
+    scale: Scale = Scale(),
+    gap: Path | None = None,
+    notify: Notify = _quiet,
+):
     """A saved edit measured on the items it was made for (refused on other weights)."""
     from patchlab.methods.edit import ComputedEdit, Edit
     from patchlab.methods.editeval import evaluate_edits
@@ -202,6 +259,7 @@ def apply(spec: ModelSpec, edit_file: Path, ps: PromptSet, out: Path, scale: Sca
             return jobs.evaluate_edit(run, edit_file, items, list(ps), g)
     m = spec.load(work, notify)
     if base_hash(m) != e.weights_sha256:
-        raise PatchlabError(f"edit was made for '{e.model}' weights {e.weights_sha256[:12]}…, not these",
-                            where=str(edit_file))
+        raise PatchlabError(
+            f"edit was made for '{e.model}' weights {e.weights_sha256[:12]}…, not these", where=str(edit_file)
+        )
     return evaluate_edits(m, [ComputedEdit(items, e, 0.0)], list(ps), gap_for(m, ps, gap))

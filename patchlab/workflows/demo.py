@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from patchlab.core.errors import PatchlabError
 from patchlab.core.io import atomic_write_json
 from patchlab.core.prompts import PromptSet
-from patchlab.results.report import RUN_FILE, build_report
 from patchlab.results.base import Result
+from patchlab.results.report import RUN_FILE, build_report
 
 
-def run_demo(model, ps: PromptSet, out: str | Path, quick: bool = False,
-             on_result: Callable[[str, Result], None] = lambda name, r: None) -> Path:
+def run_demo(
+    model,
+    ps: PromptSet,
+    out: str | Path,
+    quick: bool = False,
+    on_result: Callable[[str, Result], None] = lambda name, r: None,
+) -> Path:
     """Evaluate, probe, locate and edit on `ps`, save every result under `out`, and return the HTML report's path."""
+    from patchlab.core.spec import parse_heads
     from patchlab.methods import lens as L
     from patchlab.methods.edit import EditConfig, edit_each
     from patchlab.methods.editeval import evaluate_edits, kl_prompts
     from patchlab.methods.gap import evaluate_gap
     from patchlab.methods.locate import locate
-    from patchlab.core.spec import parse_heads
 
     out, timings = Path(out), {}
 
@@ -54,6 +59,15 @@ def run_demo(model, ps: PromptSet, out: str | Path, quick: bool = False,
     report = evaluate_edits(model, edits, list(ps), gap, exclude=exclude)
     timings["edit"] = time.perf_counter() - start
     step("edit", report, "edit")
-    atomic_write_json(out / RUN_FILE, {"type": "run", "command": "demo", "model": getattr(model, "patchlab_name", ""),
-                                       "items": len(ps), "quick": quick, "timings": timings})
+    atomic_write_json(
+        out / RUN_FILE,
+        {
+            "type": "run",
+            "command": "demo",
+            "model": getattr(model, "patchlab_name", ""),
+            "items": len(ps),
+            "quick": quick,
+            "timings": timings,
+        },
+    )
     return build_report(out)

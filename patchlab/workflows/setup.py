@@ -4,9 +4,10 @@ estimated, then loaded), and how it runs (in this process, or sharded over worke
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from patchlab.core.errors import PatchlabError
 from patchlab.runtime import models, placement
@@ -68,8 +69,9 @@ class ModelSpec:
         from patchlab.runs.backends import Load
 
         place = self.placement(work, notify)
-        return Load(self.name, self.dtype, kwargs={**({"device": self.device} if self.device else {}),
-                                                   **place.load_kwargs()})
+        return Load(
+            self.name, self.dtype, kwargs={**({"device": self.device} if self.device else {}), **place.load_kwargs()}
+        )
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,15 @@ class Scale:
         if self.shard_size < 1:
             raise PatchlabError(f"must be >= 1, got {self.shard_size}", param="shard_size")
         folder = self.resume or self.run_dir or Path(out) / "run"
-        return Run(command, {**config, "shard_size": self.shard_size}, list(items), folder, load,
-                   Backend(self.backend, self.workers, self.threads, self.ray_address), resume=self.resume is not None)
+        return Run(
+            command,
+            {**config, "shard_size": self.shard_size},
+            list(items),
+            folder,
+            load,
+            Backend(self.backend, self.workers, self.threads, self.ray_address),
+            resume=self.resume is not None,
+        )
 
 
 def file_sha256(path: Path) -> str:

@@ -6,8 +6,12 @@ from patchlab.core.errors import PatchlabError
 from patchlab.core.prompts import PromptSet, TwoHopItem, load_mquake
 
 ITEM = {
-    "id": "t-1", "kind": "landmark>country>capital", "subject": "Eiffel Tower", "bridge": "France",
-    "answer": "Paris", "hop1": "The Eiffel Tower is located in the country of",
+    "id": "t-1",
+    "kind": "landmark>country>capital",
+    "subject": "Eiffel Tower",
+    "bridge": "France",
+    "answer": "Paris",
+    "hop1": "The Eiffel Tower is located in the country of",
     "hop2": "The capital of France is",
     "composed": "The capital of the country where the Eiffel Tower is located is",
     "paraphrases": ["The Eiffel Tower stands in a country whose capital is"],
@@ -93,10 +97,23 @@ def test_mquake_reader(tmp_path):
     cases = [
         {
             "case_id": 11,
-            "questions": ["What is the capital of the country where the Eiffel Tower is?", "Which city is the capital of the Eiffel Tower's country?"],
+            "questions": [
+                "What is the capital of the country where the Eiffel Tower is?",
+                "Which city is the capital of the Eiffel Tower's country?",
+            ],
             "single_hops": [
-                {"question": "Where is the Eiffel Tower?", "cloze": "The Eiffel Tower is located in the country of", "answer": "France", "answer_alias": ["French Republic"]},
-                {"question": "What is the capital of France?", "cloze": "The capital of France is", "answer": "Paris", "answer_alias": ["City of Light"]},
+                {
+                    "question": "Where is the Eiffel Tower?",
+                    "cloze": "The Eiffel Tower is located in the country of",
+                    "answer": "France",
+                    "answer_alias": ["French Republic"],
+                },
+                {
+                    "question": "What is the capital of France?",
+                    "cloze": "The capital of France is",
+                    "answer": "Paris",
+                    "answer_alias": ["City of Light"],
+                },
             ],
             "orig": {"triples_labeled": [["Eiffel Tower", "country", "France"], ["France", "capital", "Paris"]]},
         },

@@ -1,12 +1,10 @@
-import json
-
 import pytest
 import torch
 
-from patchlab.methods import edit as E
 from patchlab.core.errors import PatchlabError
-from patchlab.runtime.identity import weights_hash
 from patchlab.core.spec import Head, HeadSet
+from patchlab.methods import edit as E
+from patchlab.runtime.identity import weights_hash
 
 
 def test_solve_delta_hits_targets_and_matches_rome_formula():
@@ -95,8 +93,8 @@ def test_bad_config_is_refused():
 
 @pytest.mark.real
 def test_real_edit_fixes_failure_locally_and_reverts(smol, shipped):
-    from patchlab.runtime import scoring
     from patchlab.methods.gap import evaluate_gap
+    from patchlab.runtime import scoring
 
     ps = shipped.stratified(10)
     gap = evaluate_gap(smol, ps, progress=False)
@@ -106,8 +104,9 @@ def test_real_edit_fixes_failure_locally_and_reverts(smol, shipped):
     before_hash = weights_hash(smol)
     prompts = [fail.composed] + [o.composed for o in others]
     base = torch.softmax(scoring.last_logits(smol, prompts), -1)
-    ed = E.compute_edit(smol, [fail], [Head(23, 4), Head(23, 5)], E.EditConfig(target="optimize"),
-                        unrelated=[others[0].hop2])
+    ed = E.compute_edit(
+        smol, [fail], [Head(23, 4), Head(23, 5)], E.EditConfig(target="optimize"), unrelated=[others[0].hop2]
+    )
     assert weights_hash(smol) == before_hash  # computing an edit leaves the model as it was
     with ed.applied(smol):
         after = torch.softmax(scoring.last_logits(smol, prompts), -1)

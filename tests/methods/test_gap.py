@@ -39,10 +39,12 @@ def test_failed_and_correct_items_select_in_the_callers_order(shipped):
     from patchlab.methods.gap import GapResult
 
     items = list(shipped)[:4]
-    rows = [{"id": items[0].id, "hop1": True, "hop2": True, "composed": False},
-            {"id": items[1].id, "hop1": True, "hop2": False, "composed": False},
-            {"id": items[2].id, "hop1": True, "hop2": True, "composed": True},
-            {"id": items[3].id, "hop1": True, "hop2": True, "composed": False}]
+    rows = [
+        {"id": items[0].id, "hop1": True, "hop2": True, "composed": False},
+        {"id": items[1].id, "hop1": True, "hop2": False, "composed": False},
+        {"id": items[2].id, "hop1": True, "hop2": True, "composed": True},
+        {"id": items[3].id, "hop1": True, "hop2": True, "composed": False},
+    ]
     gap = GapResult("m", "p", rows, {})
     assert [it.id for it in gap.failed_items(reversed(items))] == [items[3].id, items[0].id]
     assert [it.id for it in gap.correct_items(items)] == [items[2].id]

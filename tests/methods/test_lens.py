@@ -1,11 +1,10 @@
 import pytest
 import torch
 
-from patchlab.methods import lens
-
-from patchlab.runtime import scoring
 from patchlab.core.errors import PatchlabError
+from patchlab.methods import lens
 from patchlab.methods.gap import evaluate_gap
+from patchlab.runtime import scoring
 
 
 def test_final_lens_layer_is_the_model_output_tiny(tiny):
@@ -15,7 +14,13 @@ def test_final_lens_layer_is_the_model_output_tiny(tiny):
     probs = torch.softmax(scoring.last_logits(tiny, prompts), -1)[:, tok[0]]
     for i in range(3):
         assert abs(result.probs["paris"][i][-1] - probs[i].item()) < 1e-4
-        assert result.ranks["paris"][i][-1] == int((scoring.last_logits(tiny, [prompts[i]])[0] > scoring.last_logits(tiny, [prompts[i]])[0, tok[0]]).sum()) + 1
+        assert (
+            result.ranks["paris"][i][-1]
+            == int(
+                (scoring.last_logits(tiny, [prompts[i]])[0] > scoring.last_logits(tiny, [prompts[i]])[0, tok[0]]).sum()
+            )
+            + 1
+        )
     assert len(result.layers) == tiny.cfg.n_layers + 1
 
 
@@ -66,6 +71,6 @@ def test_suppressing_bridge_lowers_answer_more_than_control(smol, shipped):
     iv = lens.bridge_intervention(smol, correct, layers=[24, 27, 29], n_controls=3, progress=False)
     bridge = sum(iv.summary["bridge_mean"]) / 3
     control = sum(iv.summary["control_mean"]) / 3
-    assert bridge < 0 and bridge < control - 0.02, (iv.summary)
+    assert bridge < 0 and bridge < control - 0.02, iv.summary
     # the intervention leaves the model's hooks as they were
     assert not any(hp.fwd_hooks for hp in smol.hook_dict.values())

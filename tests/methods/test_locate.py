@@ -6,17 +6,23 @@ import pytest
 import torch
 from transformer_lens import patching
 
+from patchlab.core.errors import PatchlabError
 from patchlab.methods import locate as L
 from patchlab.runtime.trace import check_run_from_layer, run_from_layer
-from patchlab.core.errors import PatchlabError
 
 
 def tiny_pair(tiny):
     enc = lambda s: tiny.to_tokens(s)[0].tolist()  # noqa: E731
     from patchlab.runtime.scoring import answer_token_id
 
-    return L.PatchPair("t", enc("the capital of france is"), enc("the capital of germany is"),
-                       answer_token_id(tiny, "paris"), answer_token_id(tiny, "berlin"), "template")
+    return L.PatchPair(
+        "t",
+        enc("the capital of france is"),
+        enc("the capital of germany is"),
+        answer_token_id(tiny, "paris"),
+        answer_token_id(tiny, "berlin"),
+        "template",
+    )
 
 
 def tl_reference(model, pair, fn, index_df=None):

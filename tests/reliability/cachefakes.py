@@ -14,8 +14,8 @@ from pathlib import Path
 
 def install(key: str, marker: str | Path, sleep: float, monkeypatch=None) -> None:
     """Register offline model `key` and replace the de-quantizer with a slow fake (in this process)."""
-    from patchlab.runtime import models
     from patchlab.core.io import atomic_write_json
+    from patchlab.runtime import models
 
     def find_gguf(_scratch: Path) -> Path:  # pragma: no cover - the fake build never looks
         raise AssertionError("the fake build does not read a GGUF file")

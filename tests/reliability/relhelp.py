@@ -13,16 +13,37 @@ import pytest
 import torch
 
 ITEMS = [
-    {"id": "t-1", "kind": "landmark", "subject": "eiffel tower", "bridge": "france", "answer": "paris",
-     "hop1": "the eiffel tower is located in", "hop2": "the capital of france is",
-     "composed": "the capital of the country where the eiffel tower is located is",
-     "paraphrases": ["the eiffel tower is located in a country and the capital is"]},
-    {"id": "t-2", "kind": "city", "subject": "madrid", "bridge": "spain", "answer": "euro",
-     "hop1": "madrid is located in", "hop2": "the currency of spain is",
-     "composed": "the currency of the country where madrid is located is"},
-    {"id": "t-3", "kind": "city", "subject": "paris", "bridge": "france", "answer": "euro",
-     "hop1": "paris is located in", "hop2": "the currency of france is",
-     "composed": "the currency of the country where paris is located is"},
+    {
+        "id": "t-1",
+        "kind": "landmark",
+        "subject": "eiffel tower",
+        "bridge": "france",
+        "answer": "paris",
+        "hop1": "the eiffel tower is located in",
+        "hop2": "the capital of france is",
+        "composed": "the capital of the country where the eiffel tower is located is",
+        "paraphrases": ["the eiffel tower is located in a country and the capital is"],
+    },
+    {
+        "id": "t-2",
+        "kind": "city",
+        "subject": "madrid",
+        "bridge": "spain",
+        "answer": "euro",
+        "hop1": "madrid is located in",
+        "hop2": "the currency of spain is",
+        "composed": "the currency of the country where madrid is located is",
+    },
+    {
+        "id": "t-3",
+        "kind": "city",
+        "subject": "paris",
+        "bridge": "france",
+        "answer": "euro",
+        "hop1": "paris is located in",
+        "hop2": "the currency of france is",
+        "composed": "the currency of the country where paris is located is",
+    },
 ]
 
 
@@ -81,8 +102,15 @@ def serve_models(monkeypatch, table: dict) -> None:
 
 # --- hooks -------------------------------------------------------------------------------------------
 
-_TORCH_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks")
+_TORCH_HOOKS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_state_dict_hooks",
+)
 
 
 def hook_inventory(model) -> dict:

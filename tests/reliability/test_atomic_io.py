@@ -13,11 +13,17 @@ import time
 from pathlib import Path
 
 import pytest
-
 from relhelp import HalfWrite, enospc
 
 from patchlab.core import io as pio
-from patchlab.core.io import TMP_PREFIX, atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, sweep_orphans
+from patchlab.core.io import (
+    TMP_PREFIX,
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    sweep_orphans,
+)
 
 OLD = b"old complete content\n" * 1000
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +51,9 @@ def test_sigkill_mid_write_leaves_old_file_and_a_sweepable_temp(tmp_path):
     target = tmp_path / "result.json"
     target.write_bytes(OLD)
     proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(target)], cwd=ROOT, stdout=subprocess.PIPE,
+        [sys.executable, "-c", WRITER, str(target)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     try:
@@ -75,6 +83,7 @@ def test_sigkill_mid_write_leaves_old_file_and_a_sweepable_temp(tmp_path):
 
 
 # --- (b) a full disk ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("where", ["write", "fsync", "replace"])
 def testenospc_propagates_and_leaves_old_file_and_no_temp(tmp_path, monkeypatch, where):
@@ -115,6 +124,7 @@ def test_keyboard_interrupt_during_write_cleans_up(tmp_path, monkeypatch):
 
 
 # --- (c) atomic_dir ------------------------------------------------------------------------------
+
 
 def _make_old(folder: Path) -> None:
     folder.mkdir()
@@ -187,7 +197,10 @@ def test_atomic_dir_failed_swap_puts_previous_directory_back(tmp_path, monkeypat
 
 # --- (d) modes ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700), (0o002, 0o664, 0o775)])
+
+@pytest.mark.parametrize(
+    "umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700), (0o002, 0o664, 0o775)]
+)
 def test_new_files_and_dirs_respect_umask(tmp_path, umask, file_mode, dir_mode):
     old = os.umask(umask)
     try:

@@ -24,14 +24,14 @@ import pytest
 import torch
 from relhelp import ITEMS, Shape, assert_refused, cli, serve_models, write_set
 
-from patchlab.methods import edit as E
-from patchlab.methods import locate as L
 from patchlab.core.errors import PatchlabError
-from patchlab.methods.gap import evaluate_gap
 from patchlab.core.io import json_bytes
-from patchlab.runtime.identity import weights_hash
 from patchlab.core.prompts import PromptSet, TwoHopItem
 from patchlab.core.spec import Head, HeadSet
+from patchlab.methods import edit as E
+from patchlab.methods import locate as L
+from patchlab.methods.gap import evaluate_gap
+from patchlab.runtime.identity import weights_hash
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,7 +86,10 @@ def env(tmp_path_factory, tiny, tiny_dir):
     obj = json.loads(Path(e.gap).read_text())
     e.gap_noitems = _json(d / "gap-noitems.json", {k: v for k, v in obj.items() if k != "items"})
     e.gap_other = _json(d / "gap-other.json", {**obj, "model": "gemma3-270m"})
-    for name, text in (("r-trunc", Path(e.gap).read_text()[:100]), ("r-nofield", json.dumps({"type": "gap", "model": "x"}))):
+    for name, text in (
+        ("r-trunc", Path(e.gap).read_text()[:100]),
+        ("r-nofield", json.dumps({"type": "gap", "model": "x"})),
+    ):
         (d / name / "evaluate").mkdir(parents=True)
         (d / name / "evaluate" / "result.json").write_text(text)
         setattr(e, name.replace("-", "_"), str(d / name))
@@ -97,8 +100,9 @@ def env(tmp_path_factory, tiny, tiny_dir):
     smol_like = {**obj, "model": "smollm2-135m", "n_layers": 30, "n_heads": 9}
     e.loc_noranking = _json(d / "loc-noranking.json", {k: v for k, v in smol_like.items() if k != "ranking"})
     e.loc_attn = _json(d / "loc-attn.json", {**smol_like, "site": "attn_out"})
-    e.loc_31 = _json(d / "loc-31.json", {**smol_like, "ranking": [{"unit": "31.2", "mean": 1.0, "std": 0.0,
-                                                                  "share_top_k": 1.0}]})
+    e.loc_31 = _json(
+        d / "loc-31.json", {**smol_like, "ranking": [{"unit": "31.2", "mean": 1.0, "std": 0.0, "share_top_k": 1.0}]}
+    )
 
     good = tiny_edit(tiny).save(d / "good.edit")
     e.e_good = str(good)
@@ -108,7 +112,7 @@ def env(tmp_path_factory, tiny, tiny_dir):
     header = 8 + int.from_bytes(good.read_bytes()[:8], "little")
     e.e_data = str(flip(good, size - 5, d / "data.edit"))  # one byte of tensor data
     text = good.read_bytes()[:header]
-    e.e_meta = str(flip(good, text.index(b'[2]') + 1, d / "meta.edit"))  # heads {"1": [2]} -> {"1": [3]}
+    e.e_meta = str(flip(good, text.index(b"[2]") + 1, d / "meta.edit"))  # heads {"1": [2]} -> {"1": [3]}
     (d / "trunc.edit").write_bytes(good.read_bytes()[: size // 2])
     e.e_trunc = str(d / "trunc.edit")
     (d / "empty.edit").write_bytes(b"")
@@ -116,8 +120,12 @@ def env(tmp_path_factory, tiny, tiny_dir):
     nan = tiny_edit(tiny)
     nan.deltas[1][0, 0] = float("nan")
     e.e_nan = str(nan.save(d / "nan.edit"))
-    e.e_layer = str(E.Edit("tiny", E.base_hash(tiny), {5: [0]}, {5: torch.zeros(64, 16)}, ["t-1"]).save(d / "layer.edit"))
-    e.e_item = str(E.Edit("tiny", E.base_hash(tiny), {1: [2]}, {1: torch.zeros(64, 16)}, ["nosuch"]).save(d / "item.edit"))
+    e.e_layer = str(
+        E.Edit("tiny", E.base_hash(tiny), {5: [0]}, {5: torch.zeros(64, 16)}, ["t-1"]).save(d / "layer.edit")
+    )
+    e.e_item = str(
+        E.Edit("tiny", E.base_hash(tiny), {1: [2]}, {1: torch.zeros(64, 16)}, ["nosuch"]).save(d / "item.edit")
+    )
     save_file({"layer.1.delta": torch.zeros(64, 16)}, str(d / "foreign.edit"))
     e.e_foreign = str(d / "foreign.edit")
     return e
@@ -154,7 +162,10 @@ CLI_CASES = {
     "heads-from another model": ([*FROM, "{loc}"], "was made on '{tiny}' (2x4), not on 'smollm2-135m'"),
     "heads-from a gap result": ([*FROM, "{gap}"], "{gap}: expected a 'locate' result, found 'gap'"),
     "heads-from a missing file": ([*FROM, "{missing}"], "{missing}: cannot read result JSON"),
-    "heads-from without ranking": ([*FROM, "{loc_noranking}"], "{loc_noranking}: 'locate' result lacks the field 'ranking'"),
+    "heads-from without ranking": (
+        [*FROM, "{loc_noranking}"],
+        "{loc_noranking}: 'locate' result lacks the field 'ranking'",
+    ),
     "heads-from a layer ranking": ([*FROM, "{loc_attn}"], "ranks whole layers (attn_out), not heads"),
     "heads-from a head the model lacks": ([*FROM, "{loc_31}"], "--heads-from: head 31.2: layer 31 does not exist"),
     "heads-from --top 0": ([*FROM, "{loc_31}", "--top", "0"], "--top: must be >= 1, got 0"),
@@ -173,8 +184,10 @@ CLI_CASES = {
     "locate --method": (["locate", *TINY, "--ids", "t-1", "--method", "fast"], "--method: method must be"),
     "locate --site": (["locate", *TINY, "--ids", "t-1", "--site", "mlp"], "--site: site must be one of"),
     "locate --setup": (["locate", *TINY, "--ids", "t-1", "--setup", "magic"], "--setup: setup must be"),
-    "locate guide --positions each": (["locate", *TINY, "--ids", "t-1", "--positions", "each"],
-                                      "item t-1: clean and corrupted differ in length"),
+    "locate guide --positions each": (
+        ["locate", *TINY, "--ids", "t-1", "--positions", "each"],
+        "item t-1: clean and corrupted differ in length",
+    ),
     "edit --held-out nan": ([*EDIT, "14.3", "--batch", "--held-out", "nan"], "--held-out: must be in [0, 1)"),
     "edit --held-out inf": ([*EDIT, "14.3", "--batch", "--held-out", "inf"], "--held-out: must be in [0, 1)"),
     "edit --held-out -0.5": ([*EDIT, "14.3", "--batch", "--held-out", "-0.5"], "--held-out: must be in [0, 1)"),
@@ -182,7 +195,10 @@ CLI_CASES = {
     "edit --held-out without --batch": ([*EDIT, "14.3", "--held-out", "0.5"], "needs --batch"),
     "edit --target": ([*EDIT, "14.3", "--target", "magic"], "--target: target must be 'guide' or 'optimize'"),
     "edit neither --ids nor --failures": (["edit", "--heads", "14.3"], "--ids: give exactly one of --ids"),
-    "edit unknown id": (["edit", *TINY, "--ids", "nosuch", "--heads", "1.2", "--gap", "{gap}"], "no item with id 'nosuch'"),
+    "edit unknown id": (
+        ["edit", *TINY, "--ids", "nosuch", "--heads", "1.2", "--gap", "{gap}"],
+        "no item with id 'nosuch'",
+    ),
     "lens --positions": (["lens", "--positions", "middle"], "--positions: must be 'last' or 'all'"),
     "lens unknown id": (["lens", *TINY, "--ids", "nosuch"], "{set}: no item with id 'nosuch'"),
     "evaluate --per-kind 0": (["evaluate", "--per-kind", "0"], "--per-kind: must be >= 1"),
@@ -191,11 +207,18 @@ CLI_CASES = {
     "evaluate --dtype": (["evaluate", *TINY, "--dtype", "float8"], "--dtype: unknown dtype 'float8'"),
     "evaluate --batch-size 0": (["evaluate", *TINY, "--batch-size", "0"], "batch size must be >= 1, got 0"),
     "evaluate --out is a file": (["evaluate", "--out", "{afile}"], "--out {afile}: exists and is not a directory"),
-    "unknown model name": (["evaluate", "--model", "no-such-model-xyz", "--prompt-set", "{set}"],
-                           "model 'no-such-model-xyz' is not an offline model"),
-    "model folder missing": (["evaluate", "--model", "{missing}", "--prompt-set", "{set}"], "{missing}: no such model folder"),
-    "model folder without config": (["evaluate", "--model", "{emptydir}", "--prompt-set", "{set}"],
-                                    "{emptydir}: not a Hugging Face model folder (no config.json)"),
+    "unknown model name": (
+        ["evaluate", "--model", "no-such-model-xyz", "--prompt-set", "{set}"],
+        "model 'no-such-model-xyz' is not an offline model",
+    ),
+    "model folder missing": (
+        ["evaluate", "--model", "{missing}", "--prompt-set", "{set}"],
+        "{missing}: no such model folder",
+    ),
+    "model folder without config": (
+        ["evaluate", "--model", "{emptydir}", "--prompt-set", "{set}"],
+        "{emptydir}: not a Hugging Face model folder (no config.json)",
+    ),
     # result files given with --gap
     "gap missing": ([*EDIT_TINY, "{missing}"], "{missing}: cannot read result JSON"),
     "gap not JSON": ([*EDIT_TINY, "{notjson}"], "{notjson}: cannot read result JSON"),
@@ -203,37 +226,67 @@ CLI_CASES = {
     "gap without items": ([*EDIT_TINY, "{gap_noitems}"], "{gap_noitems}: 'gap' result lacks the field 'items'"),
     "gap of another model": ([*EDIT_TINY, "{gap_other}"], "gap result was made on 'gemma3-270m', not this model"),
     # prompt sets the model cannot read: refused, never truncated, naming the item and field
-    "prompt longer than the context: evaluate": (["evaluate", "--model", "{tiny}", "--prompt-set", "{long}"],
-                                                 "{long}: item 't-1' field 'composed': prompt is 71 tokens, longer than the model's context (64)"),
-    "1 MB line: evaluate": (["evaluate", "--model", "{tiny}", "--prompt-set", "{mega}"],
-                            "{mega}: item 't-1' field 'composed': prompt is 262144 tokens"),
-    "prompt longer than the context: lens": (["lens", "--model", "{tiny}", "--prompt-set", "{long}", "--gap", "{gap}"],
-                                             "item 't-1': prompt is 71 tokens, longer than the model's context"),
-    "prompt longer than the context: locate": (["locate", "--model", "{tiny}", "--prompt-set", "{long}", "--ids", "t-1"],
-                                               "t-1: composed: prompt is 71 tokens"),
-    "prompt longer than the context: edit": (["edit", "--model", "{tiny}", "--prompt-set", "{long}", "--ids", "t-1",
-                                              "--heads", "1.2", "--gap", "{gap}"], "t-1: composed: prompt is 71 tokens"),
+    "prompt longer than the context: evaluate": (
+        ["evaluate", "--model", "{tiny}", "--prompt-set", "{long}"],
+        "{long}: item 't-1' field 'composed': prompt is 71 tokens, longer than the model's context (64)",
+    ),
+    "1 MB line: evaluate": (
+        ["evaluate", "--model", "{tiny}", "--prompt-set", "{mega}"],
+        "{mega}: item 't-1' field 'composed': prompt is 262144 tokens",
+    ),
+    "prompt longer than the context: lens": (
+        ["lens", "--model", "{tiny}", "--prompt-set", "{long}", "--gap", "{gap}"],
+        "item 't-1': prompt is 71 tokens, longer than the model's context",
+    ),
+    "prompt longer than the context: locate": (
+        ["locate", "--model", "{tiny}", "--prompt-set", "{long}", "--ids", "t-1"],
+        "t-1: composed: prompt is 71 tokens",
+    ),
+    "prompt longer than the context: edit": (
+        ["edit", "--model", "{tiny}", "--prompt-set", "{long}", "--ids", "t-1", "--heads", "1.2", "--gap", "{gap}"],
+        "t-1: composed: prompt is 71 tokens",
+    ),
     # folders given to `report`
-    "report of a truncated result": (["report", "{r_trunc}"], "{r_trunc}/evaluate/result.json: cannot read result JSON"),
-    "report of a result lacking a field": (["report", "{r_nofield}"], "{r_nofield}/evaluate/result.json: 'gap' result lacks the field 'prompt_set'"),
+    "report of a truncated result": (
+        ["report", "{r_trunc}"],
+        "{r_trunc}/evaluate/result.json: cannot read result JSON",
+    ),
+    "report of a result lacking a field": (
+        ["report", "{r_nofield}"],
+        "{r_nofield}/evaluate/result.json: 'gap' result lacks the field 'prompt_set'",
+    ),
     "report of a missing folder": (["report", "{missing}"], "{missing}: not a folder of results"),
     # edit files given to `apply`
     "apply another model's edit": (["apply", "{e_other}", *TINY], "edit was made for 'tiny' weights"),
-    "apply a flipped data byte": (["apply", "{e_data}", *TINY], "{e_data}: edit tensors do not match their recorded sha256"),
-    "apply a flipped metadata byte": (["apply", "{e_meta}", *TINY], "{e_meta}: edit metadata does not match its recorded sha256"),
+    "apply a flipped data byte": (
+        ["apply", "{e_data}", *TINY],
+        "{e_data}: edit tensors do not match their recorded sha256",
+    ),
+    "apply a flipped metadata byte": (
+        ["apply", "{e_meta}", *TINY],
+        "{e_meta}: edit metadata does not match its recorded sha256",
+    ),
     "apply a truncated file": (["apply", "{e_trunc}", *TINY], "{e_trunc}: not a readable edit file"),
     "apply an empty file": (["apply", "{e_empty}", *TINY], "{e_empty}: not a readable edit file"),
     "apply a missing file": (["apply", "{missing}", *TINY], "{missing}: not a readable edit file"),
-    "apply a NaN delta": (["apply", "{e_nan}", *TINY], "{e_nan}: edit has a non-finite (or non-float) delta at layer 1"),
+    "apply a NaN delta": (
+        ["apply", "{e_nan}", *TINY],
+        "{e_nan}: edit has a non-finite (or non-float) delta at layer 1",
+    ),
     "apply mismatched shapes": (["apply", "{e_layer}", *TINY], "edit does not fit this model (layer 5"),
     "apply a foreign safetensors file": (["apply", "{e_foreign}", *TINY], "{e_foreign}: not a patchlab edit file"),
     "apply an edit of an unknown item": (["apply", "{e_item}", *TINY], "no item with id 'nosuch'"),
 }
 # every command meets the same broken prompt set with the same line, before any model is loaded
 for _cmd, _extra in (("evaluate", []), ("lens", []), ("locate", []), ("edit", ["--failures", "--heads", "1.2"])):
-    CLI_CASES[f"only blank lines: {_cmd}"] = ([_cmd, "--prompt-set", "{blank}", *_extra], "{blank}:1: prompt set is empty")
-    CLI_CASES[f"wrongly typed field: {_cmd}"] = ([_cmd, "--prompt-set", "{typed}", *_extra],
-                                                 "{typed}:1: field 'id' must be a string, got int")
+    CLI_CASES[f"only blank lines: {_cmd}"] = (
+        [_cmd, "--prompt-set", "{blank}", *_extra],
+        "{blank}:1: prompt set is empty",
+    )
+    CLI_CASES[f"wrongly typed field: {_cmd}"] = (
+        [_cmd, "--prompt-set", "{typed}", *_extra],
+        "{typed}:1: field 'id' must be a string, got int",
+    )
 
 
 @pytest.mark.parametrize("name", list(CLI_CASES))
@@ -258,8 +311,22 @@ def test_offline_hub_request_exits_2_in_a_real_process(tmp_path, env):
     huggingface_hub reads HF_HUB_OFFLINE at import)."""
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "patchlab.cli", "evaluate", "--model", "gpt2", "--prompt-set", env.set, "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "patchlab.cli",
+            "evaluate",
+            "--model",
+            "gpt2",
+            "--prompt-set",
+            env.set,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATCHLAB_QUIET": "1"},
     )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -267,6 +334,7 @@ def test_offline_hub_request_exits_2_in_a_real_process(tmp_path, env):
 
 
 # --- the API -------------------------------------------------------------------------------------------
+
 
 def refused(fn, needle: str) -> str:
     with pytest.raises(PatchlabError) as err:
@@ -322,16 +390,38 @@ def _edit_case(tiny, name):
         "mismatched shape": (make({1: [2]}, {1: torch.zeros(d, 3)}), "delta (64, 3)"),
         "transposed shape": (make({1: [2]}, {1: torch.zeros(tiny.cfg.d_head, d)}), "delta (16, 64)"),
         "integer delta": (make({1: [2]}, {1: torch.zeros(d, 16, dtype=torch.int64)}), "torch.int64"),
-        "NaN in a delta": (make({1: [2]}, {1: z(1).index_fill(0, torch.tensor([3]), float("nan"))}), "non-finite delta"),
-        "inf in a delta": (make({1: [2]}, {1: z(1).index_fill(0, torch.tensor([3]), float("inf"))}), "non-finite delta"),
-        "another model's weights": (E.Edit("tiny", "0" * 64, {1: [2]}, {1: z(1)}, []), "edit was made for weights 000000000000"),
+        "NaN in a delta": (
+            make({1: [2]}, {1: z(1).index_fill(0, torch.tensor([3]), float("nan"))}),
+            "non-finite delta",
+        ),
+        "inf in a delta": (
+            make({1: [2]}, {1: z(1).index_fill(0, torch.tensor([3]), float("inf"))}),
+            "non-finite delta",
+        ),
+        "another model's weights": (
+            E.Edit("tiny", "0" * 64, {1: [2]}, {1: z(1)}, []),
+            "edit was made for weights 000000000000",
+        ),
     }
     return cases[name]
 
 
-EDIT_CASES = ["layer 5 of 2", "layer -1 (no wrap-around)", "head 4 of 4", "head -1 (no wrap-around)", "no heads in a layer",
-              "a head twice", "no heads at all", "a delta missing", "mismatched shape", "transposed shape",
-              "integer delta", "NaN in a delta", "inf in a delta", "another model's weights"]
+EDIT_CASES = [
+    "layer 5 of 2",
+    "layer -1 (no wrap-around)",
+    "head 4 of 4",
+    "head -1 (no wrap-around)",
+    "no heads in a layer",
+    "a head twice",
+    "no heads at all",
+    "a delta missing",
+    "mismatched shape",
+    "transposed shape",
+    "integer delta",
+    "NaN in a delta",
+    "inf in a delta",
+    "another model's weights",
+]
 
 
 @pytest.mark.parametrize("name", EDIT_CASES)
@@ -402,11 +492,14 @@ def _vanishing_item() -> TwoHopItem:
 
 
 VANISH = {
-    "lens": lambda m, it: __import__("patchlab.methods.lens", fromlist=["lens_items"]).lens_items(m, [it], progress=False),
+    "lens": lambda m, it: __import__("patchlab.methods.lens", fromlist=["lens_items"]).lens_items(
+        m, [it], progress=False
+    ),
     "locate guide": lambda m, it: L.locate(m, [it], setup="guide", progress=False),
     "locate template": lambda m, it: L.template_pairs(m, [it, TwoHopItem.from_dict({**ITEMS[0], "id": "t-9"})]),
-    "edit optimize": lambda m, it: E.compute_edit(m, [it], [Head(1, 2)], E.EditConfig(target="optimize", n_prefixes=0,
-                                                                                       covariance=False, opt_steps=1)),
+    "edit optimize": lambda m, it: E.compute_edit(
+        m, [it], [Head(1, 2)], E.EditConfig(target="optimize", n_prefixes=0, covariance=False, opt_steps=1)
+    ),
 }
 
 
@@ -429,8 +522,10 @@ def test_answer_sharing_the_contrast_token_is_flagged_never_divided(tiny, tmp_pa
         assert not rows["t"]["flagged"] and result.n == 1
         assert all(v is None or np.isfinite(v) for grid in (result.mean, result.std) for row in grid for v in row)
         json_bytes(result.to_json())  # strict JSON: no NaN / inf anywhere (what save writes)
-        refused(lambda: L.locate_pairs(tiny, [same], method=method, progress=False),
-                "every item was flagged (item same-token: answer and contrast share their first token")
+        refused(
+            lambda: L.locate_pairs(tiny, [same], method=method, progress=False),
+            "every item was flagged (item same-token: answer and contrast share their first token",
+        )
 
 
 def test_clean_close_to_corrupted_is_flagged_for_every_method(tiny, tmp_path):
@@ -444,7 +539,9 @@ def test_clean_close_to_corrupted_is_flagged_for_every_method(tiny, tmp_path):
         assert row["flagged"] and "differ by less than" in row["flag_reason"]
         assert all(v is None for r in row["effect"] for v in r)
         assert all(v is None or np.isfinite(v) for r in result.mean for v in r)
-        assert result.attribution_mean is None or all(v is None or np.isfinite(v) for r in result.attribution_mean for v in r)
+        assert result.attribution_mean is None or all(
+            v is None or np.isfinite(v) for r in result.attribution_mean for v in r
+        )
         json_bytes(result.to_json())  # strict JSON, as save writes it
 
 

@@ -18,8 +18,12 @@ from patchlab.core.errors import PatchlabError
 from patchlab.core.prompts import PromptSet
 
 ITEM = {
-    "id": "t-1", "kind": "landmark>country>capital", "subject": "Eiffel Tower", "bridge": "France",
-    "answer": "Paris", "hop1": "The Eiffel Tower is located in the country of",
+    "id": "t-1",
+    "kind": "landmark>country>capital",
+    "subject": "Eiffel Tower",
+    "bridge": "France",
+    "answer": "Paris",
+    "hop1": "The Eiffel Tower is located in the country of",
     "hop2": "The capital of France is",
     "composed": "The capital of the country where the Eiffel Tower is located is",
 }
@@ -51,7 +55,7 @@ BAD = {
     "empty-file": (b"", ":1: prompt set is empty"),
     "bom-only": (b"\xef\xbb\xbf", ":1: prompt set is empty"),
     "blank-crlf-and-separators": (b"\r\n \r\n\t\n" + "\u2028\n\u0085\n".encode(), ":1: prompt set is empty"),
-    "bad-json-after-crlf-lines": (rec() + b"\r\n\r\n" + rec(id="t-2") + b"\r\n{\"id\": \r\n", ":4: bad JSON"),
+    "bad-json-after-crlf-lines": (rec() + b"\r\n\r\n" + rec(id="t-2") + b'\r\n{"id": \r\n', ":4: bad JSON"),
     "truncated-last-line-no-newline": (rec() + b"\n" + rec(id="t-2")[:-9], ":2: bad JSON"),
     "two-objects-on-one-line": (rec() + rec(id="t-2") + b"\n", ":1: bad JSON"),
     "old-mac-cr-only-endings": (rec() + b"\r" + rec(id="t-2") + b"\r", ":1: bad JSON"),
@@ -59,8 +63,10 @@ BAD = {
     "nan-is-not-an-object": (b"NaN\n", ":1: expected a JSON object, got float"),
     "null-line": (rec() + b"\nnull\n", ":2: expected a JSON object, got NoneType"),
     "string-line": (rec() + b'\n"t-2"\n', ":2: expected a JSON object, got str"),
-    "missing-field-after-blank-lines": (b"\n\n" + json.dumps({k: v for k, v in ITEM.items() if k != "hop2"}).encode(),
-                                        ":3: missing required field 'hop2'"),
+    "missing-field-after-blank-lines": (
+        b"\n\n" + json.dumps({k: v for k, v in ITEM.items() if k != "hop2"}).encode(),
+        ":3: missing required field 'hop2'",
+    ),
     "null-required": (rec(bridge=None), ":1: field 'bridge' must be a string, got NoneType"),
     "number-id": (rec(id=7), ":1: field 'id' must be a string, got int"),
     "list-composed": (rec(composed=["a"]), ":1: field 'composed' must be a string, got list"),
@@ -71,23 +77,34 @@ BAD = {
     "paraphrase-empty-element": (rec(paraphrases=["ok", ""]), ":1: field 'paraphrases[1]' is empty"),
     "aliases-dict": (rec(bridge_aliases={"a": "b"}), ":1: field 'bridge_aliases' must be a list"),
     "aliases-null": (rec(bridge_aliases=None), ":1: field 'bridge_aliases' must be a list"),
-    "duplicate-id-not-adjacent": (rec() + b"\n\n" + rec(id="t-2") + b"\n" + rec() + b"\n",
-                                  ":4: duplicate id 't-1' (first on line 1)"),
+    "duplicate-id-not-adjacent": (
+        rec() + b"\n\n" + rec(id="t-2") + b"\n" + rec() + b"\n",
+        ":4: duplicate id 't-1' (first on line 1)",
+    ),
     # an id holding a newline is legal JSON; the message must still be one line (repr of the id)
-    "duplicate-id-with-newline": (rec(id="a\nb") + b"\n" + rec(id="a\nb") + b"\n",
-                                  ":2: duplicate id 'a\\nb' (first on line 1)"),
-    "duplicate-id-with-u2028": (raw(id="a\u2028b") + b"\n" + raw(id="a\u2028b") + b"\n",
-                                ":2: duplicate id 'a\\u2028b' (first on line 1)"),
+    "duplicate-id-with-newline": (
+        rec(id="a\nb") + b"\n" + rec(id="a\nb") + b"\n",
+        ":2: duplicate id 'a\\nb' (first on line 1)",
+    ),
+    "duplicate-id-with-u2028": (
+        raw(id="a\u2028b") + b"\n" + raw(id="a\u2028b") + b"\n",
+        ":2: duplicate id 'a\\u2028b' (first on line 1)",
+    ),
     "invalid-utf8-first-line-with-bom": (b"\xef\xbb\xbf" + rec()[:-1] + b', "x": "\xc3"}\n', ":1: invalid UTF-8"),
     # the byte offset is 0-based within the line (JSON columns are 1-based)
     "overlong-utf8": (rec() + b"\n" + b'{"id": "\xc0\xaf"}\n', ":2: invalid UTF-8 at byte 8"),
     # a lone surrogate written as raw (CESU-8 / WTF-8) bytes rather than as an escape
-    "cesu8-surrogate-bytes": (json.dumps({**ITEM, "subject": "a\ud800b"}, ensure_ascii=False).encode("utf-8", "surrogatepass"),
-                              ":1: invalid UTF-8"),
+    "cesu8-surrogate-bytes": (
+        json.dumps({**ITEM, "subject": "a\ud800b"}, ensure_ascii=False).encode("utf-8", "surrogatepass"),
+        ":1: invalid UTF-8",
+    ),
     "latin1-file": (json.dumps({**ITEM, "subject": "Café"}, ensure_ascii=False).encode("latin-1"), ":1: invalid UTF-8"),
     "utf16-file": (json.dumps(ITEM).encode("utf-16"), ":1: invalid UTF-8"),
     "lone-low-surrogate-escape": (rec(hop2="x\udc00"), ":1: field 'hop2' holds a lone surrogate"),
-    "lone-surrogate-in-paraphrase": (rec(paraphrases=["ok", "\ud83d"]), ":1: field 'paraphrases[1]' holds a lone surrogate"),
+    "lone-surrogate-in-paraphrase": (
+        rec(paraphrases=["ok", "\ud83d"]),
+        ":1: field 'paraphrases[1]' holds a lone surrogate",
+    ),
     # unknown fields are kept, so they must be writable again
     "lone-surrogate-in-extra-field": (rec(note="\ud800"), ":1: field 'note' holds a lone surrogate"),
     "lone-surrogate-deep-in-extra": (rec(meta={"a": ["\udfff"]}), ":1: field 'meta' holds a lone surrogate"),
@@ -116,6 +133,7 @@ def test_unreadable_paths_are_one_line_errors(tmp_path):
 
 # --- odd but valid ----------------------------------------------------------------------------------
 
+
 def test_one_megabyte_line_loads(tmp_path):
     big = "x" * (1 << 20)
     path = tmp_path / "big.jsonl"
@@ -128,7 +146,9 @@ def test_one_megabyte_line_loads(tmp_path):
 def test_line_separators_inside_strings_do_not_split_lines(tmp_path, sep):
     # str.splitlines() splits on all of these; a JSONL line ends only at b"\n"
     path = tmp_path / "sep.jsonl"
-    path.write_bytes(raw(subject=f"Eiffel{sep}Tower", paraphrases=[f"a{sep}b"]) + b"\n" + raw(id="t-2", kind=sep + "k") + b"\n{")
+    path.write_bytes(
+        raw(subject=f"Eiffel{sep}Tower", paraphrases=[f"a{sep}b"]) + b"\n" + raw(id="t-2", kind=sep + "k") + b"\n{"
+    )
     msg = load_error(path, path.read_bytes())
     assert f"{path}:3: bad JSON" in msg  # line 3, so neither line 1 nor 2 was split
     path.write_bytes(path.read_bytes()[:-1])
@@ -147,8 +167,8 @@ def test_bom_crlf_many_lines_and_no_final_newline(tmp_path):
 
 def test_escaped_surrogate_pair_is_a_real_character(tmp_path):
     path = tmp_path / "pair.jsonl"
-    path.write_bytes(rec(subject="\U0001F600"))  # written as "\\ud83d\\ude00": a valid pair
-    assert PromptSet.load(path)[0].subject == "\U0001F600"
+    path.write_bytes(rec(subject="\U0001f600"))  # written as "\\ud83d\\ude00": a valid pair
+    assert PromptSet.load(path)[0].subject == "\U0001f600"
 
 
 def test_item_without_kind_round_trips(tmp_path):
@@ -197,7 +217,9 @@ def run_evaluate(tmp_path, name: str, body: bytes):
     out = tmp_path / f"out-{name}"
     proc = subprocess.run(
         [sys.executable, "-m", "patchlab.cli", "evaluate", "--prompt-set", str(bad), "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "PATCHLAB_QUIET": "1", "COLUMNS": "80", "PATCHLAB_CACHE": str(tmp_path / "cache")},
     )
     return bad, out, proc

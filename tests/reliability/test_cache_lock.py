@@ -15,12 +15,12 @@ import sys
 import time
 from pathlib import Path
 
+import cachefakes
 import pytest
 
-import cachefakes
-from patchlab.runtime import models
 from patchlab.core.errors import PatchlabError
 from patchlab.core.io import TMP_PREFIX
+from patchlab.runtime import models
 
 CTX = multiprocessing.get_context("spawn")
 
@@ -155,7 +155,11 @@ def test_complete_cache_is_used_even_while_the_lock_is_held(tmp_path, monkeypatc
 @pytest.mark.parametrize(
     "content",
     [
-        '{"format": 0}', '{"key": "fake"}', "not json", "", "\xff",
+        '{"format": 0}',
+        '{"key": "fake"}',
+        "not json",
+        "",
+        "\xff",
         "[1]",
     ],
 )

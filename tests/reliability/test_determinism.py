@@ -10,18 +10,29 @@ import pytest
 import torch
 from relhelp import ITEMS
 
+from patchlab.core.prompts import TwoHopItem
+from patchlab.core.spec import Head
 from patchlab.methods import edit as E
 from patchlab.methods import lens as LN
 from patchlab.methods import locate as L
 from patchlab.methods.editeval import evaluate_edits
 from patchlab.methods.gap import evaluate_gap
-from patchlab.runtime.identity import weights_hash
-from patchlab.core.prompts import TwoHopItem
-from patchlab.runtime.identity import provenance
-from patchlab.core.spec import Head
+from patchlab.runtime.identity import provenance, weights_hash
 
-PROVENANCE = {"seed", "patchlab", "torch", "transformers", "transformer_lens", "python", "threads", "model", "dtype",
-              "n_layers", "n_heads", "weights_sha256"}
+PROVENANCE = {
+    "seed",
+    "patchlab",
+    "torch",
+    "transformers",
+    "transformer_lens",
+    "python",
+    "threads",
+    "model",
+    "dtype",
+    "n_layers",
+    "n_heads",
+    "weights_sha256",
+}
 
 
 def without_timing(obj):
@@ -38,14 +49,18 @@ def tiny_pairs(tiny):
     from patchlab.runtime.scoring import answer_token_id
 
     a, b = answer_token_id(tiny, "paris"), answer_token_id(tiny, "berlin")
-    return [L.PatchPair("p1", enc("the capital of france is"), enc("the capital of germany is"), a, b),
-            L.PatchPair("p2", enc("the language of france is"), enc("the language of germany is"), a, b)]
+    return [
+        L.PatchPair("p1", enc("the capital of france is"), enc("the capital of germany is"), a, b),
+        L.PatchPair("p2", enc("the language of france is"), enc("the language of germany is"), a, b),
+    ]
 
 
 @pytest.mark.parametrize("method, positions", [("both", "each"), ("exact", "all"), ("attribution", "all")])
 def test_locate_twice_gives_the_same_result(tiny, method, positions):
-    runs = [L.locate_pairs(tiny, tiny_pairs(tiny), method=method, positions=positions, verify=5, progress=False)
-            for _ in range(2)]
+    runs = [
+        L.locate_pairs(tiny, tiny_pairs(tiny), method=method, positions=positions, verify=5, progress=False)
+        for _ in range(2)
+    ]
     a, b = (json.dumps(without_timing(r.to_json()), sort_keys=True) for r in runs)
     assert a == b
 
@@ -132,6 +147,6 @@ def test_real_model_locate_and_edit_twice_and_provenance(smol, shipped, tmp_path
     _assert_bit_identical(*_edits_twice(smol, items[:1], [Head(23, 4), Head(23, 5)], cfg, [items[1].hop2]), tmp_path)
     iv = LN.bridge_intervention(smol, items[:1], layers=[29], n_controls=1, progress=False)
     for result in (runs[0], iv):
-        meta = json.loads(result.save(tmp_path / result.kind)[f"result.json"].read_text())["meta"]
+        meta = json.loads(result.save(tmp_path / result.kind)["result.json"].read_text())["meta"]
         assert PROVENANCE <= set(meta) and meta["weights_sha256"] == E.base_hash(smol)
         assert meta["model"] == "smollm2-135m" and meta["dtype"] == "float32"

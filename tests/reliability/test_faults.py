@@ -22,16 +22,16 @@ import pytest
 import torch
 from relhelp import HalfWrite, assert_refused, cli, diff, hook_inventory, serve_models, warm, write_set
 
-from patchlab.methods import edit as E
 from patchlab.core import io as pio
-from patchlab.methods import locate as L
 from patchlab.core.errors import PatchlabError
-from patchlab.methods.gap import GapResult, evaluate_gap, summarize
 from patchlab.core.io import TMP_PREFIX, WriteError, atomic_dir, sweep_stale
-from patchlab.runtime.identity import weights_hash
 from patchlab.core.prompts import PromptSet
-from patchlab.results.report import build_report
 from patchlab.core.spec import Head
+from patchlab.methods import edit as E
+from patchlab.methods import locate as L
+from patchlab.methods.gap import GapResult, evaluate_gap, summarize
+from patchlab.results.report import build_report
+from patchlab.runtime.identity import weights_hash
 
 
 def temps(folder: Path) -> list[Path]:
@@ -39,8 +39,19 @@ def temps(folder: Path) -> list[Path]:
 
 
 def gap_result(n: int) -> GapResult:
-    rows = [{"id": f"x-{i}", "kind": "k", "hop1": True, "hop2": True, "composed": i % 2 == 0,
-             "hop1_text": "a", "hop2_text": "b", "composed_text": "c"} for i in range(n)]
+    rows = [
+        {
+            "id": f"x-{i}",
+            "kind": "k",
+            "hop1": True,
+            "hop2": True,
+            "composed": i % 2 == 0,
+            "hop1_text": "a",
+            "hop2_text": "b",
+            "composed_text": "c",
+        }
+        for i in range(n)
+    ]
     return GapResult(model="tiny", prompt_set="mem", items=rows, summary={"all": summarize(rows), "k": summarize(rows)})
 
 
@@ -50,6 +61,7 @@ def an_edit(seed: int) -> E.Edit:
 
 
 # --- SIGKILL ---------------------------------------------------------------------------------------------
+
 
 def _stop_at(point: str, nth: int, reached) -> None:
     """In the child: make the `nth` call of `point` (write / replace) stop at `reached` (it never returns)."""
@@ -133,8 +145,9 @@ def test_sigkill_leaves_old_or_new_whole_and_the_next_write_sweeps(tmp_path, nam
         left = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(TMP_PREFIX)}
         assert set(left) == {"result.json", "figure.html"}
         for fname, data in left.items():  # each file is the old one or a whole new one
-            assert data == before[fname] or (whole_html(data) if fname.endswith(".html") else
-                                             GapResult.from_json(out / fname).items == new.items), fname
+            assert data == before[fname] or (
+                whole_html(data) if fname.endswith(".html") else GapResult.from_json(out / fname).items == new.items
+            ), fname
         GapResult.from_json(out / "result.json")  # the next run reads a complete result
         new.save(out)
         assert GapResult.from_json(out / "result.json").items == new.items
@@ -145,6 +158,7 @@ def test_sigkill_leaves_old_or_new_whole_and_the_next_write_sweeps(tmp_path, nam
         an_edit(3).save(path)
         assert E.Edit.load(path).item_ids == ["x-3"]
     elif what == "edits":
+
         def write_folder(seeds):
             with atomic_dir(out / "edits") as tmp:
                 for s in seeds:
@@ -197,6 +211,7 @@ def test_a_live_writers_temp_file_is_never_swept(tmp_path):
 
 
 # --- a full disk -------------------------------------------------------------------------------------------
+
 
 def full_disk(monkeypatch, nth: int = 1) -> None:
     """The `nth` file written from now on gets half its bytes, then ENOSPC."""
@@ -261,8 +276,27 @@ def test_full_disk_under_the_cli_is_one_line_and_exit_2(tmp_path, tiny, tiny_dir
     gap = evaluate_gap(tiny, PromptSet.load(prompts), progress=False).save(tmp_path / "gap")["result.json"]
     out = tmp_path / "ed"
     full_disk(monkeypatch)
-    code, lines = cli(["edit", "--model", tiny_dir, "--prompt-set", prompts, "--ids", "t-1", "--heads", "1.2", "--gap", gap,
-                       "--target", "guide", "--no-covariance", "--out", out], capsys)
+    code, lines = cli(
+        [
+            "edit",
+            "--model",
+            tiny_dir,
+            "--prompt-set",
+            prompts,
+            "--ids",
+            "t-1",
+            "--heads",
+            "1.2",
+            "--gap",
+            gap,
+            "--target",
+            "guide",
+            "--no-covariance",
+            "--out",
+            out,
+        ],
+        capsys,
+    )
     assert_refused(code, lines, "t-1.edit: cannot write (No space left on device)")
     assert snapshot(out) == {} and not temps(out)
 
@@ -274,12 +308,32 @@ def test_full_disk_at_the_edit_result_leaves_no_edits_folder(tmp_path, tiny, tin
     gap = evaluate_gap(tiny, PromptSet.load(prompts), progress=False).save(tmp_path / "gap")["result.json"]
     out = tmp_path / "ed"
     full_disk(monkeypatch, nth=2)  # the edit file goes through; result.json meets the full disk
-    code, _ = cli(["edit", "--model", tiny_dir, "--prompt-set", prompts, "--ids", "t-1", "--heads", "1.2", "--gap", gap,
-                   "--target", "guide", "--no-covariance", "--out", out], capsys)
+    code, _ = cli(
+        [
+            "edit",
+            "--model",
+            tiny_dir,
+            "--prompt-set",
+            prompts,
+            "--ids",
+            "t-1",
+            "--heads",
+            "1.2",
+            "--gap",
+            gap,
+            "--target",
+            "guide",
+            "--no-covariance",
+            "--out",
+            out,
+        ],
+        capsys,
+    )
     assert code == 2 and snapshot(out) == {}
 
 
 # --- NaN / inf in activations ------------------------------------------------------------------------------
+
 
 class Poison:
     """A user's hook that turns an activation into `value` from its `start`-th call on — counting only calls
@@ -316,8 +370,9 @@ def poisoned(tiny):
 
 
 @pytest.mark.parametrize("value, step", [(float("nan"), 0), (float("nan"), 3), (float("inf"), 2), (float("-inf"), 5)])
-def test_non_finite_activation_during_target_optimisation_names_the_step(tiny, poisoned, tmp_path, monkeypatch,
-                                                                          value, step):
+def test_non_finite_activation_during_target_optimisation_names_the_step(
+    tiny, poisoned, tmp_path, monkeypatch, value, step
+):
     from relhelp import ITEMS
 
     from patchlab.core.prompts import TwoHopItem
@@ -330,9 +385,16 @@ def test_non_finite_activation_during_target_optimisation_names_the_step(tiny, p
     assert diff(before, hook_inventory(tiny)) == [] and weights_hash(tiny) == hashed
 
 
-@pytest.mark.parametrize("covariance, needle", [(True, "at layer 1 while computing their covariance"),
-                                                 (False, "non-finite head outputs or targets (NaN or inf) at layer 1")])
-def test_non_finite_head_output_for_a_guide_target_is_refused(tiny, poisoned, tmp_path, monkeypatch, covariance, needle):
+@pytest.mark.parametrize(
+    "covariance, needle",
+    [
+        (True, "at layer 1 while computing their covariance"),
+        (False, "non-finite head outputs or targets (NaN or inf) at layer 1"),
+    ],
+)
+def test_non_finite_head_output_for_a_guide_target_is_refused(
+    tiny, poisoned, tmp_path, monkeypatch, covariance, needle
+):
     from relhelp import ITEMS
 
     from patchlab.core.prompts import TwoHopItem
@@ -346,16 +408,22 @@ def test_non_finite_head_output_for_a_guide_target_is_refused(tiny, poisoned, tm
     assert not list(tmp_path.rglob("*.pt"))  # no poisoned covariance cached
 
 
-@pytest.mark.parametrize("method, value", [("exact", float("nan")), ("attribution", float("nan")), ("both", float("nan")),
-                                           ("both", float("inf"))])
+@pytest.mark.parametrize(
+    "method, value",
+    [("exact", float("nan")), ("attribution", float("nan")), ("both", float("nan")), ("both", float("inf"))],
+)
 def test_patching_flags_an_item_with_non_finite_activations_and_stays_finite(tiny, poisoned, tmp_path, method, value):
     enc = lambda s: tiny.to_tokens(s)[0].tolist()  # noqa: E731
     from patchlab.runtime.scoring import answer_token_id
 
     a, b = answer_token_id(tiny, "paris"), answer_token_id(tiny, "berlin")
-    good = [L.PatchPair("good-1", enc("the capital of france is"), enc("the capital of germany is"), a, b),
-            L.PatchPair("good-2", enc("the language of france is"), enc("the language of germany is"), a, b)]
-    bad = L.PatchPair("poisoned", enc("the capital of the city of france is"), enc("the capital of the city of spain is"), a, b)
+    good = [
+        L.PatchPair("good-1", enc("the capital of france is"), enc("the capital of germany is"), a, b),
+        L.PatchPair("good-2", enc("the language of france is"), enc("the language of germany is"), a, b),
+    ]
+    bad = L.PatchPair(
+        "poisoned", enc("the capital of the city of france is"), enc("the capital of the city of spain is"), a, b
+    )
     before, hashed = poisoned("blocks.0.hook_resid_post", Poison(value, length=len(bad.clean)))
     result = L.locate_pairs(tiny, [good[0], bad, good[1]], method=method, positions="all", verify=4, progress=False)
     rows = {r["id"]: r for r in result.items}

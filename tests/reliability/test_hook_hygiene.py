@@ -15,16 +15,16 @@ import pytest
 import torch
 from relhelp import ITEMS, diff, hook_inventory, warm
 
+from patchlab.core.prompts import TwoHopItem
+from patchlab.core.spec import Head
 from patchlab.methods import edit as E
 from patchlab.methods import lens as LN
 from patchlab.methods import locate as L
-from patchlab.runtime import scoring as S
 from patchlab.methods.editeval import evaluate_edits
 from patchlab.methods.gap import evaluate_gap
+from patchlab.runtime import scoring as S
 from patchlab.runtime.bridge import hf_module
 from patchlab.runtime.identity import weights_hash
-from patchlab.core.prompts import TwoHopItem
-from patchlab.core.spec import Head
 
 
 class Interrupter:
@@ -48,31 +48,41 @@ def ctx(tiny, tmp_path_factory):
     a, b = S.answer_token_id(tiny, "paris"), S.answer_token_id(tiny, "berlin")
     pair = L.PatchPair("p", enc("the capital of france is"), enc("the capital of germany is"), a, b)
     gap = evaluate_gap(tiny, items, progress=False)
-    edit = E.compute_edit(tiny, items[:1], [Head(0, 1), Head(1, 2)], E.EditConfig(target="guide", covariance=False,
-                                                                                 n_prefixes=1))
+    edit = E.compute_edit(
+        tiny, items[:1], [Head(0, 1), Head(1, 2)], E.EditConfig(target="guide", covariance=False, n_prefixes=1)
+    )
     return {"items": items, "pair": pair, "gap": gap, "edit": edit}
 
 
 OPS = {
     "last_logits": lambda m, c: S.last_logits(m, [it.composed for it in c["items"]], batch_size=2),
-    "answer_logprob": lambda m, c: S.answer_logprob(m, [it.hop2 for it in c["items"]], [it.answer for it in c["items"]]),
+    "answer_logprob": lambda m, c: S.answer_logprob(
+        m, [it.hop2 for it in c["items"]], [it.answer for it in c["items"]]
+    ),
     "evaluate (generation)": lambda m, c: evaluate_gap(m, c["items"][:2], batch_size=2, progress=False),
     "logit lens": lambda m, c: LN.lens_items(m, c["items"], gap=c["gap"], progress=False),
     "lens top tokens": lambda m, c: LN.top_tokens(m, c["items"][0].composed),
     "guide pairs": lambda m, c: L.guide_pairs(m, c["items"]),
-    "locate exact (from the layer of the patch)": lambda m, c: L.locate_pairs(m, [c["pair"]], method="exact",
-                                                                              positions="each", progress=False),
-    "locate attribution (backward pass)": lambda m, c: L.locate_pairs(m, [c["pair"]], method="attribution",
-                                                                      positions="all", progress=False),
+    "locate exact (from the layer of the patch)": lambda m, c: L.locate_pairs(
+        m, [c["pair"]], method="exact", positions="each", progress=False
+    ),
+    "locate attribution (backward pass)": lambda m, c: L.locate_pairs(
+        m, [c["pair"]], method="attribution", positions="all", progress=False
+    ),
     "locate both": lambda m, c: L.locate_pairs(m, [c["pair"], c["pair"]], method="both", verify=3, progress=False),
     "edit: guide target, covariance, two layers staged": lambda m, c: E.compute_edit(
-        m, c["items"][:1], [Head(0, 1), Head(1, 2)], E.EditConfig(target="guide", n_prefixes=2)),
+        m, c["items"][:1], [Head(0, 1), Head(1, 2)], E.EditConfig(target="guide", n_prefixes=2)
+    ),
     "edit: optimised target with KL term": lambda m, c: E.compute_edit(
-        m, c["items"][:1], [Head(0, 1), Head(1, 2)],
+        m,
+        c["items"][:1],
+        [Head(0, 1), Head(1, 2)],
         E.EditConfig(target="optimize", n_prefixes=1, opt_prefixes=1, opt_steps=3, covariance=False, target_prob=1.0),
-        unrelated=[c["items"][1].hop2]),
+        unrelated=[c["items"][1].hop2],
+    ),
     "evaluate edits (edit applied, then reverted)": lambda m, c: evaluate_edits(
-        m, [(c["items"][:1], c["edit"], 0.0)], c["items"], c["gap"], progress=False),
+        m, [(c["items"][:1], c["edit"], 0.0)], c["items"], c["gap"], progress=False
+    ),
 }
 
 

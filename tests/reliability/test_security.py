@@ -7,21 +7,20 @@ from __future__ import annotations
 
 import ast
 import json
-import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 from relhelp import ITEMS
 
+from patchlab.core.prompts import TwoHopItem
+from patchlab.core.spec import Head
 from patchlab.methods import edit as E
 from patchlab.methods import lens as LN
 from patchlab.methods import locate as L
 from patchlab.methods.editeval import evaluate_edits
 from patchlab.methods.gap import evaluate_gap
-from patchlab.core.prompts import TwoHopItem
 from patchlab.results.report import build_report
-from patchlab.core.spec import Head
 
 PACKAGE = Path(__file__).resolve().parents[2] / "patchlab"
 EVIL = "</script><img src=x onerror=alert(1)>"
@@ -64,8 +63,10 @@ def unsafe_calls(source: str) -> list[tuple[int, str]]:
 
 
 def test_the_scanner_finds_what_it_looks_for():
-    bad = ("import pickle\nfrom joblib import load\nimport torch\ntorch.load(p)\ntorch.load(p, weights_only=False)\n"
-           "AutoModel.from_pretrained(n, trust_remote_code=True)\nnp.load(f, allow_pickle=True)\neval('1')\n")
+    bad = (
+        "import pickle\nfrom joblib import load\nimport torch\ntorch.load(p)\ntorch.load(p, weights_only=False)\n"
+        "AutoModel.from_pretrained(n, trust_remote_code=True)\nnp.load(f, allow_pickle=True)\neval('1')\n"
+    )
     assert [line for line, _ in unsafe_calls(bad)] == [1, 2, 4, 5, 6, 7, 8]
     good = "import torch\ntorch.load(p, weights_only=True)\nmodel.eval()\nf(trust_remote_code=False)\n"
     assert unsafe_calls(good) == []
@@ -74,11 +75,14 @@ def test_the_scanner_finds_what_it_looks_for():
 def test_no_module_unpickles_or_runs_remote_code():
     files = sorted(PACKAGE.rglob("*.py"))
     assert len(files) > 10
-    found = {str(f.relative_to(PACKAGE.parent)): hits for f in files if (hits := unsafe_calls(f.read_text(encoding="utf-8")))}
+    found = {
+        str(f.relative_to(PACKAGE.parent)): hits for f in files if (hits := unsafe_calls(f.read_text(encoding="utf-8")))
+    }
     assert found == {}, found
 
 
 # --- the pages -----------------------------------------------------------------------------------------
+
 
 class Tags(HTMLParser):
     """Every start tag with its attributes (script and style bodies are text to this parser, not tags)."""
@@ -104,8 +108,11 @@ class Tags(HTMLParser):
 def evil_items() -> list[TwoHopItem]:
     items = []
     for i, it in enumerate(ITEMS):
-        items.append(TwoHopItem.from_dict({**it, "id": f"{EVIL}-{i}", "kind": EVIL_TITLE if i else EVIL,
-                                           "subject": f"{it['subject']} {EVIL}"}))
+        items.append(
+            TwoHopItem.from_dict(
+                {**it, "id": f"{EVIL}-{i}", "kind": EVIL_TITLE if i else EVIL, "subject": f"{it['subject']} {EVIL}"}
+            )
+        )
     return items
 
 
@@ -121,13 +128,25 @@ def pages(tiny, tmp_path_factory) -> dict[str, Path]:
     enc = lambda s: tiny.to_tokens(s)[0].tolist()  # noqa: E731
     from patchlab.runtime.scoring import answer_token_id
 
-    pair = L.PatchPair(items[0].id, enc("the capital of france is"), enc("the capital of germany is"),
-                       answer_token_id(tiny, "paris"), answer_token_id(tiny, "berlin"), setup=EVIL_TITLE)
+    pair = L.PatchPair(
+        items[0].id,
+        enc("the capital of france is"),
+        enc("the capital of germany is"),
+        answer_token_id(tiny, "paris"),
+        answer_token_id(tiny, "berlin"),
+        setup=EVIL_TITLE,
+    )
     loc = L.locate_pairs(tiny, [pair], method="exact", positions="each", progress=False)
     edit = E.compute_edit(tiny, items[:1], [Head(1, 2)], E.EditConfig(target="guide", covariance=False, n_prefixes=0))
     report = evaluate_edits(tiny, [(items[:1], edit, 0.0)], items, gap, progress=False)
     made = {}
-    for name, result in (("evaluate", gap), ("lens", lens), ("lens-positions", topk), ("locate", loc), ("edit", report)):
+    for name, result in (
+        ("evaluate", gap),
+        ("lens", lens),
+        ("lens-positions", topk),
+        ("locate", loc),
+        ("edit", report),
+    ):
         result.model = EVIL  # a model loaded from a folder whose path holds markup
         made[name] = result.save(out / name)["figure.html"]
     made["report"] = build_report(out, title=f"run {EVIL}")
@@ -193,8 +212,10 @@ window.Plotly = {version: "2.0.0", purge: function () {}, toImage: function (fig
 }};
 """
 
-CONTROL = ("<html><head><title>control</title></head><body><div class='main-svg'></div>"
-           "<img src=x onerror=alert(1)><img src=y onerror=\"document.title='pwned'\"></body></html>")
+CONTROL = (
+    "<html><head><title>control</title></head><body><div class='main-svg'></div>"
+    "<img src=x onerror=alert(1)><img src=y onerror=\"document.title='pwned'\"></body></html>"
+)
 
 
 def test_no_injected_script_runs_in_a_headless_browser(pages, tmp_path):

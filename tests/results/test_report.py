@@ -88,9 +88,25 @@ def test_report_of_a_folder_without_results_is_a_clear_error(tmp_path):
 def test_every_result_type_declares_its_section_in_its_class():
     load_plugins()
     sections = Result.sections()
-    assert {"gap", "lens", "bridge-intervention", "locate", "edit-report", "retune", "emergence",
-            "emergence-experiment", "compare", "mechanisms"} <= set(sections)
-    assert list(sections)[:5] == ["gap", "lens", "bridge-intervention", "locate", "edit-report"]  # the value chain first
+    assert {
+        "gap",
+        "lens",
+        "bridge-intervention",
+        "locate",
+        "edit-report",
+        "retune",
+        "emergence",
+        "emergence-experiment",
+        "compare",
+        "mechanisms",
+    } <= set(sections)
+    assert list(sections)[:5] == [
+        "gap",
+        "lens",
+        "bridge-intervention",
+        "locate",
+        "edit-report",
+    ]  # the value chain first
     for kind, cls in sections.items():
         assert cls.kind == kind and cls.heading and cls.intro and cls.table is not Result.table, kind
 

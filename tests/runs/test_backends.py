@@ -11,10 +11,10 @@ import time
 import pytest
 from reliability.relhelp import ITEMS, cli, write_set
 
-from patchlab.runs import jobs
-from patchlab.runs.backends import Load, check_threads
 from patchlab.core.errors import PatchlabError
 from patchlab.core.prompts import TwoHopItem
+from patchlab.runs import jobs
+from patchlab.runs.backends import Load, check_threads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,7 +77,17 @@ def test_cli_refuses_bad_scale_options_in_one_line(tiny_dir, tmp_path, capsys):
 
 def test_a_run_directory_of_another_run_is_refused(tiny_dir, tmp_path, capsys):
     prompts = write_set(tmp_path / "set.jsonl")
-    base = ["evaluate", "--model", tiny_dir, "--prompt-set", prompts, "--run-dir", tmp_path / "r", "--out", tmp_path / "o"]
+    base = [
+        "evaluate",
+        "--model",
+        tiny_dir,
+        "--prompt-set",
+        prompts,
+        "--run-dir",
+        tmp_path / "r",
+        "--out",
+        tmp_path / "o",
+    ]
     assert cli(base, capsys)[0] == 0
     code, lines = cli([*base, "--batch-size", "2"], capsys)  # another config: another run id
     assert code == 2 and len(lines) == 1 and "belongs to run" in lines[0]
@@ -86,8 +96,9 @@ def test_a_run_directory_of_another_run_is_refused(tiny_dir, tmp_path, capsys):
 def test_ray_missing_says_what_to_install(tiny_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)
     prompts = write_set(tmp_path / "set.jsonl")
-    code, lines = cli(["evaluate", "--model", tiny_dir, "--prompt-set", prompts, "--backend", "ray",
-                       "--out", tmp_path / "o"], capsys)
+    code, lines = cli(
+        ["evaluate", "--model", tiny_dir, "--prompt-set", prompts, "--backend", "ray", "--out", tmp_path / "o"], capsys
+    )
     assert code == 2 and lines == ["error: --backend ray: Ray is not installed: pip install 'patchlab[ray]'"]
 
 
@@ -98,8 +109,15 @@ def test_a_ray_node_removed_mid_run_changes_nothing(smol, shipped, tmp_path):
     from ray.cluster_utils import Cluster
 
     items = list(shipped.stratified(1))
-    with jobs.Run("evaluate", {"shard_size": 1}, items, tmp_path / "ref", Load("smollm2-135m"),
-                  jobs.Backend("local", 1, 1), model=smol) as run:
+    with jobs.Run(
+        "evaluate",
+        {"shard_size": 1},
+        items,
+        tmp_path / "ref",
+        Load("smollm2-135m"),
+        jobs.Backend("local", 1, 1),
+        model=smol,
+    ) as run:
         reference = jobs.evaluate(run, items, "shipped")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
@@ -116,8 +134,14 @@ def test_a_ray_node_removed_mid_run_changes_nothing(smol, shipped, tmp_path):
 
         remover = threading.Thread(target=remove_after_first_shard, daemon=True)
         remover.start()
-        with jobs.Run("evaluate", {"shard_size": 1}, items, tmp_path / "ray", Load("smollm2-135m"),
-                      jobs.Backend("ray", 2, 1, cluster.address)) as run:
+        with jobs.Run(
+            "evaluate",
+            {"shard_size": 1},
+            items,
+            tmp_path / "ray",
+            Load("smollm2-135m"),
+            jobs.Backend("ray", 2, 1, cluster.address),
+        ) as run:
             result = jobs.evaluate(run, items, "shipped")
         remover.join(5)
     finally:

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from patchlab.core.errors import PatchlabError
 from patchlab.runs import jobs
 from patchlab.runs.backends import Load
-from patchlab.core.errors import PatchlabError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,8 +99,15 @@ def _run(tmp_path, name, items, backend, model=None):
 
 
 def _numbers(gap, found) -> dict:
-    return {"gap": gap.items, "summary": gap.summary, "rows": found.items, "mean": found.mean, "std": found.std,
-            "ranking": found.ranking, "screen": found.attribution_mean}
+    return {
+        "gap": gap.items,
+        "summary": gap.summary,
+        "rows": found.items,
+        "mean": found.mean,
+        "std": found.std,
+        "ranking": found.ranking,
+        "screen": found.attribution_mean,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +159,23 @@ def test_a_killed_driver_resumes_to_the_same_result(serial, slice_items, tmp_pat
     """SIGKILL `patchlab evaluate` after its first shard, then --resume: verified shards are kept, the rest
     run, and the rows equal an uninterrupted run's."""
     out, run_dir = tmp_path / "out", tmp_path / "run"
-    argv = [sys.executable, "-m", "patchlab.cli", "evaluate", "--per-kind", "2", "--run-dir", str(run_dir),
-            "--shard-size", "2", "--threads", "1", "--quiet", "--out", str(out)]
+    argv = [
+        sys.executable,
+        "-m",
+        "patchlab.cli",
+        "evaluate",
+        "--per-kind",
+        "2",
+        "--run-dir",
+        str(run_dir),
+        "--shard-size",
+        "2",
+        "--threads",
+        "1",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "PATCHLAB_QUIET": "1"}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
@@ -178,9 +200,9 @@ def test_edit_evaluation_sharded_equals_across_workers_and_the_plain_report(seri
     """A saved batch edit of two failures, evaluated by item shards: one worker and two local processes give
     identical rows; both agree with the plain `evaluate_edits` (which shares unedited measurements across
     items, so batches — and the last float bits — may differ)."""
+    from patchlab.core.spec import parse_heads
     from patchlab.methods.edit import EditConfig, edit_each
     from patchlab.methods.editeval import evaluate_edits
-    from patchlab.core.spec import parse_heads
 
     gap = serial[0]
     fails = gap.failed_items(slice_items)[:2]
@@ -189,8 +211,15 @@ def test_edit_evaluation_sharded_equals_across_workers_and_the_plain_report(seri
     path = edit.save(tmp_path / "batch.edit")
     reports = []
     for name, backend in (("one", jobs.Backend("local", 1, 1)), ("two", jobs.Backend("local", 2, 1))):
-        with jobs.Run("apply", {"shard_size": 1}, slice_items, tmp_path / name, Load("smollm2-135m"), backend,
-                      model=smol if backend.workers == 1 else None) as run:
+        with jobs.Run(
+            "apply",
+            {"shard_size": 1},
+            slice_items,
+            tmp_path / name,
+            Load("smollm2-135m"),
+            backend,
+            model=smol if backend.workers == 1 else None,
+        ) as run:
             reports.append(jobs.evaluate_edit(run, path, group, slice_items, gap))
     one, two = reports
     assert one.items == two.items and one.summary == two.summary
@@ -214,12 +243,22 @@ def test_hidden_states_captured_in_shards_match_across_workers_and_resume(smol, 
     got = []
     for name, backend in (("one", jobs.Backend("local", 1, 1)), ("two", jobs.Backend("local", 2, 1)), ("one", None)):
         resume = backend is None
-        with jobs.Run("emergence", {"test": True, "shard_size": 16}, [], tmp_path / name, Load("smollm2-135m"),
-                      backend or jobs.Backend("local", 1, 1), model=smol, resume=resume) as run:
+        with jobs.Run(
+            "emergence",
+            {"test": True, "shard_size": 16},
+            [],
+            tmp_path / name,
+            Load("smollm2-135m"),
+            backend or jobs.Backend("local", 1, 1),
+            model=smol,
+            resume=resume,
+        ) as run:
             got.append(E.hidden_states(smol, tokens, cache_dir=False, progress=False, capture=jobs.ShardedCapture(run)))
     one, two, again = got
     for hs in (two, again):
-        assert torch.equal(hs.macro, one.macro) and torch.equal(hs.micro, one.micro) and torch.equal(hs.vocab, one.vocab)
+        assert (
+            torch.equal(hs.macro, one.macro) and torch.equal(hs.micro, one.micro) and torch.equal(hs.vocab, one.vocab)
+        )
     assert torch.equal(one.vocab, plain.vocab) and one.meta["streams"] == plain.meta["streams"]
     assert torch.allclose(one.macro, plain.macro, atol=1e-4) and torch.allclose(one.micro, plain.micro, atol=1e-4)
     assert one.meta["run"]["shards_run"] > 0

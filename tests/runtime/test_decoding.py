@@ -8,10 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patchlab.runtime import decoding
-
-from patchlab.runtime import scoring
 from patchlab.core.errors import PatchlabError
+from patchlab.runtime import decoding, scoring
 
 N_NEW = scoring.MAX_NEW_TOKENS
 
@@ -22,7 +20,9 @@ def _raw_bridge(folder):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    bridge = TransformerBridge.boot_transformers(str(folder), hf_model=hf, tokenizer=AutoTokenizer.from_pretrained(folder))
+    bridge = TransformerBridge.boot_transformers(
+        str(folder), hf_model=hf, tokenizer=AutoTokenizer.from_pretrained(folder)
+    )
     bridge.eval()
     return bridge
 
@@ -35,8 +35,9 @@ def _plain_greedy(plain, tok, seqs, n_new=N_NEW):
     eos = plain.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=n_new, eos_token_id=sorted(eos) or None,
-                              pad_token_id=pad)
+    config = GenerationConfig(
+        do_sample=False, num_beams=1, max_new_tokens=n_new, eos_token_id=sorted(eos) or None, pad_token_id=pad
+    )
     out: list = [None] * len(seqs)
     by_len: dict[int, list[int]] = {}
     for i, s in enumerate(seqs):
@@ -46,7 +47,7 @@ def _plain_greedy(plain, tok, seqs, n_new=N_NEW):
             ids = torch.tensor([seqs[i] for i in rows])
             gen = plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
             for j, i in enumerate(rows):
-                out[i] = decoding.cut_at_eos(gen[j, ids.shape[1]:].tolist(), eos)
+                out[i] = decoding.cut_at_eos(gen[j, ids.shape[1] :].tolist(), eos)
     return out
 
 
@@ -57,8 +58,10 @@ def _reference_prompts(model, shipped, per_kind: int = 5):
     chosen = []
     for kind in shipped.kinds:
         items = [it for it in shipped if it.kind == kind]
-        multi = lambda it: max(len(scoring.answer_token_ids(model, it.answer)),  # noqa: E731
-                               len(scoring.answer_token_ids(model, it.bridge)))
+        multi = lambda it: max(
+            len(scoring.answer_token_ids(model, it.answer)),  # noqa: E731
+            len(scoring.answer_token_ids(model, it.bridge)),
+        )
         chosen += sorted(items, key=lambda it: (-multi(it), it.id))[:per_kind]
     prompts = [getattr(it, hop) for it in chosen for hop in HOPS]
     assert len(prompts) >= 100
@@ -71,8 +74,11 @@ def _compare_with_plain(model, shipped, plain):
     seqs = [scoring.encode(model, p) for p in prompts]
     ours = decoding.greedy_tokens(model, seqs, N_NEW, batch_size=32)
     ref = _plain_greedy(plain, model.tokenizer, seqs)
-    wrong = [(prompts[i], model.tokenizer.decode(ours[i]), model.tokenizer.decode(ref[i]))
-             for i in range(len(seqs)) if ours[i] != ref[i]]
+    wrong = [
+        (prompts[i], model.tokenizer.decode(ours[i]), model.tokenizer.decode(ref[i]))
+        for i in range(len(seqs))
+        if ours[i] != ref[i]
+    ]
     assert not wrong, f"{len(wrong)} of {len(seqs)} continuations differ from plain transformers, e.g. {wrong[:3]}"
     return prompts, ours
 
@@ -81,8 +87,13 @@ def _compare_with_plain(model, shipped, plain):
 
 
 def test_cached_decoding_equals_full_forward_per_token(tiny):
-    prompts = ["the capital of france is", "paris", "the eiffel tower is located in a country where the capital is",
-               "berlin is the capital of", "a"]
+    prompts = [
+        "the capital of france is",
+        "paris",
+        "the eiffel tower is located in a country where the capital is",
+        "berlin is the capital of",
+        "a",
+    ]
     seqs = [scoring.encode(tiny, p) for p in prompts]
     cached = decoding.greedy_tokens(tiny, seqs, 8, batch_size=3)
     uncached = decoding.greedy_tokens(tiny, seqs, 8, batch_size=3, cache=False)
@@ -96,16 +107,22 @@ def test_cached_step_logits_equal_uncached_forward(tiny):
     assert cached == uncached[: len(cached)]
 
 
-@pytest.mark.xfail(strict=True, reason="TransformerLens 4.3 reads the KV cache as past_key_values/layer_past; "
-                   "transformers 5.x passes it as cache=, so a bridge's cached decoding keeps no cache. "
-                   "When this passes, upstream is fixed: patchlab.runtime.decoding.adapt_cache_kwarg can go.")
+@pytest.mark.xfail(
+    strict=True,
+    reason="TransformerLens 4.3 reads the KV cache as past_key_values/layer_past; "
+    "transformers 5.x passes it as cache=, so a bridge's cached decoding keeps no cache. "
+    "When this passes, upstream is fixed: patchlab.runtime.decoding.adapt_cache_kwarg can go.",
+)
 def test_upstream_bridge_cached_decoding_matches_uncached(tiny_dir):
     bridge = _raw_bridge(tiny_dir)
-    ids = torch.tensor([bridge.tokenizer("the capital of france is the capital of", add_special_tokens=False)["input_ids"]])
+    ids = torch.tensor(
+        [bridge.tokenizer("the capital of france is the capital of", add_special_tokens=False)["input_ids"]]
+    )
     with torch.inference_mode():
         cached = bridge.original_model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=1)
-        uncached = bridge.original_model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=1,
-                                                  use_cache=False)
+        uncached = bridge.original_model.generate(
+            input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=1, use_cache=False
+        )
     assert cached.tolist() == uncached.tolist()
 
 
@@ -154,8 +171,12 @@ def test_gemma3_greedy_equals_plain_transformers(gemma, shipped):
 def test_multi_token_answers_are_scored_right(smol, shipped):
     # shipped prompts whose answer is several SmolLM2 tokens (one only after a first word, "the United States");
     # before the fix none of them could match: the continuation was garbage after its first token
-    cases = [("landmark-capital-0040", "hop2", "answers"), ("company-capital-0006", "hop1", "bridges"),
-             ("work-birthcountry-0005", "hop1", "bridges"), ("company-capital-0046", "hop1", "bridges")]
+    cases = [
+        ("landmark-capital-0040", "hop2", "answers"),
+        ("company-capital-0006", "hop1", "bridges"),
+        ("work-birthcountry-0005", "hop1", "bridges"),
+        ("company-capital-0046", "hop1", "bridges"),
+    ]
     items = [shipped[i] for i, _, _ in cases]
     answers = [getattr(it, a) for it, (_, _, a) in zip(items, cases)]
     assert all(len(scoring.answer_token_ids(smol, a[0])) > 1 for a in answers)

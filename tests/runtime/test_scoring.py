@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from patchlab.runtime import scoring
 from patchlab.core.errors import PatchlabError
+from patchlab.runtime import scoring
 
 
 def test_normalize_and_match():
@@ -22,7 +22,12 @@ def test_length_batches_cover_every_index_once():
 
 
 def test_batched_last_logits_equal_one_by_one(tiny):
-    prompts = ["the capital of france is", "paris", "the eiffel tower is located in a country where the capital is", "berlin"]
+    prompts = [
+        "the capital of france is",
+        "paris",
+        "the eiffel tower is located in a country where the capital is",
+        "berlin",
+    ]
     batched = scoring.last_logits(tiny, prompts, batch_size=4)
     for i, p in enumerate(prompts):
         with torch.inference_mode():

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from patchlab.core.errors import PatchlabError
 from patchlab.studies.carma import (
     CarmaConfig,
     CarmaRegulariser,
@@ -16,7 +17,6 @@ from patchlab.studies.carma import (
     word_ids_for_batch,
     word_spans,
 )
-from patchlab.core.errors import PatchlabError
 
 
 def infonce(pos: float, negs: list[float], tau: float = 0.1) -> float:

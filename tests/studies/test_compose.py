@@ -9,9 +9,8 @@ from collections import Counter
 import pytest
 import torch
 
-from patchlab.studies import compose as C
 from patchlab.core.errors import PatchlabError
-
+from patchlab.studies import compose as C
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
@@ -39,7 +38,8 @@ def test_labels_follow_the_adjective_class():
     for it in C.split(C.load_probes("substitutivity"), "test"):
         assert (it["label"] == "no") == (it["adj_class"] == "privative")
         assert it["hypothesis"].replace(f"{it['adjective']} ", "").replace(" an ", " a ") == it["premise"].replace(
-            f"{it['adjective']} ", "").replace(" an ", " a ")
+            f"{it['adjective']} ", ""
+        ).replace(" an ", " a ")
     for it in C.split(C.load_probes("systematicity"), "test"):
         no = {"hypernym": "privative", "adjective-hypernym": "subsective"}[it["pattern"]]
         assert (it["label"] == "no") == (it["adj_class"] == no) and it["hypernym"] in it["hypothesis"]
@@ -53,7 +53,7 @@ def test_labels_follow_the_adjective_class():
         ('{"id": "a", "premise": "p", "hypothesis": "h", "label": "yes", "split": "train"}', ":1: field 'split'"),
         ('{"id": "a", "premise": 3, "hypothesis": "h", "label": "yes"}', ":1: field 'premise' must be a string"),
         ('{"id": "a"', ":1: bad JSON"),
-        ('[1, 2]', ":1: expected a JSON object"),
+        ("[1, 2]", ":1: expected a JSON object"),
     ],
 )
 def test_malformed_probe_lines_name_file_line_and_field(tmp_path, line, needle):
@@ -61,7 +61,9 @@ def test_malformed_probe_lines_name_file_line_and_field(tmp_path, line, needle):
     path.write_text(line + "\n")
     with pytest.raises(PatchlabError) as err:
         C.load_probes("substitutivity", path)
-    assert str(err.value) == f"{path}{needle}" or (str(err.value).startswith(f"{path}{needle}") and "\n" not in str(err.value))
+    assert str(err.value) == f"{path}{needle}" or (
+        str(err.value).startswith(f"{path}{needle}") and "\n" not in str(err.value)
+    )
 
 
 def test_duplicates_heads_and_unknown_tasks(tmp_path):
@@ -130,7 +132,10 @@ def test_compare_on_the_tiny_model_by_path(tiny_dir, shipped, tmp_path):
 def test_cli_compare_rejects_unknown_task_and_model(tiny_dir, tmp_path, capsys):
     from patchlab.cli import main
 
-    for args, needle in ((["--tasks", "plane"], "unknown task 'plane'"), (["--models", ","], "--models: give at least one")):
+    for args, needle in (
+        (["--tasks", "plane"], "unknown task 'plane'"),
+        (["--models", ","], "--models: give at least one"),
+    ):
         with pytest.raises(SystemExit) as exc:
             main(["compare", "--models", str(tiny_dir), "--no-gap", *args, "--out", str(tmp_path / "o")])
         err = capsys.readouterr().err

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from patchlab.studies import emergence as E
 from patchlab.core.errors import PatchlabError
 from patchlab.runtime.identity import weights_hash
+from patchlab.studies import emergence as E
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
@@ -76,8 +76,14 @@ def test_repeated_tokens_reduce_the_micro_rank_instead_of_inflating_it():
 
 @pytest.mark.parametrize(
     "kw, arg",
-    [(dict(n_boot=1), "n_boot"), (dict(estimator="knn"), "estimator"), (dict(layers=[5]), "layers"),
-     (dict(seeds=[]), "seeds"), (dict(pre_dim=0), "pre_dim"), (dict(rows=[0, 1]), "rows")],
+    [
+        (dict(n_boot=1), "n_boot"),
+        (dict(estimator="knn"), "estimator"),
+        (dict(layers=[5]), "layers"),
+        (dict(seeds=[]), "seeds"),
+        (dict(pre_dim=0), "pre_dim"),
+        (dict(rows=[0, 1]), "rows"),
+    ],
 )
 def test_bad_arguments_name_themselves(kw, arg):
     with pytest.raises(PatchlabError, match=f"^{arg}: "):
@@ -120,7 +126,9 @@ def test_hidden_states_match_hooks_and_the_cache(tiny, tmp_path):
     torch.testing.assert_close(hs.macro[3, -1], cache["blocks.1.hook_resid_post"][0, -1], atol=1e-5, rtol=1e-5)
     tok = int(a.tokens[3, 2])
     _, alone = tiny.run_with_cache(torch.tensor([bos + [tok]]))
-    torch.testing.assert_close(hs.micro[hs.micro_rows(2)[3], 0], alone["blocks.0.hook_resid_pre"][0, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        hs.micro[hs.micro_rows(2)[3], 0], alone["blocks.0.hook_resid_pre"][0, -1], atol=1e-5, rtol=1e-5
+    )
     path = E.states_path(tmp_path, weights_hash(tiny), E.tokens_hash(a.tokens, bos))
     assert path.is_file() and [p.name for p in tmp_path.iterdir()] == [path.name]
     again = E.hidden_states(tiny, a.tokens, cache_dir=tmp_path, progress=False)
@@ -131,7 +139,9 @@ def test_hidden_states_match_hooks_and_the_cache(tiny, tmp_path):
 
 
 def test_information_emergence_result_round_trip(tiny, tmp_path):
-    r = E.information_emergence(tiny, tiny_texts(40), n_boot=3, dim=3, cache_dir=tmp_path, condition="x", progress=False)
+    r = E.information_emergence(
+        tiny, tiny_texts(40), n_boot=3, dim=3, cache_dir=tmp_path, condition="x", progress=False
+    )
     assert r.layers == [0, 1] and len(r.ie) == len(r.macro) == len(r.micro) == len(r.ie_std) == 2
     assert r.estimator == "gaussian" and r.estimator_params["dim"] == 3 and r.n == 40 and r.meta["dtype"] == "float32"
     assert all(len(m) == r.T for m in r.micro_t) and r.data_note.startswith("first ")
@@ -154,10 +164,22 @@ def test_experiments_plumbing(tiny, shipped, tmp_path):
     nat = E.natural_vs_shuffled(tiny, tiny_texts(30), n_boot=0, dim=3, cache_dir=tmp_path, progress=False)
     assert list(nat.conditions) == ["natural", "shuffled", "random-init"]
     assert nat.summary["natural"]["n"] == 30 and nat.result("shuffled").T == nat.result("natural").T
-    pairs = [("paris", "berlin"), ("france", "germany"), ("city", "country"), ("capital", "city"), ("spain", "madrid"),
-             ("tower", "city"), ("euro", "currency"), ("language", "spoken"), ("born", "located"), ("the", "a")]
+    pairs = [
+        ("paris", "berlin"),
+        ("france", "germany"),
+        ("city", "country"),
+        ("capital", "city"),
+        ("spain", "madrid"),
+        ("tower", "city"),
+        ("euro", "currency"),
+        ("language", "spoken"),
+        ("born", "located"),
+        ("the", "a"),
+    ]
     icl = E.icl_emergence(tiny, demos=[0, 2], n=12, pairs=pairs, n_boot=0, dim=2, cache_dir=tmp_path, progress=False)
-    assert [s["k"] for s in icl.summary.values()] == [0, 2] and all(0 <= s["accuracy"] <= 1 for s in icl.summary.values())
+    assert [s["k"] for s in icl.summary.values()] == [0, 2] and all(
+        0 <= s["accuracy"] <= 1 for s in icl.summary.values()
+    )
     assert icl.result("k=2").T > icl.result("k=0").T
     assert "layer-mean IE vs k" in icl.figure().to_html()
     with pytest.raises(PatchlabError, match="^experiment: "):
@@ -168,7 +190,10 @@ def test_twohop_groups_and_pooling(tiny, shipped):
     from patchlab.methods.gap import GapResult
 
     ps = shipped.stratified(6)
-    rows = [{"id": it.id, "kind": it.kind, "hop1": True, "hop2": i % 3 > 0, "composed": i % 2 == 0} for i, it in enumerate(ps)]
+    rows = [
+        {"id": it.id, "kind": it.kind, "hop1": True, "hop2": i % 3 > 0, "composed": i % 2 == 0}
+        for i, it in enumerate(ps)
+    ]
     gap = GapResult(model="tiny", prompt_set="x", items=rows, summary={"all": {"gap_share": 0.5}})
     wrong, only_gap = E.twohop_groups(tiny, ps, gap, "wrong"), E.twohop_groups(tiny, ps, gap, "gap")
     assert sum(len(g["failed"]) for g in wrong.values()) == sum(not r["composed"] for r in rows)
@@ -189,13 +214,35 @@ def test_cli_emergence_writes_result_and_rejects_bad_options(tiny_dir, tmp_path,
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(tiny_texts(30)) + "\n")
     out = tmp_path / "out"
-    code, stdout, err = run_cli("emergence", "--model", str(tiny_dir), "--texts", str(texts), "--no-random-init",
-                                "--n-boot", "0", "--dim", "3", "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
+    code, stdout, err = run_cli(
+        "emergence",
+        "--model",
+        str(tiny_dir),
+        "--texts",
+        str(texts),
+        "--no-random-init",
+        "--n-boot",
+        "0",
+        "--dim",
+        "3",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+    )
     assert code == 0, err
-    assert "natural" in stdout and "shuffled" in stdout and (out / "result.json").is_file() and (out / "figure.html").is_file()
+    assert (
+        "natural" in stdout
+        and "shuffled" in stdout
+        and (out / "result.json").is_file()
+        and (out / "figure.html").is_file()
+    )
     empty = tmp_path / "empty.txt"
     empty.write_text("# only a comment\n\n")
-    for args, needle in (([str(texts), "--experiment", "icl"], "--texts: --texts is for"), ([str(empty)], "holds no texts")):
+    for args, needle in (
+        ([str(texts), "--experiment", "icl"], "--texts: --texts is for"),
+        ([str(empty)], "holds no texts"),
+    ):
         with pytest.raises(SystemExit) as exc:
             main(["emergence", "--model", str(tiny_dir), "--texts", *args, "--out", str(out)])
         err = capsys.readouterr().err
@@ -212,7 +259,9 @@ def test_smollm2_trained_blocks_differ_from_random_init_and_shuffling_lowers_the
     kw = dict(layers=[0, 1, 29], n_boot=10, cache_dir=tmp_path, progress=False)
     exp = E.natural_vs_shuffled(smol, texts, **kw)
     nat, shuf, rnd = (exp.result(k) for k in ("natural", "shuffled", "random-init"))
-    assert (nat.n, nat.T) == (65, 15) and nat.estimator == "gaussian" and nat.estimator_params["ridge"] == E.DEFAULT_RIDGE
+    assert (
+        (nat.n, nat.T) == (65, 15) and nat.estimator == "gaussian" and nat.estimator_params["ridge"] == E.DEFAULT_RIDGE
+    )
     ceiling = nat.estimator_params["ceiling_bits"]
     for r in (nat, shuf, rnd):
         assert all(-ceiling <= v <= ceiling for v in r.ie) and all(0 <= v <= ceiling + 0.3 for v in r.macro + r.micro)

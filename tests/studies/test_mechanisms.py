@@ -1,14 +1,12 @@
 import dataclasses
-import json
 
 import pytest
 import torch
 
-from patchlab.methods import edit as E
-from patchlab.studies import mechanisms as M
 from patchlab.core.errors import PatchlabError
 from patchlab.core.spec import Head
-
+from patchlab.methods import edit as E
+from patchlab.studies import mechanisms as M
 
 # --- plumbing on the tiny random model ----------------------------------------------------------------
 
@@ -17,10 +15,23 @@ def tiny_module(tiny, layer=1, heads=(2,), threshold=0.0, seed=0):
     """A module with a random delta and a random key whose gates all open (threshold -2) or shut (+2)."""
     g = torch.Generator().manual_seed(seed)
     d, hd = tiny.cfg.d_model, tiny.cfg.n_heads * tiny.cfg.d_head
-    edit = E.Edit("tiny", E.base_hash(tiny), {layer: list(heads)},
-                  {layer: 0.2 * torch.randn(d, len(heads) * tiny.cfg.d_head, generator=g)}, ["x"], {"target": "test"})
-    route = M.Route(list(range(tiny.cfg.n_heads)), torch.randn(hd, generator=g), torch.eye(hd),
-                    M.unit(torch.randn(hd, generator=g)), threshold, threshold + 0.5, threshold)
+    edit = E.Edit(
+        "tiny",
+        E.base_hash(tiny),
+        {layer: list(heads)},
+        {layer: 0.2 * torch.randn(d, len(heads) * tiny.cfg.d_head, generator=g)},
+        ["x"],
+        {"target": "test"},
+    )
+    route = M.Route(
+        list(range(tiny.cfg.n_heads)),
+        torch.randn(hd, generator=g),
+        torch.eye(hd),
+        M.unit(torch.randn(hd, generator=g)),
+        threshold,
+        threshold + 0.5,
+        threshold,
+    )
     return M.Module(edit, {layer: route}, {"note": "test"})
 
 
@@ -127,9 +138,11 @@ def test_bad_inputs_are_refused(tiny, tmp_path):
 def test_cli_bad_edits_exit_2_with_one_line_before_loading_a_model(tmp_path, capsys):
     from patchlab.cli import main
 
-    for args, needle in ((["--edits", str(tmp_path / "none.module.safetensors")], "no such file"),
-                         (["--edits", str(tmp_path), "--gate", "fuzzy"], "--gate"),
-                         (["--edits", str(tmp_path)], "holds no")):
+    for args, needle in (
+        (["--edits", str(tmp_path / "none.module.safetensors")], "no such file"),
+        (["--edits", str(tmp_path), "--gate", "fuzzy"], "--gate"),
+        (["--edits", str(tmp_path)], "holds no"),
+    ):
         with pytest.raises(SystemExit) as exc:
             main(["mechanisms", *args, "--out", str(tmp_path / "out")])
         err = capsys.readouterr().err.strip().splitlines()
@@ -152,14 +165,26 @@ def real(smol, shipped):
     right = [it for it in pool if it.id in set(gap.composed_correct)]
     chosen = [fails[0], next(it for it in fails if it.kind != fails[0].kind)]
     heads = [Head(23, 4), Head(23, 5)]
-    edits = [E.compute_edit(smol, [it], heads, E.EditConfig(target="optimize"), unrelated=[right[0].hop2]) for it in chosen]
+    edits = [
+        E.compute_edit(smol, [it], heads, E.EditConfig(target="optimize"), unrelated=[right[0].hop2]) for it in chosen
+    ]
     reference = M.Reference.build(smol, [it.composed for it in right[::2]], [23], sentences=M.corpus_sentences()[:60])
     cfg = M.RouteConfig(n_prefixes=3)
     modules = M.route_edits(smol, edits, pool, reference, cfg, progress=False)
     held_out = [it for it in right[1::2] if it.subject not in {c.subject for c in chosen}]
-    return {"ps": ps, "gap": gap, "pool": pool, "fails": fails, "chosen": chosen, "edits": edits, "modules": modules,
-            "reference": reference, "cfg": cfg, "held_out": held_out,
-            "others": [it for it in shipped.stratified(3) if it.id not in {p.id for p in pool}]}
+    return {
+        "ps": ps,
+        "gap": gap,
+        "pool": pool,
+        "fails": fails,
+        "chosen": chosen,
+        "edits": edits,
+        "modules": modules,
+        "reference": reference,
+        "cfg": cfg,
+        "held_out": held_out,
+        "others": [it for it in shipped.stratified(3) if it.id not in {p.id for p in pool}],
+    }
 
 
 def _kl(p_logits, q_logits):
@@ -175,8 +200,10 @@ def test_real_shut_gates_give_the_original_logits_and_open_gates_the_plain_edit(
     before = weights_hash(smol)
     prompts = [real["chosen"][0].composed, *[it.composed for it in real["held_out"][:3]], *M.corpus_sentences()[:2]]
     base = last_logits(smol, prompts)
-    force = lambda t: [M.Module(m.edit, {l: dataclasses.replace(r, lo=t, hi=t + 1, tau=t) for l, r in m.routes.items()})  # noqa: E731
-                       for m in real["modules"]]
+    force = lambda t: [
+        M.Module(m.edit, {l: dataclasses.replace(r, lo=t, hi=t + 1, tau=t) for l, r in m.routes.items()})  # noqa: E731
+        for m in real["modules"]
+    ]
     with M.Router(force(2.0)).attached(smol):
         torch.testing.assert_close(last_logits(smol, prompts), base, atol=1e-5, rtol=0)
     with M.Router(force(-2.0)[:1]).attached(smol):
@@ -219,13 +246,24 @@ def test_real_orthogonal_keys_lower_the_dependence_between_modules(smol, real):
     items = real["others"][:8]  # items outside the slice: none of their prompts is among the held-out ones
     cfg = dataclasses.replace(real["cfg"], n_prefixes=1)
     base = E.base_hash(smol)
-    edits = [E.Edit("smollm2-135m", base, {23: [4, 5]}, {23: torch.zeros(smol.cfg.d_model, 128)}, [it.id]) for it in items]
+    edits = [
+        E.Edit("smollm2-135m", base, {23: [4, 5]}, {23: torch.zeros(smol.cfg.d_model, 128)}, [it.id]) for it in items
+    ]
     own = [M.own_z(smol, e, [it], cfg) for e, it in zip(edits, items)]
-    held = [p for it in real["held_out"] for p in (it.composed, *it.paraphrases, it.hop2)] + M.corpus_sentences()[100:130]
+    held = [p for it in real["held_out"] for p in (it.composed, *it.paraphrases, it.hop2)] + M.corpus_sentences()[
+        100:130
+    ]
     got = {}
     for orth in (False, True):
-        mods = M.route_edits(smol, edits, real["pool"], real["reference"], dataclasses.replace(cfg, orthogonal=orth),
-                             own=own, progress=False)
+        mods = M.route_edits(
+            smol,
+            edits,
+            real["pool"],
+            real["reference"],
+            dataclasses.replace(cfg, orthogonal=orth),
+            own=own,
+            progress=False,
+        )
         S, _, _ = M.position_scores(smol, mods, held)
         got[orth] = M.dependence(S)
         keys = torch.stack([m.routes[23].key for m in mods])
@@ -243,11 +281,31 @@ def test_real_cli_stacks_saved_modules_plain_vs_routed(smol, real, tmp_path):
     files = [m.save(tmp_path / "edits" / f"{i}.module.safetensors") for i, m in enumerate(real["modules"])]
     real["ps"].save(tmp_path / "slice.jsonl")
     real["gap"].save(tmp_path / "gap")
-    proc = subprocess.run([sys.executable, "-m", "patchlab.cli", "mechanisms", "--edits", str(files[0]), str(files[1]),
-                           "--prompt-set", str(tmp_path / "slice.jsonl"), "--gap", str(tmp_path / "gap" / "result.json"),
-                           "--stages", "1,all", "--n-test", "4", "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "PATCHLAB_QUIET": "1", "COLUMNS": "200"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "patchlab.cli",
+            "mechanisms",
+            "--edits",
+            str(files[0]),
+            str(files[1]),
+            "--prompt-set",
+            str(tmp_path / "slice.jsonl"),
+            "--gap",
+            str(tmp_path / "gap" / "result.json"),
+            "--stages",
+            "1,all",
+            "--n-test",
+            "4",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "PATCHLAB_QUIET": "1", "COLUMNS": "200"},
+    )
     assert proc.returncode == 0, proc.stderr
     res = M.MechanismsResult.from_json(tmp_path / "out" / "result.json")
     routed, plain = res.curves["routed"], res.curves["plain"]

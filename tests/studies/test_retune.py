@@ -12,26 +12,39 @@ import time
 import pytest
 import torch
 
+from patchlab.cli import main
+from patchlab.core.errors import PatchlabError
+from patchlab.methods.edit import Edit, head_columns, o_proj
+from patchlab.runtime.bridge import model_name
+from patchlab.runtime.identity import base_hash, weights_hash
+from patchlab.runtime.scoring import answer_logprob, answer_token_ids, encode
 from patchlab.studies import retune as R
 from patchlab.studies.carma import CarmaConfig
-from patchlab.cli import main
-from patchlab.methods.edit import Edit, head_columns, o_proj
-from patchlab.runtime.identity import base_hash
-from patchlab.core.errors import PatchlabError
-from patchlab.runtime.bridge import model_name
-from patchlab.runtime.identity import weights_hash
-from patchlab.runtime.scoring import answer_logprob, answer_token_ids, encode
 
-TINY_DATA = [("the capital of france is", "paris"), ("the capital of germany is", "berlin"),
-             ("the capital of spain is", "madrid"), ("the eiffel tower is located in", "france"),
-             ("berlin is the capital of", "germany")]
+TINY_DATA = [
+    ("the capital of france is", "paris"),
+    ("the capital of germany is", "berlin"),
+    ("the capital of spain is", "madrid"),
+    ("the eiffel tower is located in", "france"),
+    ("berlin is the capital of", "germany"),
+]
 
 
 @pytest.mark.parametrize(
     "kwargs, where",
-    [({"lr": -1e-5}, "lr"), ({"lr": float("nan")}, "lr"), ({"lr": float("inf")}, "lr"), ({"lr": 0}, "lr"),
-     ({"steps": 0}, "steps"), ({"steps": 2.5}, "steps"), ({"batch_size": 0}, "batch_size"),
-     ({"clip": -1.0}, "clip"), ({"warmup": -1}, "warmup"), ({"params": "mlp"}, "params"), ({"seed": "1"}, "seed")],
+    [
+        ({"lr": -1e-5}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"lr": float("inf")}, "lr"),
+        ({"lr": 0}, "lr"),
+        ({"steps": 0}, "steps"),
+        ({"steps": 2.5}, "steps"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"clip": -1.0}, "clip"),
+        ({"warmup": -1}, "warmup"),
+        ({"params": "mlp"}, "params"),
+        ({"seed": "1"}, "seed"),
+    ],
 )
 def test_config_errors_name_the_option(kwargs, where):
     with pytest.raises(PatchlabError) as exc:
@@ -71,15 +84,16 @@ def test_collate_targets_are_the_answer_tokens(tiny):
         n = len(e.ids)
         assert mask[b].sum() == n and tokens[b, :n].tolist() == list(e.ids)
         answer = [t for t in targets[b].tolist() if t != R.IGNORE]
-        assert answer == list(e.ids[e.start:]) and targets[b, e.start - 1] == e.ids[e.start]
+        assert answer == list(e.ids[e.start :]) and targets[b, e.start - 1] == e.ids[e.start]
 
 
 @pytest.mark.real
 def test_word_ids_follow_the_real_tokenizer(smol):
     e = R.encode_example(smol, "The capital of the country where the Eiffel Tower is located is", "Paris")
     pieces = [smol.tokenizer.decode([t]) for t in e.ids]
-    assert list(e.ids) == encode(smol, "The capital of the country where the Eiffel Tower is located is") + \
-        answer_token_ids(smol, "Paris")
+    assert list(e.ids) == encode(
+        smol, "The capital of the country where the Eiffel Tower is located is"
+    ) + answer_token_ids(smol, "Paris")
     i = pieces.index(" E")
     assert pieces[i + 1] == "iffel" and e.words[i] == e.words[i + 1] >= 0  # one word, two tokens
     assert sum(w >= 0 for w in e.words) == 2  # every other word is a single token here
@@ -92,8 +106,15 @@ def _trained(model) -> dict[str, torch.Tensor]:
 def test_resume_in_process_is_bit_identical_and_refuses_another_run(tiny_dir, tmp_path):
     from patchlab.runtime.models import load_model
 
-    kw = dict(carma=CarmaConfig(n_negatives=2), lr=1e-2, batch_size=3, warmup=2, weight_decay=0.01,
-              checkpoint_every=2, progress=False)
+    kw = dict(
+        carma=CarmaConfig(n_negatives=2),
+        lr=1e-2,
+        batch_size=3,
+        warmup=2,
+        weight_decay=0.01,
+        checkpoint_every=2,
+        progress=False,
+    )
     full = load_model(str(tiny_dir))
     R.retune(full, TINY_DATA, steps=6, checkpoint_dir=tmp_path / "a", **kw)
     part = load_model(str(tiny_dir))
@@ -120,13 +141,16 @@ def test_resume_in_process_is_bit_identical_and_refuses_another_run(tiny_dir, tm
 def test_the_regulariser_alone_trains_through_the_hooks(tiny):
     with R.restoring(tiny):
         before = _trained(tiny)
-        res = R.retune(tiny, TINY_DATA, carma=CarmaConfig(lam=1.0, eta=1.0), steps=2, lr=1e-2, batch_size=5,
-                       progress=False)
+        res = R.retune(
+            tiny, TINY_DATA, carma=CarmaConfig(lam=1.0, eta=1.0), steps=2, lr=1e-2, batch_size=5, progress=False
+        )
         assert res.history[0]["total"] == pytest.approx(res.history[0]["stab"])  # lam = 1: L_stab only (no words)
         after = _trained(tiny)
         assert all(res.history[i]["grad_norm"] > 0 for i in range(2))
         # L_stab reads the residual stream: the blocks move, the unembedding (after the last hook) cannot
-        assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"])
+        assert not torch.equal(
+            before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"]
+        )
         assert torch.equal(before["lm_head.weight"], after["lm_head.weight"])
     assert all(torch.equal(p, before[n]) for n, p in _trained(tiny).items())
 
@@ -158,8 +182,16 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tiny_dir, 
                 lm_head[0, 0] = float("nan")
 
     with pytest.raises(PatchlabError) as exc:
-        R.retune(model, TINY_DATA, steps=5, batch_size=2, checkpoint_dir=tmp_path, checkpoint_every=2,
-                 progress=False, on_step=poison)
+        R.retune(
+            model,
+            TINY_DATA,
+            steps=5,
+            batch_size=2,
+            checkpoint_dir=tmp_path,
+            checkpoint_every=2,
+            progress=False,
+            on_step=poison,
+        )
     msg = str(exc.value)
     assert msg.startswith("retune: non-finite loss at step 3") and "step-000002" in msg
     ck = R.load_checkpoint(tmp_path / "step-000002")
@@ -190,8 +222,11 @@ def test_sigkill_mid_run_then_resume_gives_bit_identical_weights(tiny_dir, tmp_p
     env = {**os.environ, "PATCHLAB_QUIET": "1"}
 
     def child(ck: str, out: str, delay: float) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, str(script), str(tiny_dir), str(tmp_path / ck), str(tmp_path / out),
-                                 str(delay)], env=env, stderr=subprocess.PIPE)
+        return subprocess.Popen(
+            [sys.executable, str(script), str(tiny_dir), str(tmp_path / ck), str(tmp_path / out), str(delay)],
+            env=env,
+            stderr=subprocess.PIPE,
+        )
 
     killed, straight = child("ck-killed", "killed.safetensors", 0.4), child("ck-straight", "straight.safetensors", 0.0)
     deadline = time.monotonic() + 240
@@ -216,12 +251,14 @@ def test_sigkill_mid_run_then_resume_gives_bit_identical_weights(tiny_dir, tmp_p
 
 # --- the real model ------------------------------------------------------------------------------------
 
-IDM = [("A large grey animal with a trunk is called an", "elephant"),
-       ("A young dog is called a", "puppy"),
-       ("A tool with a heavy head used to drive in nails is called a", "hammer"),
-       ("A building where books are kept for people to borrow is called a", "library"),
-       ("An insect with large colourful wings is called a", "butterfly"),
-       ("A person who looks after people's teeth is called a", "dentist")]
+IDM = [
+    ("A large grey animal with a trunk is called an", "elephant"),
+    ("A young dog is called a", "puppy"),
+    ("A tool with a heavy head used to drive in nails is called a", "hammer"),
+    ("A building where books are kept for people to borrow is called a", "library"),
+    ("An insect with large colourful wings is called a", "butterfly"),
+    ("A person who looks after people's teeth is called a", "dentist"),
+]
 
 
 @pytest.mark.real
@@ -247,8 +284,15 @@ def test_edit_heads_trains_only_those_columns_and_resumes_exactly(smol, tmp_path
     def edit() -> Edit:
         return Edit(model_name(smol), base, {20: [3, 5]}, {20: delta.clone()}, [])
 
-    kw = dict(carma=CarmaConfig(), params="edit-heads", lr=1e-3, batch_size=3, weight_decay=0.1, checkpoint_every=2,
-              progress=False)
+    kw = dict(
+        carma=CarmaConfig(),
+        params="edit-heads",
+        lr=1e-3,
+        batch_size=3,
+        weight_decay=0.1,
+        checkpoint_every=2,
+        progress=False,
+    )
     w = o_proj(smol, 20).weight
     with R.restoring(smol):
         e = edit()
@@ -278,9 +322,17 @@ def test_edit_heads_trains_only_those_columns_and_resumes_exactly(smol, tmp_path
 
 @pytest.mark.parametrize(
     "args, where",
-    [(["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"), (["--lambda", "1.5"], "--lambda"),
-     (["--lambda", "-0.1"], "--lambda"), (["--steps", "0"], "--steps"), (["--params", "mlp"], "--params"),
-     (["--params", "edit-heads"], "--params"), (["--task", "qa"], "--task"), (["--eta", "inf"], "--eta")],
+    [
+        (["--lr", "-1"], "--lr"),
+        (["--lr", "nan"], "--lr"),
+        (["--lambda", "1.5"], "--lambda"),
+        (["--lambda", "-0.1"], "--lambda"),
+        (["--steps", "0"], "--steps"),
+        (["--params", "mlp"], "--params"),
+        (["--params", "edit-heads"], "--params"),
+        (["--task", "qa"], "--task"),
+        (["--eta", "inf"], "--eta"),
+    ],
 )
 def test_cli_bad_options_exit_2_with_one_line(args, where, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
@@ -294,13 +346,35 @@ def test_cli_bad_options_exit_2_with_one_line(args, where, capsys, tmp_path):
 @pytest.mark.real
 def test_cli_retune_around_an_edit(smol, shipped, tmp_path):
     item = shipped[0]
-    e = Edit(model_name(smol), base_hash(smol), {23: [4]}, {23: torch.randn(smol.cfg.d_model, smol.cfg.d_head) * 1e-3},
-             [item.id])
+    e = Edit(
+        model_name(smol),
+        base_hash(smol),
+        {23: [4]},
+        {23: torch.randn(smol.cfg.d_model, smol.cfg.d_head) * 1e-3},
+        [item.id],
+    )
     e.save(tmp_path / "x.edit")
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exc:
-        main(["retune", "--edit", str(tmp_path / "x.edit"), "--params", "edit-heads", "--steps", "2", "--eval-items", "6",
-              "--batch-size", "4", "--checkpoint-every", "1", "--out", str(out)])
+        main(
+            [
+                "retune",
+                "--edit",
+                str(tmp_path / "x.edit"),
+                "--params",
+                "edit-heads",
+                "--steps",
+                "2",
+                "--eval-items",
+                "6",
+                "--batch-size",
+                "4",
+                "--checkpoint-every",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
     assert exc.value.code in (0, None)
     res = json.loads((out / "result.json").read_text())
     assert res["type"] == "retune" and len(res["history"]) == 2 and res["carma"]["lam"] == 0.3

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from patchlab.studies import tasks as T
 from patchlab.core.errors import PatchlabError
+from patchlab.studies import tasks as T
 
 
 def test_idm_ships_300_single_token_pairs_with_agreeing_articles(smol):
@@ -84,8 +84,12 @@ def test_shipped_lexicon_covers_the_prompts():
 
 @pytest.mark.parametrize(
     "text, needle",
-    [("big\n", ":1: expected"), ("Big\tlarge\n", ":1: expected"), ("big\tlarge\nbig\thuge\n", ":2: word 'big' listed twice"),
-     ("big\tlarge|\n", ":1: expected")],
+    [
+        ("big\n", ":1: expected"),
+        ("Big\tlarge\n", ":1: expected"),
+        ("big\tlarge\nbig\thuge\n", ":2: word 'big' listed twice"),
+        ("big\tlarge|\n", ":1: expected"),
+    ],
 )
 def test_lexicon_errors_name_the_line(tmp_path, text, needle):
     path = tmp_path / "syn.tsv"

@@ -94,7 +94,7 @@ def main() -> None:
     print(f"{len(fails)} failures (both hops right, composed wrong) of {len(pool)} items")
     start = time.perf_counter()
     loc = locate(model, fails[:10], setup="guide", method="both", progress=False)
-    heads = [Head(*map(int, h.split("."))) for h in loc.heads(2)]
+    heads = loc.heads(2)
     print(f"located heads {[str(h) for h in heads]} in {time.perf_counter() - start:.0f} s")
     print("\n| method | correction | paraphrase | generalization | irrelevance kept | facts kept | s/edit |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -49,12 +49,8 @@ def main() -> None:
         if [e.item_ids[0] for e in edits] != [it.id for it in fails[: len(edits)]] or len(edits) != len(fails):
             raise SystemExit(f"{args.edits} does not hold one edit per failure, in order")
     else:
-        edits = [
-            e
-            for _, e, _ in E.edit_each(
-                model, fails, HEADS, E.EditConfig(target="optimize"), unrelated=unrelated, progress=False
-            )
-        ]
+        made = E.edit_each(model, fails, HEADS, E.EditConfig(target="optimize"), unrelated=unrelated, progress=False)
+        edits = [c.edit for c in made]
     print(
         f"{len(edits)} edits ({'loaded' if args.edits else 'computed'}) in {time.perf_counter() - t:.0f} s", flush=True
     )

@@ -6,13 +6,7 @@ python examples/locate_then_edit.py [--prompt-set examples/twohop.jsonl] [--edit
 import argparse
 from pathlib import Path
 
-from patchlab.core.prompts import PromptSet
-from patchlab.core.spec import parse_heads
-from patchlab.methods.edit import EditConfig, edit_each
-from patchlab.methods.editeval import evaluate_edits, kl_prompts
-from patchlab.methods.gap import evaluate_gap
-from patchlab.methods.locate import locate
-from patchlab.runtime.models import load_model
+from patchlab import EditConfig, PromptSet, edit_each, evaluate_edits, evaluate_gap, kl_prompts, load_model, locate
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--prompt-set", default=None, help="JSONL (default: the shipped set, 3 items per kind)")
@@ -28,8 +22,8 @@ if not failures:
     raise SystemExit("nothing to edit: every composition with both hops right is already correct")
 
 located = locate(model, failures[:6], setup="guide", method="both", verify=10)  # 2. which heads carry it?
-heads = parse_heads(",".join(located.heads(2)), model.cfg.n_layers, model.cfg.n_heads)
-print("located heads:", ", ".join(map(str, heads)))
+heads = located.heads(2)  # a HeadSet
+print("located heads:", heads)
 
 unrelated, exclude = kl_prompts(list(prompts), gap)  # 3. edit them, one failure at a time
 edits = edit_each(model, failures[: args.edits], heads, EditConfig(target="optimize"), unrelated=unrelated)
@@ -38,5 +32,5 @@ for name, s in report.summary.items():
     if s["n"]:
         print(f"{name:15s} before {s['before']:.2f}  after {s['after']:.2f}  (n={s['n']})")
 out = Path("locate-then-edit")
-edits[0][1].save(out / "first.edit")  # 4. keep an edit (safetensors)
+edits[0].edit.save(out / "first.edit")  # 4. keep an edit (safetensors)
 print("wrote", report.save(out)["result.json"])

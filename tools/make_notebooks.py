@@ -121,10 +121,10 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
         ("code", SETUP),
         (
             "code",
-            "from patchlab.methods.gap import evaluate_gap\nfrom patchlab.methods.locate import locate\nfrom patchlab.core.spec import parse_heads\n\n"
+            "from patchlab.methods.gap import evaluate_gap\nfrom patchlab.methods.locate import locate\n"
             "gap = evaluate_gap(model, prompts, progress=False)\nfailures = gap.failed_items(prompts)\n"
             "screen = locate(model, failures[:4], setup='guide', method='attribution', progress=False)\n"
-            "heads = parse_heads(','.join(screen.heads(2)), model.cfg.n_layers, model.cfg.n_heads)\nheads",
+            "heads = screen.heads(2)\nheads",
         ),
         (
             "code",
@@ -137,7 +137,7 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
         ("md", "Apply one edit, look at the answer, and revert: the weights are bit-identical again."),
         (
             "code",
-            "import torch\nfrom patchlab.runtime.scoring import greedy_continuations\n\n(item,), edit, _ = edits[0]\n"
+            "import torch\nfrom patchlab.runtime.scoring import greedy_continuations\n\n(item,), edit = edits[0].items, edits[0].edit\n"
             "before = {k: v.clone() for k, v in model.original_model.state_dict().items()}\n"
             "print('before:', greedy_continuations(model, [item.composed])[0])\nwith edit.applied(model):\n"
             "    print('edited:', greedy_continuations(model, [item.composed])[0], '| answer:', item.answer)\n"

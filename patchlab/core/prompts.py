@@ -70,12 +70,12 @@ class TwoHopItem:
                 continue
             if key in OPTIONAL_STR and obj[key] == "":
                 continue  # `save` writes "kind": "" for an item without a kind; read it back as absent
-            kwargs[key] = _check_str(obj[key], where, key)
+            kwargs[key] = check_str(obj[key], where, key)
         for key in OPTIONAL_LIST:
             value = obj.get(key, [])
             if not isinstance(value, list):
                 raise PatchlabError(f"field '{key}' must be a list of strings", where=where)
-            kwargs[key] = tuple(_check_str(v, where, f"{key}[{i}]") for i, v in enumerate(value))
+            kwargs[key] = tuple(check_str(v, where, f"{key}[{i}]") for i, v in enumerate(value))
         known = set(REQUIRED + OPTIONAL_STR + OPTIONAL_LIST)
         kwargs["extra"] = {k: v for k, v in obj.items() if k not in known}
         for k, v in kwargs["extra"].items():
@@ -89,7 +89,7 @@ class TwoHopItem:
         return cls(**kwargs)
 
 
-def _check_str(value: Any, where: str, key: str) -> str:
+def check_str(value: Any, where: str, key: str) -> str:
     if not isinstance(value, str):
         raise PatchlabError(f"field '{key}' must be a string, got {type(value).__name__}", where=where)
     if not value.strip():
@@ -101,7 +101,7 @@ def _check_str(value: Any, where: str, key: str) -> str:
     return value
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
+def jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
     """Yield (1-based line number, text) of the non-blank lines of a UTF-8 JSONL file."""
     try:
         data = path.read_bytes()
@@ -154,7 +154,7 @@ class PromptSet:
         path = Path(path)
         items: list[TwoHopItem] = []
         seen: dict[str, int] = {}
-        for number, text in _lines(path):
+        for number, text in jsonl_lines(path):
             where = f"{path}:{number}"
             try:
                 obj = json.loads(text)

@@ -213,7 +213,7 @@ def solve_delta(
 class EditConfig:
     """How an edit is computed."""
 
-    target: str = "guide"  # guide | optimize
+    target: str = "optimize"  # optimize (ROME-style v*, the default here and in the CLI) | guide (CREME's v*)
     covariance: bool = True  # ROME's C over the heads' z (else C = I, CREME's code)
     cov_ridge: float = 0.01  # C + ridge·mean(diag C)·I
     n_prefixes: int = 20

@@ -27,7 +27,7 @@ import torch
 from patchlab.core.errors import PatchlabError
 from patchlab.core.progress import track
 from patchlab.core.prompts import TwoHopItem
-from patchlab.methods.edit import Edit
+from patchlab.methods.edit import ComputedEdit, Edit
 from patchlab.results.base import Result
 from patchlab.runtime.bridge import model_name
 from patchlab.runtime.identity import provenance
@@ -89,7 +89,7 @@ def measure_before(model, queries: Sequence[Query], cache: dict[Query, dict[str,
     return [cache[q] for q in queries]
 
 
-def _summarise(before: list[dict], after: list[dict]) -> dict[str, Any]:
+def summarise(before: list[dict], after: list[dict]) -> dict[str, Any]:
     if not before:
         return {"n": 0, "before": None, "after": None, "C": None, "beats_wrong": None}
     rel = [(a["p"] - b["p"]) / max(b["p"], 1e-12) for b, a in zip(before, after)]
@@ -160,14 +160,16 @@ def evaluate_edits(
     held_out: Sequence[TwoHopItem] = (),
     exclude: set[str] = frozenset(),
 ) -> EditReport:
-    """Measure every (items, edit, seconds) before and after; a batch edit may also be scored on held-out items."""
+    """Measure every `ComputedEdit` (items, edit, seconds) before and after; a batch edit may also be scored on
+    held-out items."""
     right_composed = {r["id"] for r in gap.items if r["composed"]}
     right_hop2 = {r["id"] for r in gap.items if r["hop2"]}
     rows, seen = [], {}
-    for items, edit, seconds in track(list(edits), "evaluating edits" if progress else None):
+    edits = [c if isinstance(c, ComputedEdit) else ComputedEdit(*c) for c in edits]
+    for items, edit, seconds in track(edits, "evaluating edits" if progress else None):
         rows += edit_rows(model, edit, items, pool, right_composed, right_hop2, n_irrelevant, exclude, seen, seconds)
     if held_out:
-        edit = edits[0][1]
+        edit = edits[0].edit
         queries = [Query(it.composed, it.answers) for it in held_out]
         before = measure(model, queries)
         with edit.applied(model, verify_hash=False):
@@ -178,11 +180,11 @@ def evaluate_edits(
                     "id": it.id,
                     "edited": False,
                     "seconds": 0.0,
-                    "sets": {**{s: _summarise([], []) for s in SETS}, "held_out": _summarise([b], [a])},
+                    "sets": {**{s: summarise([], []) for s in SETS}, "held_out": summarise([b], [a])},
                 }
             )
-    meta = provenance(model, seed=0, n_irrelevant=n_irrelevant, method=edits[0][1].method, metric=METRIC)
-    return report_from_rows(rows, model_name(model), edits[0][1], float(np.mean([s for _, _, s in edits])), meta)
+    meta = provenance(model, seed=0, n_irrelevant=n_irrelevant, method=edits[0].edit.method, metric=METRIC)
+    return report_from_rows(rows, model_name(model), edits[0].edit, float(np.mean([c.seconds for c in edits])), meta)
 
 
 METRIC = "greedy 6 tokens"
@@ -212,7 +214,7 @@ def edit_rows(
         i, per = 0, {}
         for name in SETS:
             n = len(sets[name])
-            per[name] = _summarise(before[i : i + n], after[i : i + n])
+            per[name] = summarise(before[i : i + n], after[i : i + n])
             i += n
         rows.append(
             {

@@ -358,7 +358,7 @@ class LocateResult(Result):
         return locate_figure(self)
 
 
-def _units(site: str, n_heads: int) -> list:
+def site_units(site: str, n_heads: int) -> list:
     return list(range(n_heads)) if site == "z" else [None]
 
 
@@ -403,7 +403,7 @@ def locate_pairs(
         rows,
         model_name(model),
         model.cfg.n_layers,
-        _units(site, model.cfg.n_heads),
+        site_units(site, model.cfg.n_heads),
         pairs[0].setup,
         method,
         site,
@@ -444,7 +444,7 @@ def check_pairs(pairs: Sequence[PatchPair], positions: str, allow_empty: bool = 
 def screen_rows(model, pairs: Sequence[PatchPair], site: str, positions: str, progress: bool = True) -> list[dict]:
     """Attribution rows, one per pair: the normalised estimate as `effect`, the raw one as `attribution`
     (the screen's input; None when the pair is flagged). Each pair is cached, estimated and dropped in turn."""
-    n_layers, units = model.cfg.n_layers, _units(site, model.cfg.n_heads)
+    n_layers, units = model.cfg.n_layers, site_units(site, model.cfg.n_heads)
     rows = []
     for p, clean, _, c, k, reason in _pair_runs(model, pairs, site, "attribution" if progress else None):
         if reason:
@@ -484,7 +484,7 @@ def screened_heads(att_mean: np.ndarray | None, n: int, n_heads: int, site: str)
     """The `n` units with the largest |mean attribution|, as {layer: [unit, ...]} (empty: nothing screened)."""
     if att_mean is None:
         return {}
-    units = _units(site, n_heads)
+    units = site_units(site, n_heads)
     heads: dict[int, list] = {}
     for flat in np.argsort(-np.abs(np.nan_to_num(att_mean)).ravel())[:n]:
         l, u = divmod(int(flat), len(units))
@@ -496,7 +496,7 @@ def verify_rows(
     model, pairs: Sequence[PatchPair], site: str, positions: str, heads: dict[int, list] | None, progress: bool = True
 ) -> list[dict]:
     """Exact patching rows, one per pair, of every unit or only of `heads` ({layer: [unit]})."""
-    n_layers, units = model.cfg.n_layers, _units(site, model.cfg.n_heads)
+    n_layers, units = model.cfg.n_layers, site_units(site, model.cfg.n_heads)
     rows = []
     for p, clean, corrupted, c, k, reason in _pair_runs(model, pairs, site, "patching" if progress else None):
         if reason or heads == {}:

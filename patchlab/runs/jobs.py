@@ -377,12 +377,12 @@ def locate(
     same aggregation as `patchlab.locate.locate_pairs`."""
     from patchlab.methods.locate import (
         METRIC,
-        _units,
         aggregate,
         attribution_mean,
         check_options,
         check_pairs,
         screened_heads,
+        site_units,
     )
 
     check_options(method, site, top_k)
@@ -411,7 +411,7 @@ def locate(
         rows,
         run.identity["model"],
         run.identity["n_layers"],
-        _units(site, run.identity["n_heads"]),
+        site_units(site, run.identity["n_heads"]),
         setup,
         method,
         site,

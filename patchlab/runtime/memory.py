@@ -155,9 +155,9 @@ def _meta_model(config_dir: Path, dtype: torch.dtype):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from patchlab.runtime.models import _quiet_transformers
+    from patchlab.runtime.models import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     config = AutoConfig.from_pretrained(config_dir)
     with init_empty_weights():
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -178,11 +178,11 @@ def _tokenizer_bytes(folder: Path | None, vocab: int) -> int:
 
 def read_shape(name: str, dtype: torch.dtype = torch.float32) -> ModelShape | None:
     """The shape of an offline key (cached), a folder, or a hub name in the local HF cache; None if not on disk."""
-    from patchlab.runtime.models import _hub_file, model_folder
+    from patchlab.runtime.models import hub_file, model_folder
 
     folder = model_folder(name, build=False)
     if folder is None:
-        config_path = _hub_file(name, "config.json")
+        config_path = hub_file(name, "config.json")
         folder = Path(config_path).parent if config_path else None
     if folder is None or not (folder / "config.json").is_file():
         return None
@@ -509,12 +509,12 @@ def estimate(
 ) -> Estimate | None:
     """The memory `work` needs on `name` loaded in `dtype` with this placement; None (with nothing loaded)
     where neither the weights nor the config are on disk yet."""
-    from patchlab.runtime.models import _hub_file, model_folder
+    from patchlab.runtime.models import hub_file, model_folder
 
     shape = read_shape(name, dtype)
     if shape is None:
         return None
-    folder = model_folder(name, build=False) or Path(str(_hub_file(name, "config.json"))).parent
+    folder = model_folder(name, build=False) or Path(str(hub_file(name, "config.json"))).parent
     if device is None and device_map is None and model_folder(name, build=False) is None and torch.cuda.is_available():
         device = "cuda"  # a hub model goes where TransformerLens puts it
     weights = place_weights(shape, dtype, device, device_map, max_memory, folder)

@@ -163,7 +163,7 @@ def _tokenizer_adds_bos(tokenizer) -> bool:
     return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """Silence transformers' per-load progress bars and advisory warnings (patchlab shows its own)."""
     import transformers
 
@@ -179,7 +179,7 @@ def _boot(name: str, folder: Path | None, device: str | None, dtype: torch.dtype
 
     from patchlab.runtime.placement import refuse_offloaded
 
-    _quiet_transformers()
+    quiet_transformers()
 
     if folder is None:
         place = {"device_map": device_map, "max_memory": max_memory} if device_map is not None else {}
@@ -210,7 +210,7 @@ def model_config(name: str) -> dict | None:
     """The Hugging Face config.json of `name` without loading weights (an offline key's cache, a folder, or the
     Hugging Face cache of a hub name); None where it is not on disk yet."""
     folder = model_folder(name, build=False)
-    path = folder / "config.json" if folder is not None else _hub_file(name, "config.json")
+    path = folder / "config.json" if folder is not None else hub_file(name, "config.json")
     try:
         data = json.loads(Path(path).read_text()) if path is not None else None
     except (OSError, ValueError):
@@ -237,7 +237,7 @@ def model_folder(name: str, build: bool = True) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def _hub_file(name: str, filename: str) -> str | None:
+def hub_file(name: str, filename: str) -> str | None:
     """A file of a hub model from the local Hugging Face cache (never the network), or None."""
     from huggingface_hub import try_to_load_from_cache
 
@@ -290,7 +290,7 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _hub_cached(name: str) -> bool:
-    return _hub_file(name, "config.json") is not None  # an invalid hub id is simply not cached
+    return hub_file(name, "config.json") is not None  # an invalid hub id is simply not cached
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from patchlab.core.errors import PatchlabError
 from patchlab.core.progress import track
-from patchlab.core.prompts import _check_str, _lines
+from patchlab.core.prompts import check_str, jsonl_lines
 from patchlab.methods.lens import capture_resid
 from patchlab.results.base import Result
 from patchlab.runtime.bridge import hf_module
@@ -87,7 +87,7 @@ def load_probes(task: str, path: str | Path | None = None) -> list[dict[str, Any
     check_tasks([task], "task")
     path = Path(path) if path is not None else probe_path(task)
     items, seen = [], {}
-    for number, text in _lines(path):
+    for number, text in jsonl_lines(path):
         where = f"{path}:{number}"
         try:
             obj = json.loads(text)
@@ -98,7 +98,7 @@ def load_probes(task: str, path: str | Path | None = None) -> list[dict[str, Any
         for key in FIELDS[task]:
             if key not in obj:
                 raise PatchlabError(f"missing required field '{key}'", where=where)
-            _check_str(obj[key], where, key)
+            check_str(obj[key], where, key)
         if "label" in FIELDS[task] and obj["label"] not in LABELS:
             raise PatchlabError(f"field 'label' must be 'yes' or 'no', got {obj['label']!r}", where=where)
         split = obj.setdefault("split", "test")

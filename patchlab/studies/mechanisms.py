@@ -819,17 +819,17 @@ def _measure_sets(model, sets: dict[str, list], n: int, measure) -> dict[str, li
 
 
 def _stage(curve: dict[str, list], before: dict[str, list], after: dict[str, list], done: int, n: int) -> None:
-    from patchlab.methods.editeval import _summarise
+    from patchlab.methods.editeval import summarise
 
     def pick(name: str, lo: int, hi: int) -> tuple[list, list]:
         return [r for rows in before[name][lo:hi] for r in rows], [r for rows in after[name][lo:hi] for r in rows]
 
-    curve["correction"].append(_summarise(*pick("composed", done, n)))
-    curve["retention"].append(_summarise(*pick("composed", 0, done)))
-    curve["edited"].append(_summarise(*pick("composed", 0, n)))
-    curve["paraphrase"].append(_summarise(*pick("paraphrase", 0, n)))
+    curve["correction"].append(summarise(*pick("composed", done, n)))
+    curve["retention"].append(summarise(*pick("composed", 0, done)))
+    curve["edited"].append(summarise(*pick("composed", 0, n)))
+    curve["paraphrase"].append(summarise(*pick("paraphrase", 0, n)))
     for k in FIXED:
-        curve[k].append(_summarise(before[k], after[k]))
+        curve[k].append(summarise(before[k], after[k]))
 
 
 # --- cost of routing -------------------------------------------------------------------------------------

@@ -17,11 +17,11 @@ from patchlab.core.io import atomic_dir
 from patchlab.core.prompts import PromptSet, TwoHopItem
 from patchlab.core.spec import HeadSet, parse_layers
 from patchlab.results.base import Result
-from patchlab.workflows.setup import ModelSpec, Notify, Scale, _quiet, file_sha256, gap_for, saved_gap, workload
+from patchlab.workflows.setup import ModelSpec, Notify, Scale, file_sha256, gap_for, saved_gap, silent, workload
 
 
 def evaluate(
-    spec: ModelSpec, ps: PromptSet, out: Path, scale: Scale = Scale(), batch_size: int = 32, notify: Notify = _quiet
+    spec: ModelSpec, ps: PromptSet, out: Path, scale: Scale = Scale(), batch_size: int = 32, notify: Notify = silent
 ):
     """The compositionality gap of `ps` (sharded when `scale` asks for it)."""
     from patchlab.methods.gap import evaluate_gap
@@ -60,7 +60,7 @@ def lens(
     controls: int = 3,
     orthogonal: bool = False,
     top_k: int = 5,
-    notify: Notify = _quiet,
+    notify: Notify = silent,
 ) -> LensRun:
     """The logit lens of a prompt set (correct vs failed), or of one `prompt`; then the bridge intervention."""
     from patchlab.methods import lens as L
@@ -110,7 +110,7 @@ def locate(
     max_items: int = 40,
     ids: Sequence[str] | None = None,
     gap: Path | None = None,
-    notify: Notify = _quiet,
+    notify: Notify = silent,
 ):
     """Locate the heads behind the failures (guide) or the correct answers (template) of `ps`."""
     from patchlab.methods.locate import check_options
@@ -197,7 +197,7 @@ def edit(
     max_items: int = 100,
     gap: Path | None = None,
     routed: bool = False,
-    notify: Notify = _quiet,
+    notify: Notify = silent,
 ) -> EditRun:
     """Edit the chosen failures (by id, or every failure with both hops right) on the chosen heads, then measure."""
     from patchlab.methods.edit import EditConfig, check_editable, edit_each
@@ -240,7 +240,7 @@ def apply(
     out: Path,
     scale: Scale = Scale(),
     gap: Path | None = None,
-    notify: Notify = _quiet,
+    notify: Notify = silent,
 ):
     """A saved edit measured on the items it was made for (refused on other weights)."""
     from patchlab.methods.edit import ComputedEdit, Edit

@@ -21,7 +21,6 @@ def run_demo(
     on_result: Callable[[str, Result], None] = lambda name, r: None,
 ) -> Path:
     """Evaluate, probe, locate and edit on `ps`, save every result under `out`, and return the HTML report's path."""
-    from patchlab.core.spec import parse_heads
     from patchlab.methods import lens as L
     from patchlab.methods.edit import EditConfig, edit_each
     from patchlab.methods.editeval import evaluate_edits, kl_prompts
@@ -52,7 +51,7 @@ def run_demo(
     loc = locate(model, fails[: 6 if quick else 12], setup="guide", method="both", verify=20)
     timings["locate"] = time.perf_counter() - start
     step("locate", loc, "locate")
-    heads = parse_heads(",".join(loc.heads(2)), model.cfg.n_layers, model.cfg.n_heads)
+    heads = loc.heads(2)
     start = time.perf_counter()
     unrelated, exclude = kl_prompts(list(ps), gap)
     edits = edit_each(model, fails[: 4 if quick else 20], heads, EditConfig(target="optimize"), unrelated=unrelated)

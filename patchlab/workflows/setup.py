@@ -16,7 +16,7 @@ from patchlab.runtime.models import DEFAULT_MODEL, model_type, parse_dtype
 Notify = Callable[[str], None]
 
 
-def _quiet(_: str) -> None:
+def silent(_: str) -> None:
     return None
 
 
@@ -38,7 +38,7 @@ class ModelSpec:
     device_map: str | None = None
     max_memory: str | None = None
 
-    def placement(self, work=None, notify: Notify = _quiet) -> placement.Placement:
+    def placement(self, work=None, notify: Notify = silent) -> placement.Placement:
         """The parsed placement, the dtype checked for this model and, given a workload, the memory estimate
         reported through `notify` (refused, with the arithmetic, when it cannot fit)."""
         from patchlab.runtime.memory import estimate
@@ -56,7 +56,7 @@ class ModelSpec:
                 est.refuse()
         return place
 
-    def load(self, work=None, notify: Notify = _quiet):
+    def load(self, work=None, notify: Notify = silent):
         """Check, estimate, then load the model as a TransformerBridge."""
         place = self.placement(work, notify)
         start = time.perf_counter()
@@ -64,7 +64,7 @@ class ModelSpec:
         notify(f"loaded {self.name} in {time.perf_counter() - start:.1f} s")
         return model
 
-    def worker_load(self, work=None, notify: Notify = _quiet):
+    def worker_load(self, work=None, notify: Notify = silent):
         """How each worker of a sharded run loads the model (checked and estimated per worker first)."""
         from patchlab.runs.backends import Load
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from patchlab.core.errors import PatchlabError
 from patchlab.core.prompts import PromptSet
 from patchlab.core.spec import parse_layers
-from patchlab.workflows.setup import ModelSpec, Notify, Scale, _quiet, file_sha256, gap_for, workload
+from patchlab.workflows.setup import ModelSpec, Notify, Scale, file_sha256, gap_for, silent, workload
 
 
 def edit_queries(edit_file: Path, ps: PromptSet):
@@ -61,7 +61,7 @@ def retune(
     eval_items: int = 150,
     prompt_set: str | None = None,
     out: Path = Path("."),
-    notify: Notify = _quiet,
+    notify: Notify = silent,
 ):
     """Fine-tune on a task (plain or CARMA), around an edit if given; evaluate before and after, and how much
     of the edit's correction survives."""
@@ -133,7 +133,7 @@ def mechanisms(
     orthogonal: bool = True,
     key_heads: str = "layer",
     n_test: int = 60,
-    notify: Notify = _quiet,
+    notify: Notify = silent,
 ):
     """Stack saved edits stage by stage, summed into W_O vs routed modules."""
     from patchlab.studies import mechanisms as M
@@ -170,7 +170,7 @@ def emergence(
     gap: Path | None = None,
     cache_dir: Path | None = None,
     scale: Scale = Scale(),
-    notify: Notify = _quiet,
+    notify: Notify = silent,
 ):
     """Information emergence: natural vs shuffled text, in-context demonstrations, or two-hop right vs wrong;
     hidden states captured by a sharded run's workers when `scale` asks for one."""
@@ -232,7 +232,7 @@ def compare(
     shots: int = 2,
     batch_size: int = 8,
     spec: ModelSpec = ModelSpec(),
-    notify: Notify = _quiet,
+    notify: Notify = silent,
 ):
     """Compositionality probes and the two-hop gap, per model (each loaded, probed and freed in turn)."""
     from patchlab.runtime.models import parse_dtype

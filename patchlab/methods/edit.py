@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -35,7 +35,7 @@ from patchlab.runtime import sites
 from patchlab.runtime.bridge import model_name
 from patchlab.runtime.identity import applied_edits, base_hash, weights_hash
 from patchlab.runtime.models import cache_root
-from patchlab.runtime.scoring import answer_token_id, encode, length_batches, pad_id, pad_right
+from patchlab.runtime.scoring import answer_token_id, answer_token_ids, encode, length_batches, pad_id, pad_right
 from patchlab.runtime.trace import frozen, run_from_layer, trace
 
 FORMAT = "patchlab-edit/1"
@@ -224,6 +224,9 @@ class EditConfig:
     kl_weight: float = 1.0
     norm_weight: float = 0.05
     target_prob: float = 0.9
+    phrasings: int = 0  # also key (and optimise) on the first N of each item's own paraphrases, solved jointly
+    whole_answer: bool = False  # optimise log p of every answer token (teacher-forced), not the first only
+    null_space: float = 0.0  # > 0: project the update off the directions the preserved prompts' z use (AlphaEdit)
 
     def __post_init__(self) -> None:
         if self.target not in ("guide", "optimize"):
@@ -234,7 +237,9 @@ class EditConfig:
                 raise PatchlabError(f"{name} must be a finite number >= 0, got {v}")
         if not (isinstance(self.target_prob, (int, float)) and 0 < self.target_prob <= 1):
             raise PatchlabError(f"target_prob must be in (0, 1], got {self.target_prob}")
-        for name, least in (("opt_steps", 1), ("n_prefixes", 0), ("opt_prefixes", 0)):
+        if not (isinstance(self.null_space, (int, float)) and 0 <= self.null_space < 1):
+            raise PatchlabError(f"null_space must be in [0, 1), got {self.null_space}", param="null_space")
+        for name, least in (("opt_steps", 1), ("n_prefixes", 0), ("opt_prefixes", 0), ("phrasings", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < least:
                 raise PatchlabError(f"{name} must be an integer >= {least}, got {v!r}")
@@ -507,40 +512,61 @@ def optimize_delta(
     key_S: Tensor | None = None,
     cols: Tensor | None = None,
     C_inv: Tensor | None = None,
+    bases: Sequence[str] | None = None,
+    P: Tensor | None = None,
 ) -> Tensor:
     """δ added to o_proj's output at the last position that makes the answer likely (ROME-style).
 
-    Loss = −log p(answer) over prefixed composed queries + kl_weight · KL on unrelated prompts where δ is
-    added at every position in proportion to how strongly the edit would fire there (its key
-    similarity) + norm_weight · ‖δ‖²/‖W k‖².
+    Loss = −log p(answer) over the prefixed `bases` (default: the composed query) + kl_weight · KL on
+    unrelated prompts where δ is added at every position in proportion to how strongly the edit would fire
+    there (its key similarity, through the projector P when the update is projected) + norm_weight ·
+    ‖δ‖²/‖W k‖². With `cfg.whole_answer` the first term is the teacher-forced log-probability of every
+    answer token, δ still added at the prompt's last position only.
     """
     W = o_proj(model, layer).weight
     answer = answer_token_id(model, item.answer, where=f"{item.id}: answer")
-    prompts = with_prefixes(item.composed, pre)
+    prompts = [q for b in (bases or [item.composed]) for q in with_prefixes(b, pre)]
     seqs = [encode(model, p) for p in prompts]
+    ends = torch.tensor([len(q) for q in seqs])
+    if cfg.whole_answer:
+        answer_ids = answer_token_ids(model, item.answer, where=f"{item.id}: answer")
+        seqs = [q + answer_ids for q in seqs]
     tokens, lengths = pad_right(seqs, pad_id(model))
     resid = _resid_at(model, tokens, layer)
     scale = (W.float() @ k_full).norm().item()
     delta = torch.zeros(W.shape[0], requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.opt_lr * scale / (W.shape[0] ** 0.5))
     rows = torch.arange(len(seqs))
-    un = _unrelated_setup(model, unrelated, layer, key_S, cols, C_inv) if unrelated and cfg.kl_weight > 0 else None
+    un = _unrelated_setup(model, unrelated, layer, key_S, cols, C_inv, P) if unrelated and cfg.kl_weight > 0 else None
     with frozen(model):
-        _descend(model, layer, delta, opt, resid, rows, lengths, answer, scale, un, cfg)
+        if cfg.whole_answer:
+            reads = ends[:, None] - 1 + torch.arange(len(answer_ids))[None]  # position t predicts answer token t
+            targets = torch.tensor(answer_ids)[None].expand(len(seqs), -1)
+            _descend(model, layer, delta, opt, resid, rows, ends, targets, scale, un, cfg, reads)
+        else:
+            _descend(model, layer, delta, opt, resid, rows, lengths, answer, scale, un, cfg)
     return delta.detach()
 
 
-def _descend(model, layer, delta, opt, resid, rows, lengths, answer, scale, un, cfg) -> None:
+def _descend(model, layer, delta, opt, resid, rows, ends, answer, scale, un, cfg, reads=None) -> None:
+    """Adam on δ (added at each row's position ends − 1). `answer` is one token id, read at ends − 1; or, with
+    `reads` [rows, k], the token ids [rows, k] read there (the whole answer, teacher-forced)."""
     for step in range(cfg.opt_steps):
 
         def add(act, hook):
             out = act.clone()
-            out[rows, lengths - 1] = out[rows, lengths - 1] + delta.to(act.dtype)
+            out[rows, ends - 1] = out[rows, ends - 1] + delta.to(act.dtype)
             return out
 
         with torch.enable_grad():
-            logits = run_from_layer(model, resid, layer, lengths - 1, patch=[(sites.o_out(layer), add)])
-            logp = torch.log_softmax(logits.float(), -1)[:, answer]
+            logits = run_from_layer(
+                model, resid, layer, ends - 1 if reads is None else reads, patch=[(sites.o_out(layer), add)]
+            )
+            logp = torch.log_softmax(logits.float(), -1)
+            if reads is None:
+                logp = logp[:, answer]
+            else:
+                logp = logp.gather(-1, answer[..., None])[..., 0].mean(-1)  # per row: mean log p per token
         loss = -logp.mean() + cfg.norm_weight * (delta.norm() / scale) ** 2
         if un is not None:
             with torch.enable_grad():
@@ -560,7 +586,7 @@ def _resid_at(model, tokens: Tensor, layer: int) -> Tensor:
     return got.clone()  # out of inference mode: usable under autograd
 
 
-def _unrelated_setup(model, prompts, layer, key_S, cols, C_inv) -> dict[str, Tensor]:
+def _unrelated_setup(model, prompts, layer, key_S, cols, C_inv, P=None) -> dict[str, Tensor]:
     """For the KL preview: resid at `layer`, the original last-position log-probs, and how strongly the
     edit fires at every position (α = z_Sᵀ C⁻¹ k_S / k_Sᵀ C⁻¹ k_S)."""
     seqs = [encode(model, p) for p in prompts]
@@ -569,6 +595,8 @@ def _unrelated_setup(model, prompts, layer, key_S, cols, C_inv) -> dict[str, Ten
         t = trace(model, tokens, [sites.resid_pre(layer), sites.z(layer)], stop_at_layer=layer + 1)
     got = {"r": t[sites.resid_pre(layer)].clone(), "z": t[sites.z(layer)].clone()}  # usable under autograd
     z = got["z"].reshape(*got["z"].shape[:2], -1)[..., cols].float()
+    if P is not None:  # a projected update fires on the projected keys
+        z, key_S = z @ P, P @ key_S
     u = key_S if C_inv is None else C_inv @ key_S
     alpha = (z @ u) / (key_S @ u)
     alpha = alpha * (torch.arange(tokens.shape[1])[None] < lengths[:, None])
@@ -595,10 +623,13 @@ def compute_edit(
     heads: Sequence[Head],
     cfg: EditConfig | None = None,
     unrelated: Sequence[str] = (),
+    preserved: Sequence[str] = (),
 ) -> Edit:
     """Compute the head-restricted edit that makes the chosen heads output their targets on `items`.
 
-    One item: a rank-one edit per layer. Several items: one least-squares update per layer (batch).
+    One item: a rank-one edit per layer (several keys with `cfg.phrasings`). Several items: one
+    least-squares update per layer (batch). With `cfg.null_space`, the update is projected off the
+    directions that the heads' outputs on `preserved` (and `unrelated`) prompts use (AlphaEdit's null space).
     """
     cfg = cfg or EditConfig()
     if not items:
@@ -614,13 +645,22 @@ def compute_edit(
                     model, p, where=f"{it.id}: {name}" + (" (with a context prefix)" if p != getattr(it, name) else "")
                 )
     layer_heads = HeadSet(heads, model.cfg.n_layers, model.cfg.n_heads).by_layer()
-    # ROME / MEMIT's C: statistics of the unedited model, read before any layer's edit is staged
+    # ROME / MEMIT's C and the preserved keys: statistics of the unedited model, read before any layer is staged
     covs = {layer: covariance(model, layer) for layer in layer_heads} if cfg.covariance else {}
+    keep = list(dict.fromkeys([*preserved, *unrelated]))
+    projectors = (
+        {layer: null_projector(model, layer, head_columns(model, hs), keep, cfg.null_space)
+         for layer, hs in layer_heads.items()}
+        if cfg.null_space > 0 and keep
+        else {}
+    )  # fmt: skip
     deltas: dict[int, Tensor] = {}
     staged: list[Edit] = []
     try:
         for layer, hs in layer_heads.items():
-            deltas[layer] = _layer_delta(model, items, layer, hs, cfg, pre, unrelated, covs.get(layer))
+            deltas[layer] = _layer_delta(
+                model, items, layer, hs, cfg, pre, unrelated, covs.get(layer), projectors.get(layer)
+            )
             step = Edit(model_name(model), base, {layer: hs}, {layer: deltas[layer]}, [])
             staged.append(step.apply(model, verify_hash=False))  # later layers see this one
     finally:
@@ -632,32 +672,68 @@ def compute_edit(
         "n_prefixes": cfg.n_prefixes,
         "batch": len(items) > 1,
         "config": cfg.__dict__,
+        "preserved_prompts": len(keep) if projectors else 0,
     }
     return Edit(model_name(model), base, layer_heads, deltas, [it.id for it in items], method)
 
 
+def null_projector(model, layer: int, cols: Tensor, prompts: Sequence[str], energy: float) -> Tensor:
+    """P = U Uᵀ over the eigenvectors of the heads' second moment E[z_S z_Sᵀ] on `prompts` (every real
+    position) whose eigenvalue is at most `energy` × the largest: an update ΔW P leaves those keys (nearly)
+    unmoved (AlphaEdit, Fang et al. 2025: the update is projected onto the preserved keys' null space)."""
+    seqs = [encode(model, p, where=f"preserved prompt {i}") for i, p in enumerate(prompts)]
+    acc, count = None, 0
+    for rows in length_batches([len(q) for q in seqs], 32):
+        tokens, lengths = pad_right([seqs[i] for i in rows], pad_id(model))
+        with torch.inference_mode():
+            got = trace(model, tokens, [sites.z(layer)], stop_at_layer=layer + 1)[sites.z(layer)]
+        z = got.reshape(*got.shape[:2], -1)[..., cols].double().cpu()
+        z = z[torch.arange(tokens.shape[1])[None] < lengths[:, None]]
+        acc = z.T @ z if acc is None else acc + z.T @ z
+        count += z.shape[0]
+    values, vectors = torch.linalg.eigh(acc / count)
+    kept = vectors[:, values <= energy * values.max()]
+    return (kept @ kept.T).float()
+
+
 def _layer_delta(
-    model, items, layer: int, hs: list[int], cfg: EditConfig, pre, unrelated, cov: Tensor | None = None
+    model,
+    items,
+    layer: int,
+    hs: list[int],
+    cfg: EditConfig,
+    pre,
+    unrelated,
+    cov: Tensor | None = None,
+    P: Tensor | None = None,
 ) -> Tensor:
     W = o_proj(model, layer).weight.detach().float().cpu()
     cols = head_columns(model, hs)
-    K = _mean_last_z(model, [with_prefixes(it.composed, pre) for it in items], layer)  # [n, H*dh]
+    bases = [[it.composed, *it.paraphrases[: cfg.phrasings]] for it in items]
+    owner = torch.tensor([i for i, b in enumerate(bases) for _ in b])
+    K = _mean_last_z(model, [with_prefixes(q, pre) for b in bases for q in b], layer)  # [keys, H*dh]
     C = _regularised(cov[cols][:, cols], cfg.cov_ridge) if cov is not None else None
     if cfg.target == "guide":
-        V = _mean_last_z(model, [with_prefixes(it.hop2, pre) for it in items], layer) @ W.T
+        V = (_mean_last_z(model, [with_prefixes(it.hop2, pre) for it in items], layer) @ W.T)[owner]
     else:
         C_inv = torch.linalg.inv(C) if C is not None else None
         opt_pre = pre[: cfg.opt_prefixes + 1]
-        V = torch.stack(
+        k_item = torch.stack([K[owner == i].mean(0) for i in range(len(items))])
+        deltas = torch.stack(
             [
-                W @ K[i] + optimize_delta(model, it, layer, K[i], cfg, opt_pre, unrelated, K[i, cols], cols, C_inv)
+                optimize_delta(
+                    model, it, layer, k_item[i], cfg, opt_pre, unrelated, k_item[i, cols], cols, C_inv, bases[i], P
+                )
                 for i, it in enumerate(items)
             ]
         )
+        V = torch.stack([W @ K[j] + deltas[owner[j]] for j in range(len(K))])
     if not (torch.isfinite(K).all() and torch.isfinite(V).all()):
         raise PatchlabError(f"non-finite head outputs or targets (NaN or inf) at layer {layer}")
-    R = (V - K @ W.T).T  # [d_model, n]
-    return solve_delta(R, K[:, cols].T, C, cfg.batch_ridge)
+    R = (V - K @ W.T).T  # [d_model, keys]
+    if P is None:
+        return solve_delta(R, K[:, cols].T, C, cfg.batch_ridge)
+    return solve_delta(R, P @ K[:, cols].T, C, cfg.batch_ridge) @ P  # ΔW = R (K̃ᵀC⁻¹K̃)⁻¹ K̃ᵀC⁻¹ P, K̃ = P K
 
 
 class ComputedEdit(NamedTuple):
@@ -676,8 +752,10 @@ def edit_each(
     batch: bool = False,
     unrelated: Sequence[str] = (),
     progress: bool = True,
+    preserved: Sequence[str] | Callable[[list[TwoHopItem]], Sequence[str]] = (),
 ) -> list[ComputedEdit]:
-    """One edit per item (or one batch edit for all), each with the seconds it took to compute."""
+    """One edit per item (or one batch edit for all), each with the seconds it took to compute. `preserved`
+    (prompts, or a function of the edit's items giving them) feeds `cfg.null_space`."""
     import time
 
     from patchlab.core.progress import track
@@ -686,6 +764,7 @@ def edit_each(
     out = []
     for group in track(groups, "computing edits" if progress else None):
         start = time.perf_counter()
-        edit = compute_edit(model, group, heads, cfg, unrelated)
+        keep = preserved(group) if callable(preserved) else preserved
+        edit = compute_edit(model, group, heads, cfg, unrelated, keep)
         out.append(ComputedEdit(group, edit, time.perf_counter() - start))
     return out

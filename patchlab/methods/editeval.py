@@ -2,7 +2,9 @@
 
 For an edited item:
   correction      its composed query
-  paraphrase      its paraphrases
+  paraphrase      its paraphrases (the prompt set's own: for the shipped set, the frames settings were chosen on)
+  heldout         its held-out frames (`patchlab.core.protocol`: other syntax, the chat template), never seen
+                  by any edit, optimisation or setting choice
   generalization  composed queries of other items with the same subject (another second hop)
   irrelevance     composed queries of other items the model answered right before (must stay right)
   facts           single-hop facts (hop2 prompts of other items) answered right before (must stay right)
@@ -31,10 +33,10 @@ from patchlab.methods.edit import ComputedEdit, Edit
 from patchlab.results.base import Result
 from patchlab.runtime.bridge import model_name
 from patchlab.runtime.identity import provenance
-from patchlab.runtime.scoring import answer_token_id, correct, last_logits
+from patchlab.runtime.scoring import answer_token_id, chat_prompt, correct, last_logits
 from patchlab.runtime.shards import shard_task
 
-SETS = ("correction", "paraphrase", "generalization", "irrelevance", "facts")
+SETS = ("correction", "paraphrase", "heldout", "generalization", "irrelevance", "facts")
 
 
 @dataclass(frozen=True)
@@ -51,9 +53,10 @@ def test_sets(
     n_irrelevant: int = 30,
     seed: int = 0,
     exclude: set[str] = frozenset(),
+    heldout: Sequence[str] = (),
 ) -> dict[str, list[Query]]:
-    """The five test sets of one edited item (irrelevance and facts: a seeded sample of other items,
-    never one in `exclude` — the prompts an edit's KL term saw)."""
+    """The test sets of one edited item (irrelevance and facts: a seeded sample of other items, never one
+    in `exclude` — the prompts an edit's KL term saw; `heldout`: the item's held-out frame prompts)."""
     rng = random.Random(seed)
     others = [it for it in pool if it.id != item.id and it.id not in exclude]
     irrelevant = [it for it in others if it.id in right_composed and it.subject != item.subject]
@@ -61,6 +64,7 @@ def test_sets(
     return {
         "correction": [Query(item.composed, item.answers)],
         "paraphrase": [Query(p, item.answers) for p in item.paraphrases],
+        "heldout": [Query(p, item.answers) for p in heldout],
         "generalization": [Query(it.composed, it.answers) for it in others if it.subject == item.subject],
         "irrelevance": [
             Query(it.composed, it.answers) for it in rng.sample(irrelevant, min(n_irrelevant, len(irrelevant)))
@@ -135,7 +139,7 @@ class EditReport(Result):
 
 
 def _pool_summary(rows: list[dict], name: str) -> dict[str, Any]:
-    vals = [r["sets"][name] for r in rows if r["sets"][name]["n"]]
+    vals = [r["sets"][name] for r in rows if r["sets"].get(name, {}).get("n")]
     if not vals:
         return {"n": 0, "before": None, "after": None, "C": None, "beats_wrong": None}
     w = np.array([v["n"] for v in vals], dtype=float)
@@ -159,15 +163,19 @@ def evaluate_edits(
     progress: bool = True,
     held_out: Sequence[TwoHopItem] = (),
     exclude: set[str] = frozenset(),
+    frames: dict[str, dict] | None = None,
 ) -> EditReport:
     """Measure every `ComputedEdit` (items, edit, seconds) before and after; a batch edit may also be scored on
-    held-out items."""
+    held-out items. `frames` ({id: {"frames": {...}, "question": ...}}, see `patchlab.core.protocol`) adds
+    the held-out-frame set, the chat template's rendering of the question included."""
     right_composed = {r["id"] for r in gap.items if r["composed"]}
     right_hop2 = {r["id"] for r in gap.items if r["hop2"]}
     rows, seen = [], {}
     edits = [c if isinstance(c, ComputedEdit) else ComputedEdit(*c) for c in edits]
     for items, edit, seconds in track(edits, "evaluating edits" if progress else None):
-        rows += edit_rows(model, edit, items, pool, right_composed, right_hop2, n_irrelevant, exclude, seen, seconds)
+        rows += edit_rows(
+            model, edit, items, pool, right_composed, right_hop2, n_irrelevant, exclude, seen, seconds, frames
+        )
     if held_out:
         edit = edits[0].edit
         queries = [Query(it.composed, it.answers) for it in held_out]
@@ -190,6 +198,15 @@ def evaluate_edits(
 METRIC = "greedy 6 tokens"
 
 
+def heldout_prompts(model, record: dict | None) -> list[str]:
+    """An item's held-out frame prompts, plus its question in the model's chat template (where it has one)."""
+    if not record:
+        return []
+    prompts = [p for name, p in record["frames"].items() if name != "chat"]
+    chat = chat_prompt(model, record["question"]) if record.get("question") else None
+    return prompts + ([chat] if chat else [])
+
+
 def edit_rows(
     model,
     edit: Edit,
@@ -201,12 +218,14 @@ def edit_rows(
     exclude: set[str] = frozenset(),
     seen: dict | None = None,
     seconds: float = 0.0,
+    frames: dict[str, dict] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per item an edit was made for: each test set measured unedited (reusing `seen`) and edited."""
     seen = {} if seen is None else seen
     rows = []
     for it in items:
-        sets = test_sets(it, pool, right_composed, right_hop2, n_irrelevant, exclude=exclude)
+        heldout = heldout_prompts(model, (frames or {}).get(it.id))
+        sets = test_sets(it, pool, right_composed, right_hop2, n_irrelevant, exclude=exclude, heldout=heldout)
         queries = [q for name in SETS for q in sets[name]]
         before = measure_before(model, queries, seen)
         with edit.applied(model, verify_hash=False):

@@ -40,6 +40,19 @@ def encode(model, prompt: str, where: str = "prompt") -> list[int]:
     return ids
 
 
+def chat_prompt(model, question: str) -> str | None:
+    """`question` as the user turn of the model's own chat template, ready for the assistant's answer (the
+    template's BOS text dropped when the model adds BOS itself); None for a model without a template."""
+    tok = model.tokenizer
+    if not getattr(tok, "chat_template", None):
+        return None
+    text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    bos = tok.bos_token
+    if bos and text.startswith(bos) and getattr(model.cfg, "default_prepend_bos", False):
+        text = text[len(bos) :]
+    return text
+
+
 def answer_token_ids(model, answer: str, where: str | None = "answer", param: str | None = None) -> list[int]:
     """Token ids of " " + answer without BOS: how the answer continues a prompt."""
     ids = model.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]

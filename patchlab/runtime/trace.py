@@ -180,12 +180,14 @@ def _skipping(layers: torch.nn.ModuleList, start: int) -> Iterator[None]:
 def run_from_layer(
     model, resid: Float[Tensor, "b pos d"], start: int, last: Int[Tensor, " b"], patch: Hooks = ()
 ) -> Float[Tensor, "b vocab"]:
-    """Logits at positions `last` when `resid` enters block `start` (blocks < start are not run)."""
+    """Logits at positions `last` ([b], or [b, k] for k positions per row) when `resid` enters block `start`
+    (blocks < start are not run)."""
     base, layers = _decoder(model)
     hf = hf_module(model)
     with _skipping(layers, start), attached(model, patch):
         hidden = base(inputs_embeds=resid, use_cache=False).last_hidden_state
-    logits = hf.get_output_embeddings()(hidden[torch.arange(hidden.shape[0]), last])
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    logits = hf.get_output_embeddings()(hidden[rows if last.dim() == 1 else rows[:, None], last])
     cap = getattr(hf.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from patchlab.core.protocol import load_frames, split_by_subject
 from patchlab.core.prompts import PromptSet
+from patchlab.core.protocol import load_frames, split_by_subject
 from patchlab.core.spec import Head
 from patchlab.methods import edit as E
 from patchlab.methods import editeval as V

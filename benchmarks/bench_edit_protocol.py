@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from collections import Counter
 from pathlib import Path
@@ -67,25 +66,6 @@ def variants(model, heads):
             False,
         )
     return out
-
-
-def preserved_for(pool, right, exclude, n: int = 40, seed: int = 0):
-    """Prompts whose head outputs an edit must leave alone: dev composed queries answered right (not the KL
-    ones, which the irrelevance sets leave out anyway), and the edited subject's hop-1 fact and the seen
-    paraphrases of its other chains (never their composed queries: those are the generalization test)."""
-    rng = random.Random(seed)
-    others = [it.composed for it in pool if it.id in right and it.id not in exclude]
-    sample = rng.sample(others, min(n, len(others)))
-
-    def keep(group):
-        subjects = {it.subject for it in group}
-        ids = {it.id for it in group}
-        own = [it.hop1 for it in group] + [
-            p for it in pool if it.subject in subjects and it.id not in ids for p in it.paraphrases
-        ]
-        return sample + own
-
-    return keep
 
 
 def summed(model, made) -> E.ComputedEdit:
@@ -141,12 +121,11 @@ def main() -> None:
     frames = load_frames()
     gap = GapResult.from_json(args.gap) if args.gap else evaluate_gap(model, ps, progress=False)
     failed = set(gap.failures)
-    right = {r["id"] for r in gap.items if r["composed"] and r["hop2"]}
     dev, test = split_by_subject(pool)
     dev_f = [it for it in dev if it.id in failed]
     test_f = [it for it in test if it.id in failed][: args.test_items]
     unrelated, exclude = V.kl_prompts(dev, gap)
-    keep = preserved_for(dev, right, exclude)
+    keep, _ = V.preserved_prompts(dev, gap, exclude)  # dev items: disjoint from the test irrelevance sets
     print(f"{args.model}: {len(dev)} dev / {len(test)} test items (by subject), failures {len(dev_f)} / "
           f"{len(test_f)}; gap in {time.perf_counter() - started:.0f} s")  # fmt: skip
     loc = locate(model, dev_f[:10], setup="guide", method="both", progress=False)

@@ -72,6 +72,11 @@ def _prompt_set(
     return ps.filter(kinds=kinds.split(",") if kinds else None, limit=limit)
 
 
+def _given(**options) -> dict:
+    """The options the user gave (None: the API's default, so the two never disagree)."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
 def _ids(ids: Optional[str]) -> Optional[list[str]]:
     return ids.split(",") if ids else None
 
@@ -301,13 +306,24 @@ def edit(
     heads: Optional[str] = typer.Option(None, "--heads", help="Heads to edit, e.g. 23.4,23.5."),
     heads_from: Optional[Path] = typer.Option(None, "--heads-from", help="A `patchlab locate` result.json."),
     top: int = typer.Option(2, "--top", help="With --heads-from: how many heads."),
-    target: str = typer.Option("optimize", "--target", help="optimize (ROME-style v*) | guide (CREME's v*)."),
+    target: Optional[str] = typer.Option(
+        None, "--target", help="optimize (ROME-style v*) | guide (CREME's v*) (default: the API's, optimize)."
+    ),
     batch: bool = typer.Option(False, "--batch", help="One least-squares edit for all items (MEMIT-style)."),
     held_out: float = typer.Option(
         0.0, "--held-out", help="With --batch: share of the failures kept out of the edit and tested."
     ),
     covariance: bool = typer.Option(
         True, "--covariance/--no-covariance", help="ROME's C over the heads' z (else C = I)."
+    ),
+    phrasings: Optional[int] = typer.Option(
+        None, "--phrasings", help="Also key on the first N paraphrases of each item (default: the API's)."
+    ),
+    whole_answer: Optional[bool] = typer.Option(
+        None, "--whole-answer/--first-token", help="Optimise every answer token (default: the API's)."
+    ),
+    null_space: Optional[float] = typer.Option(
+        None, "--null-space", help="Project the update off what preserved prompts use (0: off; default: the API's)."
     ),
     max_items: int = typer.Option(100, "--max-items"),
     gap: Optional[Path] = typer.Option(None, "--gap", help="result.json of `patchlab evaluate` (else evaluated now)."),
@@ -335,7 +351,10 @@ def edit(
         top,
         _ids(ids),
         failures,
-        EditConfig(target=target, covariance=covariance),
+        EditConfig(
+            covariance=covariance,
+            **_given(target=target, phrasings=phrasings, whole_answer=whole_answer, null_space=null_space),
+        ),
         batch,
         held_out,
         max_items,

@@ -281,6 +281,26 @@ def kl_prompts(pool: Sequence[TwoHopItem], gap, n: int = 8) -> tuple[list[str], 
     return [it.composed for it in chosen] + [it.hop2 for it in chosen], {it.id for it in chosen}
 
 
+def preserved_prompts(
+    pool: Sequence[TwoHopItem], gap, exclude: set[str] = frozenset(), n: int = 40, seed: int = 0
+) -> tuple[Callable[[list[TwoHopItem]], list[str]], set[str]]:
+    """What a null-space edit must leave alone, and the ids it draws on (which the irrelevance sets then leave
+    out): a seeded sample of `n` composed queries answered right (not the KL prompts in `exclude`), plus — per
+    edit — its subjects' hop-1 facts and the paraphrases of their other chains (never those chains' composed
+    queries: they are the generalization test)."""
+    right = {r["id"] for r in gap.items if r["composed"] and r["hop2"]}
+    others = [it for it in pool if it.id in right and it.id not in exclude]
+    sample = random.Random(seed).sample(others, min(n, len(others)))
+
+    def keep(group: list[TwoHopItem]) -> list[str]:
+        subjects, ids = {it.subject for it in group}, {it.id for it in group}
+        own = [it.hop1 for it in group]
+        own += [p for it in pool if it.subject in subjects and it.id not in ids for p in it.paraphrases]
+        return [it.composed for it in sample] + own
+
+    return keep, {it.id for it in sample}
+
+
 @shard_task("edit-eval")
 def edit_eval_shard(model, config: dict, items: list[dict], pool: list[dict]) -> list[dict]:
     """Before/after rows of one saved edit on a shard of its items (the edit file must be the one hashed)."""

@@ -200,8 +200,9 @@ def edit(
     notify: Notify = silent,
 ) -> EditRun:
     """Edit the chosen failures (by id, or every failure with both hops right) on the chosen heads, then measure."""
+    from patchlab.core.protocol import heldout_frames
     from patchlab.methods.edit import EditConfig, check_editable, edit_each
-    from patchlab.methods.editeval import evaluate_edits, kl_prompts
+    from patchlab.methods.editeval import evaluate_edits, kl_prompts, preserved_prompts
     from patchlab.studies.mechanisms import modules_for
 
     if (ids is None) == (not failures):
@@ -226,9 +227,12 @@ def edit(
     kept_out = items[len(items) - int(round(held_out * len(items))) :] if held_out else []
     items = items[: len(items) - len(kept_out)]
     unrelated, exclude = kl_prompts(list(ps), g)
+    keep, kept = preserved_prompts(list(ps), g, exclude) if cfg.null_space > 0 else ((), set())
     check_editable(m, chosen.layers)
-    edits = edit_each(m, items, chosen, cfg, batch=batch, unrelated=unrelated)
-    report = evaluate_edits(m, edits, list(ps), g, held_out=kept_out, exclude=exclude)
+    edits = edit_each(m, items, chosen, cfg, batch=batch, unrelated=unrelated, preserved=keep)
+    # the held-out frames (shipped items) are read here, for the evaluation only
+    report = evaluate_edits(m, edits, list(ps), g, held_out=kept_out, exclude=exclude | kept,
+                            frames=heldout_frames(list(ps)))  # fmt: skip
     modules = modules_for(m, [c.edit for c in edits], list(ps), g)[0] if routed else []
     return EditRun(report, edits, modules, batch)
 

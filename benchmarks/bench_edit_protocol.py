@@ -160,8 +160,9 @@ def main() -> None:
     table("all test edits of the chosen variant applied at once (deltas summed)",
           {best: (together.summary, together.seconds_per_edit, len(made_test[best]))})  # fmt: skip
     results["together"] = together.summary
-    # a relation-level edit: one batch edit from the dev failures of the kind with most of them
-    kind = Counter(it.kind for it in dev_f).most_common(1)[0][0]
+    # a relation-level edit: one batch edit from the dev failures of a kind with failures on both sides
+    dev_n, test_n = Counter(it.kind for it in dev_f), Counter(it.kind for it in test_f)
+    kind = max(dev_n, key=lambda k: (min(dev_n[k], test_n[k]), dev_n[k]))  # enough failures on both sides
     dk = [it for it in dev_f if it.kind == kind]
     tk = [it for it in test_f if it.kind == kind]
     hs, cfg, uses_keep = chosen[best]

@@ -33,6 +33,7 @@ from patchlab.core.prompts import TwoHopItem
 from patchlab.core.spec import Head, HeadSet, columns
 from patchlab.runtime import sites
 from patchlab.runtime.bridge import model_name
+from patchlab.runtime.capture import per_prompt
 from patchlab.runtime.identity import applied_edits, base_hash, weights_hash
 from patchlab.runtime.models import cache_root
 from patchlab.runtime.scoring import answer_token_id, answer_token_ids, encode, length_batches, pad_id, pad_right
@@ -125,24 +126,10 @@ def with_prefixes(prompt: str, pre: Sequence[str]) -> list[str]:
 
 def last_z(model, prompts: Sequence[str], layers: Sequence[int], batch_size: int = 64) -> dict[int, Tensor]:
     """Each layer's concatenated head outputs z at each prompt's last token: {layer: [n, n_heads*d_head]}."""
-    seqs = [encode(model, p, where=f"prompt[{i}]") for i, p in enumerate(prompts)]
-    out = {l: torch.zeros(len(seqs), model.cfg.n_heads * model.cfg.d_head) for l in layers}
     stop = max(layers) + 1
-    for rows in length_batches([len(s) for s in seqs], batch_size):
-        tokens, lengths = pad_right([seqs[i] for i in rows], pad_id(model))
-        with torch.inference_mode():
-            t = trace(
-                model,
-                tokens,
-                [sites.z(l) for l in layers],
-                at="last",
-                lengths=lengths,
-                to_cpu=True,
-                stop_at_layer=stop if stop < model.cfg.n_layers else None,
-            )
-        for l in layers:
-            out[l][rows] = t[sites.z(l)].reshape(len(rows), -1)
-    return out
+    got = per_prompt(model, prompts, [sites.z(l) for l in layers], "last", batch_size,
+                     stop if stop < model.cfg.n_layers else None)  # fmt: skip
+    return {l: torch.stack([z.reshape(-1) for z in got[sites.z(l)]]) for l in layers}
 
 
 # --- covariance of z (ROME's C) ------------------------------------------------------------------
@@ -681,16 +668,9 @@ def null_projector(model, layer: int, cols: Tensor, prompts: Sequence[str], ener
     """P = U Uᵀ over the eigenvectors of the heads' second moment E[z_S z_Sᵀ] on `prompts` (every real
     position) whose eigenvalue is at most `energy` × the largest: an update ΔW P leaves those keys (nearly)
     unmoved (AlphaEdit, Fang et al. 2025: the update is projected onto the preserved keys' null space)."""
-    seqs = [encode(model, p, where=f"preserved prompt {i}") for i, p in enumerate(prompts)]
-    acc, count = None, 0
-    for rows in length_batches([len(q) for q in seqs], 32):
-        tokens, lengths = pad_right([seqs[i] for i in rows], pad_id(model))
-        with torch.inference_mode():
-            got = trace(model, tokens, [sites.z(layer)], stop_at_layer=layer + 1)[sites.z(layer)]
-        z = got.reshape(*got.shape[:2], -1)[..., cols].double().cpu()
-        z = z[torch.arange(tokens.shape[1])[None] < lengths[:, None]]
-        acc = z.T @ z if acc is None else acc + z.T @ z
-        count += z.shape[0]
+    zs = per_prompt(model, prompts, [sites.z(layer)], "real", 32, layer + 1, "preserved prompt")[sites.z(layer)]
+    z = torch.cat([q.reshape(q.shape[0], -1)[:, cols] for q in zs]).double()
+    acc, count = z.T @ z, z.shape[0]
     values, vectors = torch.linalg.eigh(acc / count)
     kept = vectors[:, values <= energy * values.max()]
     return (kept @ kept.T).float()

@@ -55,9 +55,10 @@ from patchlab.methods import edit as E
 from patchlab.results.base import Result
 from patchlab.runtime import sites
 from patchlab.runtime.bridge import model_name
+from patchlab.runtime.capture import per_prompt
 from patchlab.runtime.identity import provenance
-from patchlab.runtime.scoring import encode, length_batches, pad_id, pad_right
-from patchlab.runtime.trace import attached, trace
+from patchlab.runtime.scoring import encode, pad_id, pad_right
+from patchlab.runtime.trace import attached
 
 FORMAT = "patchlab-module/1"
 GATES = ("hard", "soft")
@@ -69,24 +70,10 @@ KEY_HEADS = ("layer", "edited")
 
 def all_z(model, prompts: Sequence[str], layers: Sequence[int], batch_size: int = 64) -> dict[int, list[Tensor]]:
     """Each layer's concatenated head outputs z at every real position of every prompt: {layer: [[len_i, H*dh]]}."""
-    seqs = [encode(model, p, where=f"prompt[{i}]") for i, p in enumerate(prompts)]
-    out: dict[int, list[Tensor]] = {l: [torch.empty(0)] * len(seqs) for l in layers}
     stop = max(layers) + 1
-    for rows in length_batches([len(s) for s in seqs], batch_size):
-        tokens, lengths = pad_right([seqs[i] for i in rows], pad_id(model))
-        with torch.inference_mode():
-            t = trace(
-                model,
-                tokens,
-                [sites.z(l) for l in layers],
-                to_cpu=True,
-                stop_at_layer=stop if stop < model.cfg.n_layers else None,
-            )
-        for l in layers:
-            z = t[sites.z(l)].reshape(len(rows), tokens.shape[1], -1)
-            for j, i in enumerate(rows):
-                out[l][i] = z[j, : lengths[j]].clone()
-    return out
+    got = per_prompt(model, prompts, [sites.z(l) for l in layers], "real", batch_size,
+                     stop if stop < model.cfg.n_layers else None)  # fmt: skip
+    return {l: [z.reshape(z.shape[0], -1) for z in got[sites.z(l)]] for l in layers}
 
 
 def corpus_sentences() -> list[str]:

@@ -59,6 +59,13 @@ def variants(model, heads):
             True,
         ),
     }
+    for mu in (1.0, 10.0, 100.0):
+        out[f"+ preserved keys in C (μ = {mu:g})"] = (heads, E.EditConfig(**base, whole_answer=True, preserve=mu), True)
+    out["+ phrasings + preserved keys in C (μ = 10)"] = (
+        heads,
+        E.EditConfig(**base, whole_answer=True, phrasings=3, preserve=10.0),
+        True,
+    )
     if creme is not None:
         out["layer-level CREME (layers 20-26, guide, C = I)"] = (
             creme,

@@ -214,6 +214,7 @@ class EditConfig:
     phrasings: int = 0  # also key (and optimise) on the first N of each item's own paraphrases, solved jointly
     whole_answer: bool = False  # optimise log p of every answer token (teacher-forced), not the first only
     null_space: float = 0.0  # > 0: project the update off the directions the preserved prompts' z use (AlphaEdit)
+    preserve: float = 0.0  # > 0: add the preserved prompts' z second moment (this share of C's scale) to C
 
     def __post_init__(self) -> None:
         if self.target not in ("guide", "optimize"):
@@ -224,6 +225,8 @@ class EditConfig:
                 raise PatchlabError(f"{name} must be a finite number >= 0, got {v}")
         if not (isinstance(self.target_prob, (int, float)) and 0 < self.target_prob <= 1):
             raise PatchlabError(f"target_prob must be in (0, 1], got {self.target_prob}")
+        if not (isinstance(self.preserve, (int, float)) and 0 <= self.preserve < float("inf")):
+            raise PatchlabError(f"preserve must be a finite number >= 0, got {self.preserve}", param="preserve")
         if not (isinstance(self.null_space, (int, float)) and 0 <= self.null_space < 1):
             raise PatchlabError(f"null_space must be in [0, 1), got {self.null_space}", param="null_space")
         for name, least in (("opt_steps", 1), ("n_prefixes", 0), ("opt_prefixes", 0), ("phrasings", 0)):
@@ -635,19 +638,20 @@ def compute_edit(
     # ROME / MEMIT's C and the preserved keys: statistics of the unedited model, read before any layer is staged
     covs = {layer: covariance(model, layer) for layer in layer_heads} if cfg.covariance else {}
     keep = list(dict.fromkeys([*preserved, *unrelated]))
-    projectors = (
-        {layer: null_projector(model, layer, head_columns(model, hs), keep, cfg.null_space)
-         for layer, hs in layer_heads.items()}
-        if cfg.null_space > 0 and keep
+    moments = (
+        {layer: preserved_moment(model, layer, head_columns(model, hs), keep) for layer, hs in layer_heads.items()}
+        if (cfg.null_space > 0 or cfg.preserve > 0) and keep
         else {}
-    )  # fmt: skip
+    )
+    projectors = {l: null_projector(m, cfg.null_space) for l, m in moments.items()} if cfg.null_space > 0 else {}
     deltas: dict[int, Tensor] = {}
     staged: list[Edit] = []
     try:
         for layer, hs in layer_heads.items():
             deltas[layer] = _layer_delta(
-                model, items, layer, hs, cfg, pre, unrelated, covs.get(layer), projectors.get(layer)
-            )
+                model, items, layer, hs, cfg, pre, unrelated, covs.get(layer), projectors.get(layer),
+                moments.get(layer) if cfg.preserve > 0 else None,
+            )  # fmt: skip
             step = Edit(model_name(model), base, {layer: hs}, {layer: deltas[layer]}, [])
             staged.append(step.apply(model, verify_hash=False))  # later layers see this one
     finally:
@@ -659,19 +663,23 @@ def compute_edit(
         "n_prefixes": cfg.n_prefixes,
         "batch": len(items) > 1,
         "config": cfg.__dict__,
-        "preserved_prompts": len(keep) if projectors else 0,
+        "preserved_prompts": len(keep) if moments else 0,
     }
     return Edit(model_name(model), base, layer_heads, deltas, [it.id for it in items], method)
 
 
-def null_projector(model, layer: int, cols: Tensor, prompts: Sequence[str], energy: float) -> Tensor:
-    """P = U Uᵀ over the eigenvectors of the heads' second moment E[z_S z_Sᵀ] on `prompts` (every real
-    position) whose eigenvalue is at most `energy` × the largest: an update ΔW P leaves those keys (nearly)
-    unmoved (AlphaEdit, Fang et al. 2025: the update is projected onto the preserved keys' null space)."""
+def preserved_moment(model, layer: int, cols: Tensor, prompts: Sequence[str]) -> Tensor:
+    """E[z_S z_Sᵀ] of the edited heads' outputs over every real position of `prompts` (float64)."""
     zs = per_prompt(model, prompts, [sites.z(layer)], "real", 32, layer + 1, "preserved prompt")[sites.z(layer)]
     z = torch.cat([q.reshape(q.shape[0], -1)[:, cols] for q in zs]).double()
-    acc, count = z.T @ z, z.shape[0]
-    values, vectors = torch.linalg.eigh(acc / count)
+    return z.T @ z / z.shape[0]
+
+
+def null_projector(moment: Tensor, energy: float) -> Tensor:
+    """P = U Uᵀ over the eigenvectors of the preserved keys' second moment whose eigenvalue is at most
+    `energy` × the largest: an update ΔW P leaves those keys (nearly) unmoved (AlphaEdit, Fang et al. 2025:
+    the update is projected onto the preserved keys' null space)."""
+    values, vectors = torch.linalg.eigh(moment)
     kept = vectors[:, values <= energy * values.max()]
     return (kept @ kept.T).float()
 
@@ -686,6 +694,7 @@ def _layer_delta(
     unrelated,
     cov: Tensor | None = None,
     P: Tensor | None = None,
+    moment: Tensor | None = None,
 ) -> Tensor:
     W = o_proj(model, layer).weight.detach().float().cpu()
     cols = head_columns(model, hs)
@@ -693,6 +702,9 @@ def _layer_delta(
     owner = torch.tensor([i for i, b in enumerate(bases) for _ in b])
     K = _mean_last_z(model, [with_prefixes(q, pre) for b in bases for q in b], layer)  # [keys, H*dh]
     C = _regularised(cov[cols][:, cols], cfg.cov_ridge) if cov is not None else None
+    if moment is not None:  # preservation as part of C: directions the preserved keys use cost more to change
+        base_C = C if C is not None else torch.eye(len(cols))
+        C = base_C + cfg.preserve * (base_C.trace() / moment.trace()).float() * moment.float()
     if cfg.target == "guide":
         V = (_mean_last_z(model, [with_prefixes(it.hop2, pre) for it in items], layer) @ W.T)[owner]
     else:

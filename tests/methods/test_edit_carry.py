@@ -19,7 +19,7 @@ HEADS = HeadSet.parse("23.4,23.5")
 def test_null_projector_is_a_projector_off_the_preserved_keys(tiny):
     prompts = ["the capital of france is", "paris is the capital of", "the eiffel tower is located in"]
     cols = E.head_columns(tiny, [1, 2])
-    P = E.null_projector(tiny, 1, cols, prompts, 0.05)
+    P = E.null_projector(E.preserved_moment(tiny, 1, cols, prompts), 0.05)
     torch.testing.assert_close(P @ P, P, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(P, P.T)
     assert 0 < torch.linalg.matrix_rank(P) < len(cols)

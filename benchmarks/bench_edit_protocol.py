@@ -116,6 +116,8 @@ def main() -> None:
     ap.add_argument("--dev-items", type=int, default=12)
     ap.add_argument("--test-items", type=int, default=None)
     ap.add_argument("--variants", default=None, help="comma-separated substrings of variant names to run")
+    ap.add_argument("--splits", default="dev,test", help="which splits to run: dev (choice), test (report), or both")
+    ap.add_argument("--chosen", default=None, help="the dev winner's name (substring), when dev ran separately")
     ap.add_argument("--top", type=int, default=2)
     ap.add_argument("--gap", type=Path, default=None, help="a saved gap result.json of this model (else evaluated)")
     ap.add_argument("--json", type=Path, default=None)
@@ -141,10 +143,12 @@ def main() -> None:
     chosen = variants(model, heads)
     if args.variants:
         wanted = args.variants.split(",")
-        chosen = {k: v for k, v in chosen.items() if any(w in k for w in wanted)}
+        chosen = {k: v for k, v in chosen.items() if any(w in k for w in wanted) or (args.chosen or "\0") in k}
     results: dict = {"model": args.model, "heads": str(heads), "dev": {}, "test": {}}
     made_test = {}
     for split, items, its_pool in (("dev", dev_f[: args.dev_items], dev), ("test", test_f, test)):
+        if split not in args.splits.split(","):
+            continue
         rows = {}
         for name, (hs, cfg, uses_keep) in chosen.items():
             if split == "dev" and "CREME" in name:
@@ -158,8 +162,16 @@ def main() -> None:
             results[split][name] = {"summary": report.summary, "s_per_edit": report.seconds_per_edit}
         table(f"{args.model}, {split} split ({len(items)} failures)" + (" — settings are chosen here" if split == "dev"
               else " — held-out frames lead"), rows)  # fmt: skip
-    best = max((k for k in results["dev"]), key=lambda k: score(results["dev"][k]["summary"]))
-    print(f"\nchosen on dev (correction + seen paraphrase + 2 x kept): {best}")
+    if results["dev"]:
+        best = max((k for k in results["dev"]), key=lambda k: score(results["dev"][k]["summary"]))
+        print(f"\nchosen on dev (correction + seen paraphrase + 2 x kept): {best}")
+    if args.chosen:
+        best = next(k for k in chosen if args.chosen in k)
+        print(f"chosen on dev in an earlier run: {best}")
+    if "test" not in args.splits:
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1, default=float))
+        return
     results["chosen"] = best
     # all test edits of the chosen variant at once
     together = V.evaluate_edits(model, [summed(model, made_test[best])], test, gap, exclude=exclude, frames=frames,

@@ -325,6 +325,9 @@ def edit(
     null_space: Optional[float] = typer.Option(
         None, "--null-space", help="Project the update off what preserved prompts use (0: off; default: the API's)."
     ),
+    preserve: Optional[float] = typer.Option(
+        None, "--preserve", help="Weight of the preserved prompts' keys inside C (0: off; default: the API's)."
+    ),
     max_items: int = typer.Option(100, "--max-items"),
     gap: Optional[Path] = typer.Option(None, "--gap", help="result.json of `patchlab evaluate` (else evaluated now)."),
     routed: bool = typer.Option(
@@ -353,7 +356,9 @@ def edit(
         failures,
         EditConfig(
             covariance=covariance,
-            **_given(target=target, phrasings=phrasings, whole_answer=whole_answer, null_space=null_space),
+            **_given(
+                target=target, phrasings=phrasings, whole_answer=whole_answer, null_space=null_space, preserve=preserve
+            ),
         ),
         batch,
         held_out,

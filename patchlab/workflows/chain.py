@@ -227,7 +227,7 @@ def edit(
     kept_out = items[len(items) - int(round(held_out * len(items))) :] if held_out else []
     items = items[: len(items) - len(kept_out)]
     unrelated, exclude = kl_prompts(list(ps), g)
-    keep, kept = preserved_prompts(list(ps), g, exclude) if cfg.null_space > 0 else ((), set())
+    keep, kept = preserved_prompts(list(ps), g, exclude) if cfg.null_space > 0 or cfg.preserve > 0 else ((), set())
     check_editable(m, chosen.layers)
     edits = edit_each(m, items, chosen, cfg, batch=batch, unrelated=unrelated, preserved=keep)
     # the held-out frames (shipped items) are read here, for the evaluation only

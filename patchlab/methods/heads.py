@@ -102,7 +102,9 @@ def token_offsets(model, prompt: str, ids: Sequence[int], where: str = "prompt")
     # no offset mapping (or another tokenization): each token ends where the decoded prefix ending in it ends
     ends = [len(tok.decode(list(ids[: k + 1]), skip_special_tokens=True)) for k in range(len(ids))]
     if tok.decode(list(ids), skip_special_tokens=True) != prompt:
-        raise PatchlabError("cannot map the prompt's tokens to its characters (decoding does not give it back)", where=where)
+        raise PatchlabError(
+            "cannot map the prompt's tokens to its characters (decoding does not give it back)", where=where
+        )
     starts = [0, *ends[:-1]]
     return list(zip(starts, ends))
 
@@ -188,6 +190,8 @@ def attention_view(
         raise PatchlabError(f"must be >= 1, got {batch_size}", param="batch_size")
     parsed = heads if isinstance(heads, HeadSet) else HeadSet.parse(str(heads))
     heads = HeadSet(parsed, model.cfg.n_layers, model.cfg.n_heads)
+    if not heads:
+        raise PatchlabError("no heads given (expected e.g. 14.3,17.9)", param="heads")
     if gap is None:
         from patchlab.methods.gap import evaluate_gap
 
@@ -201,7 +205,9 @@ def attention_view(
         patterns = last_rows(model, seqs, heads, batch_size)
         for i, (it, text, ids, rows_i) in enumerate(zip(items, texts, seqs, patterns)):
             if prompt == "composed":
-                rows.append({"id": it.id, "kind": it.kind, "group": groups[i], "subject": it.subject, "bridge": it.bridge})
+                rows.append(
+                    {"id": it.id, "kind": it.kind, "group": groups[i], "subject": it.subject, "bridge": it.bridge}
+                )
             offsets = token_offsets(model, text, ids, where=f"{it.id}: {FIELD[prompt]}")
             span = token_span(offsets, char_span(text, getattr(it, entity)))
             rows[i][prompt] = {

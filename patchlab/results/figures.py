@@ -654,7 +654,10 @@ def head_attention_figure(result) -> go.Figure:
             dict(
                 label=esc(f"{it['id']} ({it['group']})"),
                 method="update",
-                args=[{"visible": [j // 2 == k for j in range(n_views)] + [True] * (len(fig.data) - n_views)}, ticks[k]],
+                args=[
+                    {"visible": [j // 2 == k for j in range(n_views)] + [True] * (len(fig.data) - n_views)},
+                    ticks[k],
+                ],
             )
             for k, it in enumerate(shown)
         ]

@@ -82,9 +82,7 @@ def _glance(results: list[tuple[Path, Result]], run: dict[str, Any]) -> list[tup
     if view is not None and {"correct", "failed"} <= set(view.summary):
         c, f = view.summary["correct"]["composed"], view.summary["failed"]["composed"]
         if c["subject"] and f["subject"]:
-            shares = ", ".join(
-                f"{h} {c['subject'][i]:.2f} vs {f['subject'][i]:.2f}" for i, h in enumerate(view.heads)
-            )
+            shares = ", ".join(f"{h} {c['subject'][i]:.2f} vs {f['subject'][i]:.2f}" for i, h in enumerate(view.heads))
             rows.append(("last-token attention on the subject (correct vs failed)", shares))
     if edit is not None:
         rows.append(("edited heads", ", ".join(edit.heads) + f" ({edit.target} target, {len(edit.items)} edits)"))

@@ -13,9 +13,7 @@ KINDS = ["city>country>continent", "work>creator>birth-country", "landmark>count
 
 def _gap():
     rows = [
-        {"id": f"{k}-{i}", "kind": k, "hop1": True, "hop2": True, "composed": i == 0}
-        for k in KINDS
-        for i in range(2)
+        {"id": f"{k}-{i}", "kind": k, "hop1": True, "hop2": True, "composed": i == 0} for k in KINDS for i in range(2)
     ]
     return gap_from_rows(rows, "m", "<items>", {})
 

@@ -45,7 +45,8 @@ def test_demo_report_has_every_section_and_answers_the_three_questions(demo_dir)
     assert f"{c['before']:.2f} → {c['after']:.2f}" in summary  # what the edit changed
     assert "s per edit" in summary and "run time" in summary  # what it cost
     run = json.loads((demo_dir / "run.json").read_text())
-    assert set(run["timings"]) == {"evaluate", "lens", "locate", "heads", "edit"} and all(v > 0 for v in run["timings"].values())
+    assert set(run["timings"]) == {"evaluate", "lens", "locate", "heads", "edit"}
+    assert all(v > 0 for v in run["timings"].values())
     for key in ("torch", "transformers", "transformer_lens", "smollm2-135m"):
         assert key in summary
     assert "<th>transformer_lens</th><td>unknown" not in summary

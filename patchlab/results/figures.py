@@ -12,7 +12,7 @@ def esc(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
-def wrap_label(text: object, width: int = 16) -> str:
+def wrap_label(text: object, width: int = 10) -> str:
     """An escaped tick label broken into lines of about `width` characters, after each '>' of a chain
     ("city>country>continent") or at spaces, so that a long label is shown whole, never cut."""
     import re
@@ -595,8 +595,8 @@ def head_attention_figure(result) -> go.Figure:
         specs=[[{}, {}], [{"colspan": 2}, None]],
         vertical_spacing=0.2,
         subplot_titles=(
-            "composed query: attention from the last token (subject in bold)",
-            "guide prompt: attention from the last token (bridge in bold)",
+            "composed query, from the last token (subject in bold)",
+            "guide prompt, from the last token (bridge in bold)",
             "share of the last token's attention, mean over items",
         ),
     )
@@ -661,7 +661,9 @@ def head_attention_figure(result) -> go.Figure:
             )
             for k, it in enumerate(shown)
         ]
-        fig.update_layout(updatemenus=[dict(buttons=buttons, active=first, x=0, xanchor="left", y=1.18, yanchor="top")])
+        fig.update_layout(
+            updatemenus=[dict(buttons=buttons, active=first, x=1, xanchor="right", y=1.2, yanchor="bottom")]
+        )
     fig.update_yaxes(title="head", row=1, col=1)
     fig.update_yaxes(title="share of attention", range=[0, 1], row=2, col=1)
     fig.update_xaxes(title="head", row=2, col=1)

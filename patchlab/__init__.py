@@ -42,6 +42,8 @@ _API = {
     "top_tokens": "patchlab.methods.lens",
     "locate": "patchlab.methods.locate",
     "LocateResult": "patchlab.methods.locate",
+    "attention_view": "patchlab.methods.heads",
+    "HeadAttentionResult": "patchlab.methods.heads",
     "compute_edit": "patchlab.methods.edit",
     "edit_each": "patchlab.methods.edit",
     "Edit": "patchlab.methods.edit",

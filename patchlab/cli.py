@@ -298,6 +298,42 @@ def locate(
 
 
 @app.command()
+def heads(
+    model: str = ModelOpt,
+    prompt_set: Optional[str] = PromptSetOpt,
+    heads: Optional[str] = typer.Option(None, "--heads", help="Heads to look at, e.g. 23.4,23.5."),
+    heads_from: Optional[Path] = typer.Option(None, "--heads-from", help="A `patchlab locate` result.json."),
+    top: int = typer.Option(2, "--top", help="With --heads-from: how many heads."),
+    ids: Optional[str] = typer.Option(None, "--ids", help="Comma-separated item ids (default: the first --max-items)."),
+    kinds: Optional[str] = KindsOpt,
+    per_kind: Optional[int] = PerKindOpt,
+    max_items: int = typer.Option(40, "--max-items", help="Without --ids: look at the first N items."),
+    gap: Optional[Path] = typer.Option(None, "--gap", help="result.json of `patchlab evaluate` (else evaluated now)."),
+    out: Path = typer.Option(Path("patchlab-out/heads"), "--out", "-o"),
+    device: Optional[str] = DeviceOpt,
+    dtype: str = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
+) -> None:
+    """Where located heads look from the last position: composed query vs guide prompt, correct vs failed."""
+    from patchlab.workflows import chain
+
+    out = _out_dir(out)
+    result = chain.heads(
+        _spec(model, device, dtype, device_map, max_memory),
+        _prompt_set(prompt_set, kinds, None, per_kind),
+        heads,
+        heads_from,
+        top,
+        _ids(ids),
+        max_items,
+        gap,
+        notify=_note,
+    )
+    _show(result, out)
+
+
+@app.command()
 def edit(
     model: str = ModelOpt,
     prompt_set: Optional[str] = PromptSetOpt,

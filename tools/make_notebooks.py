@@ -106,6 +106,19 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
         ),
         ("code", "result.figure()"),
         (
+            "md",
+            "**Where do the located heads look?** Each head's attention from the last token over the composed "
+            "question and over the guide prompt, and its share on the subject's and the bridge's tokens, for "
+            "questions the model answers right vs wrong (`patchlab heads`, see docs/attention.md). The menu picks "
+            "the item shown in the heatmaps.",
+        ),
+        (
+            "code",
+            "from patchlab.methods.heads import attention_view\n\nlooked_at = failures + gap.correct_items(prompts)[:len(failures)]\n"
+            "view = attention_view(model, looked_at, result.heads(2), gap=gap)\nview.summary",
+        ),
+        ("code", "view.figure()"),
+        (
             "code",
             "# save it; `patchlab edit --heads-from DIR/result.json` reads it back\npaths = result.save('locate-out')\npaths",
         ),

@@ -12,8 +12,25 @@ def esc(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
+def wrap_label(text: object, width: int = 10) -> str:
+    """An escaped tick label broken into lines of about `width` characters, after each '>' of a chain
+    ("city>country>continent") or at spaces, so that a long label is shown whole, never cut."""
+    import re
+
+    parts = [p for p in re.split(r"(?<=>)|(?<= )", str(text)) if p]
+    lines, line = [], ""
+    for part in parts:
+        if line and len(line) + len(part.rstrip()) > width:
+            lines.append(line)
+            line = ""
+        line += part
+    lines.append(line)
+    return "<br>".join(esc(l.strip()) for l in lines if l.strip())
+
+
 def gap_figure(result) -> go.Figure:
-    """Grouped bars per kind: hop1, hop2, composed accuracy and the gap share."""
+    """Grouped bars per kind: hop1, hop2, composed accuracy and the gap share; each kind's label written whole
+    (wrapped onto lines under its bars)."""
     kinds = [k for k in result.summary if k != "all"] + ["all"]
     fig = go.Figure()
     series = [
@@ -36,8 +53,16 @@ def gap_figure(result) -> go.Figure:
         barmode="group",
         title=f"Compositionality gap — {esc(result.model)}",
         yaxis=dict(title="share of items", range=[0, 1]),
-        xaxis=dict(title="kind of two-hop chain"),
-        legend=dict(orientation="h", y=-0.25),
+        xaxis=dict(
+            title="kind of two-hop chain",
+            tickmode="array",
+            tickvals=[esc(k) for k in kinds],
+            ticktext=[wrap_label(k) for k in kinds],
+            tickangle=0,
+            automargin=True,
+        ),
+        legend=dict(orientation="h", y=-0.35),
+        margin=dict(b=150),
         template="plotly_white",
     )
     return fig
@@ -544,5 +569,110 @@ def compare_figure(result) -> go.Figure:
         template="plotly_white",
         legend=dict(orientation="h", y=-0.2),
         title="Compositionality across models — " + esc(", ".join(result.models)),
+    )
+    return fig
+
+
+HEAD_VIEW_ITEMS = 25  # items whose per-token patterns the figure can show (all are in the JSON)
+SPAN_COLOR = {"subject": "#1f77b4", "bridge": "#ff7f0e"}
+
+
+def token_labels(tokens, span) -> list[str]:
+    """Escaped token labels for a tick axis, the tokens of `span` ([start, stop) or None) in bold."""
+    inside = range(*span) if span else range(0)
+    return [f"<b>{esc(t)}</b>" if i in inside else esc(t) for i, t in enumerate(tokens)]
+
+
+def head_attention_figure(result) -> go.Figure:
+    """Top: heads × tokens heatmaps of the last position's attention on the composed query and on the guide
+    prompt of one item (a menu picks the item; the subject / bridge tokens in bold). Bottom: the mean share
+    on the subject (composed) and the bridge (guide) per head, correct vs failed items."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(
+        rows=2,
+        cols=2,
+        specs=[[{}, {}], [{"colspan": 2}, None]],
+        vertical_spacing=0.2,
+        subplot_titles=(
+            "composed query, from the last token (subject in bold)",
+            "guide prompt, from the last token (bridge in bold)",
+            "share of the last token's attention, mean over items",
+        ),
+    )
+    heads = [esc(h) for h in result.heads]
+    shown = result.items[:HEAD_VIEW_ITEMS]
+    first = next((i for i, it in enumerate(shown) if it["group"] == "failed"), 0)
+    ticks = []
+    for k, it in enumerate(shown):
+        axes = {}
+        for col, prompt in ((1, "composed"), (2, "guide")):
+            view = it[prompt]
+            labels = token_labels(view["tokens"], view["span"])
+            positions = list(range(len(labels)))
+            fig.add_heatmap(
+                z=view["pattern"],
+                x=positions,
+                y=heads,
+                name=f"{esc(it['id'])}: {prompt}",
+                customdata=[labels] * len(heads),
+                hovertemplate="head %{y} → %{customdata} (position %{x}): %{z:.3f}<extra></extra>",
+                colorscale="Blues",
+                zmin=0,
+                zmax=1,
+                showscale=col == 1,
+                colorbar=dict(title="attention", len=0.4, y=0.8),
+                visible=k == first,
+                row=1,
+                col=col,
+            )
+            axes[f"xaxis{'' if col == 1 else col}.tickvals"] = positions
+            axes[f"xaxis{'' if col == 1 else col}.ticktext"] = labels
+        ticks.append(axes)
+    n_views = 2 * len(shown)
+    for prompt, entity in (("composed", "subject"), ("guide", "bridge")):
+        for group in ("correct", "failed"):
+            s = result.summary.get(group)
+            if not s or not s[prompt][entity]:
+                continue
+            label = f"{entity} ({prompt}), {group} (n={s[prompt]['n_found']})"
+            fig.add_bar(
+                x=heads,
+                y=s[prompt][entity],
+                name=label,
+                marker=dict(color=SPAN_COLOR[entity], pattern_shape="/" if group == "failed" else ""),
+                customdata=s[prompt]["rest"],
+                hovertemplate="head %{x}: " + label + " %{y:.3f}, rest %{customdata:.3f}<extra></extra>",
+                row=2,
+                col=1,
+            )
+    if shown:
+        fig.update_xaxes(tickmode="array", tickangle=-45, automargin=True, row=1)
+        fig.update_layout(ticks[first])
+    if len(shown) > 1:
+        buttons = [
+            dict(
+                label=esc(f"{it['id']} ({it['group']})"),
+                method="update",
+                args=[
+                    {"visible": [j // 2 == k for j in range(n_views)] + [True] * (len(fig.data) - n_views)},
+                    ticks[k],
+                ],
+            )
+            for k, it in enumerate(shown)
+        ]
+        fig.update_layout(
+            updatemenus=[dict(buttons=buttons, active=first, x=1, xanchor="right", y=1.2, yanchor="bottom")]
+        )
+    fig.update_yaxes(title="head", row=1, col=1)
+    fig.update_yaxes(title="share of attention", range=[0, 1], row=2, col=1)
+    fig.update_xaxes(title="head", row=2, col=1)
+    fig.update_layout(
+        barmode="group",
+        template="plotly_white",
+        height=760,
+        margin=dict(t=140),
+        legend=dict(orientation="h", y=-0.15),
+        title=f"Attention of heads {esc(', '.join(result.heads))} from the last position — {esc(result.model)}",
     )
     return fig

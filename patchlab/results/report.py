@@ -78,6 +78,12 @@ def _glance(results: list[tuple[Path, Result]], run: dict[str, Any]) -> list[tup
         rows.append(
             ("located heads (mean normalised effect)", f"{top} — {loc.n} items, {loc.method}, {loc.seconds:.0f} s")
         )
+    view = _first(results, "head-attention")
+    if view is not None and {"correct", "failed"} <= set(view.summary):
+        c, f = view.summary["correct"]["composed"], view.summary["failed"]["composed"]
+        if c["subject"] and f["subject"]:
+            shares = ", ".join(f"{h} {c['subject'][i]:.2f} vs {f['subject'][i]:.2f}" for i, h in enumerate(view.heads))
+            rows.append(("last-token attention on the subject (correct vs failed)", shares))
     if edit is not None:
         rows.append(("edited heads", ", ".join(edit.heads) + f" ({edit.target} target, {len(edit.items)} edits)"))
         for name, s in edit.summary.items():
@@ -199,7 +205,16 @@ def summary_figure(results: list[tuple[Path, Result]]):
             title = (
                 src.title.text if (axis == "yaxis" or row == 1) else None
             )  # top-row x titles would hit the titles below
-            update(type=src.type, title_text=title, range=src.range, autorange=src.autorange, row=row + 1, col=col + 1)
+            ticks = {k: src[k] for k in ("tickmode", "tickvals", "ticktext") if src[k] is not None}
+            update(
+                type=src.type,
+                title_text=title,
+                range=src.range,
+                autorange=src.autorange,
+                **ticks,
+                row=row + 1,
+                col=col + 1,
+            )
     fig.update_layout(
         template="plotly_white",
         showlegend=False,

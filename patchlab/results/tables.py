@@ -217,3 +217,22 @@ def compare_table(result) -> TableData:
         ["model", "params", "layers", "instr.", *result.tasks, *(["gap share"] if result.gap else [])],
         rows,
     )
+
+
+def head_attention_table(result) -> TableData:
+    """Per head and outcome group: the last position's attention share on the subject (composed query) and on
+    the bridge (guide prompt), the rest beside each."""
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    rows = []
+    for hi, head in enumerate(result.heads):
+        for group, s in result.summary.items():
+            cells = []
+            for prompt, entity in (("composed", "subject"), ("guide", "bridge")):
+                p = s[prompt]
+                cells += [fmt(p[entity][hi] if p[entity] else None), fmt(p["rest"][hi] if p["rest"] else None)]
+            rows.append([head, f"{group} (n={s['n']})", *cells])
+    return TableData(
+        f"Attention from the last position — {result.model}",
+        ["head", "items", "subject (composed)", "rest (composed)", "bridge (guide)", "rest (guide)"],
+        rows,
+    )

@@ -47,14 +47,39 @@ def base_hash(model) -> str:
     return cached
 
 
-def _dist_version(dist: str) -> str:
-    """An installed distribution's version (TransformerLens 4.x has no `__version__` attribute)."""
-    from importlib.metadata import PackageNotFoundError, version
+def _dist_version(dist: str, module: str | None = None) -> str:
+    """An installed distribution's version, found however it was installed (TransformerLens 4.x has no
+    `__version__` attribute; its distribution is `transformer-lens`, older ones `transformer_lens` or
+    `TransformerLens`, and a checkout on the path has its metadata beside the package, not on sys.path).
 
+    Tried in turn: the distribution's names, the distribution that provides `module` (importlib's
+    packages_distributions), metadata in the folder the imported module lives in, the module's
+    `__version__`; "unknown" only when none says."""
+    import importlib.metadata as md
+    import sys
+
+    module = module or dist.replace("-", "_")
+    names = [dist, dist.replace("-", "_"), dist.replace("_", "-")]
     try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "unknown"
+        names += md.packages_distributions().get(module, [])
+    except Exception:  # a broken metadata folder elsewhere must not hide this one
+        pass
+    for name in dict.fromkeys(names):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    loaded = sys.modules.get(module)
+    folder = getattr(loaded, "__path__", None)
+    if folder:
+        import os
+
+        here = os.path.dirname(list(folder)[0])
+        for d in md.distributions(path=[here]):
+            top = (d.read_text("top_level.txt") or "").split()
+            if module in top or (d.metadata["Name"] or "").lower().replace("-", "_") == module.lower():
+                return d.version
+    return str(getattr(loaded, "__version__", None) or "unknown")
 
 
 def provenance(model=None, seed: int | None = None, **extra: Any) -> dict[str, Any]:
@@ -65,7 +90,7 @@ def provenance(model=None, seed: int | None = None, **extra: Any) -> dict[str, A
         "patchlab": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "transformer_lens": _dist_version("transformer-lens"),
+        "transformer_lens": _dist_version("transformer-lens", "transformer_lens"),
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "seed": seed,

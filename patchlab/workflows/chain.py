@@ -163,6 +163,32 @@ def chosen_heads(model, heads: str | HeadSet | None, heads_from: Path | None, to
     return from_result(heads_from, model, top)
 
 
+def heads(
+    spec: ModelSpec,
+    ps: PromptSet,
+    heads: str | HeadSet | None = None,
+    heads_from: Path | None = None,
+    top: int = 2,
+    ids: Sequence[str] | None = None,
+    max_items: int = 40,
+    gap: Path | None = None,
+    notify: Notify = silent,
+):
+    """The attention of the chosen heads (typed, or the best `top` of a locate result) from the last position of
+    the chosen items' composed queries and guide prompts (by id, else the first `max_items`), correct vs failed."""
+    from patchlab.methods.heads import attention_view
+
+    if max_items < 1:
+        raise PatchlabError(f"must be >= 1, got {max_items}", param="max_items")
+    if isinstance(heads, str):
+        heads = HeadSet.parse(heads)  # the syntax now; checked against the model once it is loaded
+    items = list(ps.filter(ids=list(ids))) if ids else list(ps)[:max_items]
+    m = spec.load(workload("forward", items, with_gap=gap is None), notify)
+    chosen = chosen_heads(m, heads, heads_from, top)
+    g = gap_for(m, items, gap)
+    return attention_view(m, items, chosen, gap=g)
+
+
 @dataclass
 class EditRun:
     """What `edit` produced: the computed edits, their before/after report, and the routed modules (if asked)."""

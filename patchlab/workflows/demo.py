@@ -1,4 +1,4 @@
-"""The whole chain in one call — gap → lens → locate → edit → report — as `patchlab demo` runs it."""
+"""The whole chain in one call — gap → lens → locate → head attention → edit → report — as `patchlab demo` runs it."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def run_demo(
     from patchlab.methods.edit import EditConfig, edit_each
     from patchlab.methods.editeval import evaluate_edits, kl_prompts
     from patchlab.methods.gap import evaluate_gap
+    from patchlab.methods.heads import attention_view
     from patchlab.methods.locate import locate
 
     out, timings = Path(out), {}
@@ -52,6 +53,11 @@ def run_demo(
     timings["locate"] = time.perf_counter() - start
     step("locate", loc, "locate")
     heads = loc.heads(2)
+    start = time.perf_counter()
+    n_view = 6 if quick else 12
+    view = attention_view(model, fails[:n_view] + gap.correct_items(ps)[:n_view], heads, gap=gap)
+    timings["heads"] = time.perf_counter() - start
+    step("heads", view, "heads")
     start = time.perf_counter()
     unrelated, exclude = kl_prompts(list(ps), gap)
     edits = edit_each(model, fails[: 4 if quick else 20], heads, EditConfig(target="optimize"), unrelated=unrelated)

@@ -11,7 +11,7 @@ from patchlab.results.base import Result
 from patchlab.results.report import build_report, find_results
 from patchlab.runs.registry import load_plugins
 
-SECTION_IDS = ["summary", "gap", "lens", "bridge-intervention", "locate", "edit-report"]
+SECTION_IDS = ["summary", "gap", "lens", "bridge-intervention", "locate", "head-attention", "edit-report"]
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +45,12 @@ def test_demo_report_has_every_section_and_answers_the_three_questions(demo_dir)
     assert f"{c['before']:.2f} → {c['after']:.2f}" in summary  # what the edit changed
     assert "s per edit" in summary and "run time" in summary  # what it cost
     run = json.loads((demo_dir / "run.json").read_text())
-    assert set(run["timings"]) == {"evaluate", "lens", "locate", "edit"} and all(v > 0 for v in run["timings"].values())
+    assert set(run["timings"]) == {"evaluate", "lens", "locate", "heads", "edit"}
+    assert all(v > 0 for v in run["timings"].values())
     for key in ("torch", "transformers", "transformer_lens", "smollm2-135m"):
         assert key in summary
+    assert "<th>transformer_lens</th><td>unknown" not in summary
+    assert "last-token attention on the subject" in summary  # the located heads' attention, correct vs failed
 
 
 @pytest.mark.real
@@ -99,12 +102,14 @@ def test_every_result_type_declares_its_section_in_its_class():
         "emergence-experiment",
         "compare",
         "mechanisms",
+        "head-attention",
     } <= set(sections)
-    assert list(sections)[:5] == [
+    assert list(sections)[:6] == [
         "gap",
         "lens",
         "bridge-intervention",
         "locate",
+        "head-attention",
         "edit-report",
     ]  # the value chain first
     for kind, cls in sections.items():

@@ -34,7 +34,16 @@ from patchlab.runtime.bridge import model_name
 from patchlab.runtime.identity import provenance
 from patchlab.runtime.scoring import answer_token_id, encode
 from patchlab.runtime.shards import shard_task
-from patchlab.runtime.trace import attached, check_run_from_layer, frozen, run_from_layer, trace
+from patchlab.runtime.trace import (
+    attached,
+    check_prefix_cache,
+    check_run_from_layer,
+    frozen,
+    prefix_cache,
+    repeated,
+    run_from_layer,
+    trace,
+)
 
 SITES = sites.PATCH_SITES
 POSITIONS = ("all", "each", "last")
@@ -212,6 +221,10 @@ def exact_patch(
         )
     layers = sorted(range(model.cfg.n_layers) if layers is None else layers)
     fast = fast and check_run_from_layer(model, corrupted.tokens, corrupted.resid)
+    # a last-position patch leaves every earlier position alone in every layer: their keys / values come from
+    # the corrupted run's cache and only the last token is recomputed, from the patched layer up
+    kv = fast and positions == "last" and n_pos > 1 and check_prefix_cache(model, corrupted.tokens, corrupted.resid)
+    prefix = prefix_cache(model, corrupted.tokens[:, :-1]) if kv else None
     jobs = []  # (layer, mask, key)
     for layer in layers:
         masks, index = patch_masks(site, positions, n_pos, model.cfg.n_heads, (heads or {}).get(layer))
@@ -222,9 +235,14 @@ def exact_patch(
         for layer in sorted({j[0] for j in chunk}):
             masks = torch.stack([m if l == layer else torch.zeros_like(m) for l, m, _ in chunk])
             clean_act = _aligned(clean.acts[site][layer], n_pos, positions)
+            if prefix is not None:
+                masks, clean_act = masks[:, -1:], clean_act[-1:]
             hooks.append((SITES[site](layer), _patch_hook(masks, clean_act)))
         with torch.inference_mode():
-            logits = _patched_logits(model, corrupted, chunk[0][0], len(chunk), hooks, fast)
+            if prefix is None:
+                logits = _patched_logits(model, corrupted, chunk[0][0], len(chunk), hooks, fast)
+            else:
+                logits = _last_token_logits(model, corrupted, chunk[0][0], len(chunk), hooks, prefix)
         for (_, _, key), v in zip(chunk, metric(logits.float()).tolist()):
             out[key] = v
     return out
@@ -249,6 +267,14 @@ def _aligned(act: Tensor, n_pos: int, positions: str) -> Tensor:
     placed = torch.zeros((n_pos, *act.shape[1:]), dtype=act.dtype, device=act.device)
     placed[-1] = act[-1]
     return placed
+
+
+def _last_token_logits(model, corrupted: RunCache, layer: int, copies: int, hooks: list, prefix) -> Tensor:
+    """Last-position logits of `copies` corrupted runs patched at the last position only: the last token enters
+    `layer` with the corrupted residual and attends to the cached prefix (exact: causal attention)."""
+    resid = corrupted.resid[layer][-1:][None].expand(copies, -1, -1).clone()
+    last = torch.zeros(copies, dtype=torch.long, device=resid.device)
+    return run_from_layer(model, resid, layer, last, hooks, past=repeated(prefix, copies))
 
 
 def _patched_logits(model, corrupted: RunCache, layer: int, copies: int, hooks: list, fast: bool) -> Tensor:

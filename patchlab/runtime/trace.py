@@ -19,6 +19,7 @@ self-checked against a full forward per model).
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -178,14 +179,15 @@ def _skipping(layers: torch.nn.ModuleList, start: int) -> Iterator[None]:
 
 
 def run_from_layer(
-    model, resid: Float[Tensor, "b pos d"], start: int, last: Int[Tensor, " b"], patch: Hooks = ()
+    model, resid: Float[Tensor, "b pos d"], start: int, last: Int[Tensor, " b"], patch: Hooks = (), past=None
 ) -> Float[Tensor, "b vocab"]:
     """Logits at positions `last` ([b], or [b, k] for k positions per row) when `resid` enters block `start`
-    (blocks < start are not run)."""
+    (blocks < start are not run). With `past` (a `prefix_cache` of b rows), `resid` holds only the positions
+    after that prefix: they attend to the prefix's cached keys / values instead of recomputing them."""
     base, layers = _decoder(model)
     hf = hf_module(model)
     with _skipping(layers, start), attached(model, patch):
-        hidden = base(inputs_embeds=resid, use_cache=False).last_hidden_state
+        hidden = base(inputs_embeds=resid, past_key_values=past, use_cache=False).last_hidden_state
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     logits = hf.get_output_embeddings()(hidden[rows if last.dim() == 1 else rows[:, None], last])
     cap = getattr(hf.config, "final_logit_softcapping", None)
@@ -206,4 +208,37 @@ def check_run_from_layer(model, tokens: Tensor, resid: Sequence[Tensor], atol: f
         for l in sorted({0, model.cfg.n_layers // 2, model.cfg.n_layers - 1})
     )
     model._patchlab_skip_ok = ok
+    return ok
+
+
+def prefix_cache(model, tokens: Int[Tensor, "1 pos"]):
+    """The keys / values every layer computes for `tokens` (one row): Hugging Face's cache of the prefix."""
+    with torch.inference_mode():
+        return hf_module(model)(input_ids=tokens, use_cache=True).past_key_values
+
+
+def repeated(cache, rows: int):
+    """A copy of a one-row prefix cache with `rows` rows (the original stays as it was)."""
+    out = copy.deepcopy(cache)
+    out.batch_repeat_interleave(rows)
+    return out
+
+
+def check_prefix_cache(model, tokens: Tensor, resid: Sequence[Tensor], atol: float = 1e-4) -> bool:
+    """Does the last token entering a layer with the prefix's cached keys / values reproduce the full forward
+    on this model? (cached per model; where it does not, callers recompute every position)"""
+    cached = getattr(model, "_patchlab_prefix_ok", None)
+    if cached is not None:
+        return cached
+    full = model(tokens)[0, -1]
+    if not torch.isfinite(full).all() or tokens.shape[1] < 2:
+        return False
+    prefix = prefix_cache(model, tokens[:, :-1])
+    first = torch.zeros(1, dtype=torch.long, device=tokens.device)
+    ok = all(
+        (run_from_layer(model, resid[l][None, -1:], l, first, past=repeated(prefix, 1))[0] - full).abs().max().item()
+        <= atol
+        for l in sorted({0, model.cfg.n_layers // 2, model.cfg.n_layers - 1})
+    )
+    model._patchlab_prefix_ok = ok
     return ok

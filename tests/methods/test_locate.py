@@ -61,6 +61,26 @@ def test_exact_by_pos_equals_transformerlens_tiny(tiny):
         assert abs(v - ref[l, p, h].item()) <= 1e-4
 
 
+def last_position_reference(model, pair, layers):
+    """TransformerLens' by-position head patching restricted to the last position (its own index frame)."""
+    last = len(pair.corrupted) - 1
+    rows = [(l, last, h) for l in layers for h in range(model.cfg.n_heads)]
+    index = pd.DataFrame(rows, columns=["layer", "pos", "head"])
+    return rows, tl_reference(model, pair, patching.get_act_patch_attn_head_out_by_pos, index_df=index).flatten()
+
+
+def test_last_position_reuses_the_prefix_and_equals_transformerlens_tiny(tiny):
+    pair = tiny_pair(tiny)
+    clean, corrupted = L.run_cache(tiny, pair.clean), L.run_cache(tiny, pair.corrupted)
+    metric = L.logit_diff_metric(pair.answer, pair.contrast)
+    ours = L.exact_patch(tiny, clean, corrupted, metric, positions="last")
+    assert tiny._patchlab_prefix_ok  # the cached-prefix path ran, after checking itself against a full forward
+    slow = L.exact_patch(tiny, clean, corrupted, metric, positions="last", fast=False)
+    rows, ref = last_position_reference(tiny, pair, range(tiny.cfg.n_layers))
+    for (l, _, h), r in zip(rows, ref.tolist()):
+        assert abs(ours[(l, None, h)] - r) <= 1e-4 and abs(slow[(l, None, h)] - r) <= 1e-4
+
+
 def test_layer_level_sites_and_masks(tiny):
     masks, index = L.patch_masks("z", "each", n_pos=3, n_heads=2)
     assert masks.shape == (6, 3, 2) and masks.sum().item() == 6 and index[0] == (0, 0)
@@ -126,6 +146,17 @@ def test_exact_equals_transformerlens_on_real_model(smol, shipped):
     ref = tl_reference(smol, pair, patching.get_act_patch_attn_head_out_all_pos, index_df=index)
     got = torch.tensor([ours[(l, None, h)] for l in layers for h in range(smol.cfg.n_heads)])
     assert (got - ref.flatten()).abs().max().item() <= 1e-4
+
+
+def test_last_position_equals_transformerlens_on_real_model(smol, shipped):
+    pair = L.template_pairs(smol, list(shipped)[:40], list(shipped))[0]
+    clean, corrupted = L.run_cache(smol, pair.clean), L.run_cache(smol, pair.corrupted)
+    layers = [0, 14, 23, 29]
+    ours = L.exact_patch(smol, clean, corrupted, L.logit_diff_metric(pair.answer, pair.contrast), "z", "last", layers)
+    assert smol._patchlab_prefix_ok
+    rows, ref = last_position_reference(smol, pair, layers)
+    got = torch.tensor([ours[(l, None, h)] for l, _, h in rows])
+    assert (got - ref).abs().max().item() <= 1e-4
 
 
 @pytest.mark.real

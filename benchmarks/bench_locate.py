@@ -1,4 +1,6 @@
-"""Head patching on the default model: TransformerLens' loop vs patchlab exact vs patchlab attribution.
+"""Head patching on the default model: TransformerLens' loop vs patchlab exact vs patchlab attribution, and
+last-position patching (TransformerLens' by-position loop restricted to the last position, vs patchlab's
+cached-prefix path that recomputes only the last token).
 
 Same prompt pairs, same process, side by side. Prints seconds and ratios, the max abs difference of
 exact vs TransformerLens, the top-10 overlap and Spearman correlation of attribution vs exact, and the
@@ -13,6 +15,7 @@ import resource
 import time
 
 import numpy as np
+import pandas as pd
 import torch
 from transformer_lens import patching
 
@@ -39,7 +42,8 @@ def main() -> None:
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     items = list(PromptSet.shipped())
     pairs = L.template_pairs(model, items[:80], items)[: args.pairs]
-    t_tl = t_ex = t_at = 0.0
+    t_tl = t_ex = t_at = t_tl_last = t_last = 0.0
+    last_diffs = []
     diffs, overlaps, rhos = [], [], []
     for pair in pairs:
         clean, corrupted = L.run_cache(model, pair.clean), L.run_cache(model, pair.corrupted)
@@ -55,6 +59,19 @@ def main() -> None:
         start = time.perf_counter()
         attr = grid(L.attribution_patch(model, clean, pair, positions="all"), n_layers, n_heads)
         t_at += time.perf_counter() - start
+        last_index = pd.DataFrame(
+            [(l, len(pair.corrupted) - 1, h) for l in range(n_layers) for h in range(n_heads)],
+            columns=["layer", "pos", "head"],
+        )
+        start = time.perf_counter()
+        tl_last = patching.get_act_patch_attn_head_out_by_pos(
+            model, corrupted.tokens, tl_cache, tl_metric, index_df=last_index, index_axis_names=None
+        )
+        t_tl_last += time.perf_counter() - start
+        start = time.perf_counter()
+        last = grid(L.exact_patch(model, clean, corrupted, metric, positions="last"), n_layers, n_heads)
+        t_last += time.perf_counter() - start
+        last_diffs.append((last.flatten() - tl_last.flatten()).abs().max().item())
         diffs.append((exact - tl).abs().max().item())
         effect = (exact - metric(corrupted.last_logits[None]).item()).flatten().numpy()
         a = attr.flatten().numpy()
@@ -70,6 +87,10 @@ def main() -> None:
         f"\nper pair (270 heads, all positions): TransformerLens {t_tl / n:.2f} s | patchlab exact "
         f"{t_ex / n:.2f} s ({t_tl / t_ex:.1f}x) | patchlab attribution {t_at / n:.3f} s ({t_tl / t_at:.0f}x)"
     )
+    print(
+        f"per pair (270 heads, last position): TransformerLens {t_tl_last / n:.2f} s | patchlab cached prefix "
+        f"{t_last / n:.3f} s ({t_tl_last / t_last:.0f}x)"
+    )
     gap_items = items[:60]
     start = time.perf_counter()
     result = L.locate(model, gap_items[:8], setup="guide", method="both", progress=False)
@@ -78,6 +99,8 @@ def main() -> None:
     print(f"exact_speedup={t_tl / t_ex:.2f}")
     print(f"attribution_speedup={t_tl / t_at:.1f}")
     print(f"exact_max_abs_diff={max(diffs):.3g}")
+    print(f"lastpos_speedup={t_tl_last / t_last:.1f}")
+    print(f"lastpos_max_abs_diff={max(last_diffs):.3g}")
     print(f"top10_overlap={np.mean(overlaps):.2f}")
     print(f"spearman={np.mean(rhos):.3f}")
     print(f"peak_rss_gb={peak_gb:.2f}")

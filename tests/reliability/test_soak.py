@@ -2,7 +2,7 @@
 on the real SmolLM2: the weights stay bit-identical (sha256 of every parameter) and the process's memory
 flat (VmRSS at the end and the peak VmHWM over the cycles, both within 5% of VmRSS after a warm-up).
 
-The full soak is 1,000 cycles of each (PATCHLAB_SOAK=1; ~10 min on 2 busy cores: an apply fingerprints
+The full soak is 1,000 cycles of each (PATCHLAB_SOAK=1; 13 min on 2 busy cores: an apply fingerprints
 every parameter to prove that only the edited columns moved, a routed cycle runs a forward). Without it
 each runs 50 cycles (the same checks, on a shorter run).
 """

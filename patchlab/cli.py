@@ -1,7 +1,8 @@
 """The `patchlab` command line: a thin typer layer that parses, calls the Python API, prints, and writes.
 
-Every command writes `result.json` + `figure.html` into `--out` (each file atomically). Bad input
-raises `PatchlabError`, which `main` prints as one line on stderr with exit code 2.
+Every command holds its `--out` folder for the whole run (a second run into it is refused) and writes
+`result.json` + `figure.html` (and its other files) into it as one unit (`patchlab.core.io.OutFolder`).
+Bad input raises `PatchlabError`, which `main` prints as one line on stderr with exit code 2.
 """
 
 from __future__ import annotations
@@ -53,10 +54,11 @@ ShardSizeOpt = typer.Option(8, "--shard-size", help="Items per shard (part of th
 QuietOpt = typer.Option(False, "--quiet", help="No progress bars (logs only).")
 
 
-def _out_dir(out: Path) -> Path:
-    if out.exists() and not out.is_dir():
-        raise PatchlabError("exists and is not a directory", where=f"--out {out}")
-    return out
+def _output(out: Path):
+    """The `--out` folder, locked for the command (refused while another run holds it); written as one unit."""
+    from patchlab.core.io import OutFolder
+
+    return OutFolder(out)
 
 
 def _prompt_set(
@@ -123,12 +125,12 @@ def _written(paths: dict) -> None:
         console.print(f"[green]wrote[/green] {name}: {path}")
 
 
-def _show(result, out: Path, name: Optional[str] = None, **table_kw) -> None:
-    """Print a result's table and write its JSON + figure into `out`."""
+def _show(result, out, **table_kw) -> None:
+    """Print a result's table and write its JSON + figure into `out` (an `OutFolder`), as one unit."""
     table = result.table(**table_kw)
     if table is not None:
         console.print(table.to_rich())
-    _written(result.save(out, name=name))
+    _written(out.write(result.save))
 
 
 @app.command()
@@ -157,16 +159,17 @@ def evaluate(
     from patchlab.workflows import chain
 
     _quiet(quiet)
-    result = chain.evaluate(
-        _spec(model, device, dtype, device_map, max_memory),
-        _prompt_set(prompt_set, kinds, limit, per_kind),
-        _out_dir(out),
-        _scale(run_dir, resume, backend, workers, threads, ray_address, shard_size),
-        batch_size,
-        notify=_note,
-    )
-    _report_run(result)
-    _show(result, out)
+    with _output(out) as o:
+        result = chain.evaluate(
+            _spec(model, device, dtype, device_map, max_memory),
+            _prompt_set(prompt_set, kinds, limit, per_kind),
+            out,
+            _scale(run_dir, resume, backend, workers, threads, ray_address, shard_size),
+            batch_size,
+            notify=_note,
+        )
+        _report_run(result)
+        _show(result, o)
 
 
 @app.command()
@@ -198,42 +201,44 @@ def lens(
     """Logit lens (bridge vs answer, correct vs failed) and the bridge-entity intervention."""
     from patchlab.workflows import chain
 
-    out = _out_dir(out)
-    words = [w.strip() for w in track.split(",") if w.strip()] if track else []
-    ps = None if prompt is not None else _prompt_set(prompt_set, kinds, limit, per_kind)
-    if ps is not None and ids:
-        ps = ps.filter(ids=_ids(ids))
-    run = chain.lens(
-        _spec(model, device, dtype, device_map, max_memory),
-        ps,
-        prompt,
-        words,
-        gap,
-        positions,
-        intervene,
-        intervene_layers,
-        intervene_items,
-        controls,
-        orthogonal,
-        top_k,
-        notify=_note,
-    )
-    if prompt is not None:
-        for word, v in run.main.tracked.items():
-            console.print(f"{word}: rank at the last position per layer: {[r[-1] for r in v['rank']]}")
-        _written(run.main.save(out))
-        return
-    _show(run.main, out)
-    for item_id, view in run.positions:
-        _written(view.save(out / "positions", name=item_id))
-    if run.intervention is not None:
-        iv = run.intervention
-        best = min(range(len(iv.layers)), key=lambda i: iv.summary["bridge_mean"][i])
-        console.print(
-            f"bridge intervention on {run.correct} correct items: strongest at layer {iv.layers[best]}: "
-            f"Δp(answer) {iv.summary['bridge_mean'][best]:+.4f} (control {iv.summary['control_mean'][best]:+.4f})"
+    with _output(out) as o:
+        words = [w.strip() for w in track.split(",") if w.strip()] if track else []
+        ps = None if prompt is not None else _prompt_set(prompt_set, kinds, limit, per_kind)
+        if ps is not None and ids:
+            ps = ps.filter(ids=_ids(ids))
+        run = chain.lens(
+            _spec(model, device, dtype, device_map, max_memory),
+            ps,
+            prompt,
+            words,
+            gap,
+            positions,
+            intervene,
+            intervene_layers,
+            intervene_items,
+            controls,
+            orthogonal,
+            top_k,
+            notify=_note,
         )
-        _written(iv.save(out, name="intervention"))
+        if prompt is not None:
+            for word, v in run.main.tracked.items():
+                console.print(f"{word}: rank at the last position per layer: {[r[-1] for r in v['rank']]}")
+        else:
+            console.print(run.main.table().to_rich())
+            flagged = [it["id"] for it in run.main.items if it.get("flagged")]
+            if flagged:
+                console.print(f"[yellow]flagged (non-finite lens logits): {', '.join(flagged)}[/yellow]")
+        if run.intervention is not None:
+            iv = run.intervention
+            if iv.summary["bridge_mean"] and all(v is not None for v in iv.summary["bridge_mean"]):
+                best = min(range(len(iv.layers)), key=lambda i: iv.summary["bridge_mean"][i])
+                console.print(
+                    f"bridge intervention on {run.correct} correct items: strongest at layer {iv.layers[best]}: "
+                    f"Δp(answer) {iv.summary['bridge_mean'][best]:+.4f} "
+                    f"(control {iv.summary['control_mean'][best]:+.4f})"
+                )
+        _written(o.write(run.save))
 
 
 @app.command()
@@ -272,29 +277,30 @@ def locate(
     from patchlab.workflows import chain
 
     _quiet(quiet)
-    result = chain.locate(
-        _spec(model, device, dtype, device_map, max_memory),
-        _prompt_set(prompt_set, kinds),
-        _out_dir(out),
-        _scale(run_dir, resume, backend, workers, threads, ray_address, shard_size),
-        setup,
-        method,
-        site,
-        positions,
-        top,
-        verify,
-        max_items,
-        _ids(ids),
-        gap,
-        notify=_note,
-    )
-    _report_run(result)
-    console.print(result.table(top).to_rich())
-    console.print(
-        f"[dim]{result.n} items patched in {result.seconds:.1f} s; "
-        f"{sum(r['flagged'] for r in result.items)} flagged[/dim]"
-    )
-    _written(result.save(out))
+    with _output(out) as o:
+        result = chain.locate(
+            _spec(model, device, dtype, device_map, max_memory),
+            _prompt_set(prompt_set, kinds),
+            out,
+            _scale(run_dir, resume, backend, workers, threads, ray_address, shard_size),
+            setup,
+            method,
+            site,
+            positions,
+            top,
+            verify,
+            max_items,
+            _ids(ids),
+            gap,
+            notify=_note,
+        )
+        _report_run(result)
+        console.print(result.table(top).to_rich())
+        console.print(
+            f"[dim]{result.n} items patched in {result.seconds:.1f} s; "
+            f"{sum(r['flagged'] for r in result.items)} flagged[/dim]"
+        )
+        _written(o.write(result.save))
 
 
 @app.command()
@@ -381,35 +387,39 @@ def edit(
     from patchlab.methods.edit import EditConfig
     from patchlab.workflows import chain
 
-    out = _out_dir(out)
-    run = chain.edit(
-        _spec(model, device, dtype, device_map, max_memory),
-        _prompt_set(prompt_set),
-        heads,
-        heads_from,
-        top,
-        _ids(ids),
-        failures,
-        EditConfig(
-            covariance=covariance,
-            **_given(
-                target=target, phrasings=phrasings, whole_answer=whole_answer, null_space=null_space, preserve=preserve
+    with _output(out) as o:
+        run = chain.edit(
+            _spec(model, device, dtype, device_map, max_memory),
+            _prompt_set(prompt_set),
+            heads,
+            heads_from,
+            top,
+            _ids(ids),
+            failures,
+            EditConfig(
+                covariance=covariance,
+                **_given(
+                    target=target,
+                    phrasings=phrasings,
+                    whole_answer=whole_answer,
+                    null_space=null_space,
+                    preserve=preserve,
+                ),
             ),
-        ),
-        batch,
-        held_out,
-        max_items,
-        gap,
-        routed,
-        notify=_note,
-    )
-    console.print(run.report.table().to_rich())
-    written = run.save(out)
-    console.print(
-        f"[green]wrote[/green] {len(run.edits)} edit file(s){' and routed modules' if routed else ''} under "
-        f"{out / 'edits'}"
-    )
-    _written(written)
+            batch,
+            held_out,
+            max_items,
+            gap,
+            routed,
+            notify=_note,
+        )
+        console.print(run.report.table().to_rich())
+        written = o.write(run.save)
+        console.print(
+            f"[green]wrote[/green] {len(run.edits)} edit file(s){' and routed modules' if routed else ''} under "
+            f"{out / 'edits'}"
+        )
+        _written(written)
 
 
 @app.command()
@@ -436,17 +446,18 @@ def apply(
     from patchlab.workflows import chain
 
     _quiet(quiet)
-    report = chain.apply(
-        _spec(model, device, dtype, device_map, max_memory),
-        edit_file,
-        _prompt_set(prompt_set),
-        _out_dir(out),
-        _scale(run_dir, resume, backend, workers, threads, ray_address, shard_size),
-        gap,
-        notify=_note,
-    )
-    _report_run(report)
-    _show(report, out)
+    with _output(out) as o:
+        report = chain.apply(
+            _spec(model, device, dtype, device_map, max_memory),
+            edit_file,
+            _prompt_set(prompt_set),
+            out,
+            _scale(run_dir, resume, backend, workers, threads, ray_address, shard_size),
+            gap,
+            notify=_note,
+        )
+        _report_run(report)
+        _show(report, o)
 
 
 @app.command()
@@ -463,15 +474,25 @@ def demo(
     from patchlab.workflows.demo import run_demo
     from patchlab.workflows.setup import workload
 
-    out = _out_dir(out)
-    ps = _prompt_set(None, None, None, per_kind if per_kind is not None else (4 if quick else None))
-    quick = quick or per_kind is not None
-    m = _spec(model, None, dtype, device_map, max_memory).load(workload("demo", ps), notify=_note)
-    show = {"locate": {"top": 8}}
-    page = run_demo(
-        m, ps, out, quick=quick, on_result=lambda name, r: console.print(r.table(**show.get(name, {})).to_rich())
-    )
-    console.print(f"[bold green]report:[/bold green] {page}")
+    with _output(out) as o:
+        ps = _prompt_set(None, None, None, per_kind if per_kind is not None else (4 if quick else None))
+        quick = quick or per_kind is not None
+        m = _spec(model, None, dtype, device_map, max_memory).load(workload("demo", ps), notify=_note)
+        show = {"locate": {"top": 8}}
+        pages = o.write(
+            lambda stage: {
+                "report": run_demo(
+                    m,
+                    ps,
+                    stage,
+                    quick=quick,
+                    on_result=lambda name, r: console.print(r.table(**show.get(name, {})).to_rich()),
+                    shown=out,
+                )
+            }
+        )
+        page = pages["report"]
+        console.print(f"[bold green]report:[/bold green] {page}")
 
 
 @app.command()
@@ -484,9 +505,11 @@ def report(
     ),
 ) -> None:
     """Build one self-contained HTML page from the JSON results found under FOLDER."""
+    from patchlab.core.io import OutFolder
     from patchlab.workflows.report import report as build
 
-    page, *picture = build(folder, out=out, title=title, png=png)
+    with OutFolder((out or folder / "report.html").parent, whole=False):  # one writer at a time in that folder
+        page, *picture = build(folder, out=out, title=title, png=png)
     console.print(f"[bold green]report:[/bold green] {page}")
     for path in picture:
         console.print(f"[green]wrote[/green] {path}")
@@ -525,32 +548,32 @@ def retune_cmd(
     """Fine-tune on a task, plain or with CARMA; measure accuracy, synonym robustness and an edit's correction."""
     from patchlab.workflows import studies
 
-    out = _out_dir(out)
-    result = studies.retune(
-        _spec(model, device, dtype, device_map, max_memory),
-        task,
-        edit_file,
-        carma,
-        lam,
-        gamma,
-        eta,
-        params,
-        steps,
-        lr,
-        warmup,
-        clip,
-        batch_size,
-        seed,
-        checkpoint_every,
-        resume,
-        eval_items,
-        prompt_set,
-        out,
-        notify=_note,
-    )
-    console.print(result.table().to_rich())
-    console.print(f"[green]wrote[/green] checkpoint: {result.checkpoint}")
-    _written(result.save(out))
+    with _output(out) as o:
+        result = studies.retune(
+            _spec(model, device, dtype, device_map, max_memory),
+            task,
+            edit_file,
+            carma,
+            lam,
+            gamma,
+            eta,
+            params,
+            steps,
+            lr,
+            warmup,
+            clip,
+            batch_size,
+            seed,
+            checkpoint_every,
+            resume,
+            eval_items,
+            prompt_set,
+            out,
+            notify=_note,
+        )
+        console.print(result.table().to_rich())
+        console.print(f"[green]wrote[/green] checkpoint: {result.checkpoint}")
+        _written(o.write(result.save))
 
 
 @app.command()
@@ -586,29 +609,29 @@ def mechanisms(
     """Stack edits one stage after another, plain (summed into W_O) vs routed modules: retention, correction, locality."""
     from patchlab.workflows import studies
 
-    out = _out_dir(out)
-    result = studies.mechanisms(
-        _spec(model, device, dtype, device_map, max_memory),
-        _prompt_set(prompt_set),
-        edits,
-        more or [],
-        gap,
-        stages,
-        gate,
-        orthogonal,
-        key_heads,
-        n_test,
-        notify=_note,
-    )
-    console.print(result.table().to_rich())
-    for name, d in result.dependence.items():
-        console.print(
-            f"dependence ({name}): HSIC {d['hsic']:.4f} (shuffled {d['hsic_null']:.4f}), mean |r| {d['abs_r']:.3f}"
-            if d.get("hsic") is not None
-            else f"dependence ({name}): one module"
+    with _output(out) as o:
+        result = studies.mechanisms(
+            _spec(model, device, dtype, device_map, max_memory),
+            _prompt_set(prompt_set),
+            edits,
+            more or [],
+            gap,
+            stages,
+            gate,
+            orthogonal,
+            key_heads,
+            n_test,
+            notify=_note,
         )
-    console.print(f"routing costs {result.cost['ratio']:.2f}x a plain forward ({result.cost['modules']} modules)")
-    _written(result.save(out))
+        console.print(result.table().to_rich())
+        for name, d in result.dependence.items():
+            console.print(
+                f"dependence ({name}): HSIC {d['hsic']:.4f} (shuffled {d['hsic_null']:.4f}), mean |r| {d['abs_r']:.3f}"
+                if d.get("hsic") is not None
+                else f"dependence ({name}): one module"
+            )
+        console.print(f"routing costs {result.cost['ratio']:.2f}x a plain forward ({result.cost['modules']} modules)")
+        _written(o.write(result.save))
 
 
 @app.command()
@@ -670,30 +693,31 @@ def emergence(
     from patchlab.workflows import studies
 
     _quiet(quiet)
-    result = studies.emergence(
-        _spec(model, device, dtype, device_map, max_memory),
-        _out_dir(out),
-        experiment,
-        texts,
-        prompt_set,
-        layers,
-        length,
-        estimator,
-        dim,
-        ridge,
-        n_boot,
-        seeds,
-        random_init,
-        demos,
-        n,
-        failed,
-        min_group,
-        gap,
-        cache_dir,
-        _scale(run_dir, resume, backend, workers, threads, ray_address, shard_size),
-        notify=_note,
-    )
-    _show(result, out)
+    with _output(out) as o:
+        result = studies.emergence(
+            _spec(model, device, dtype, device_map, max_memory),
+            out,
+            experiment,
+            texts,
+            prompt_set,
+            layers,
+            length,
+            estimator,
+            dim,
+            ridge,
+            n_boot,
+            seeds,
+            random_init,
+            demos,
+            n,
+            failed,
+            min_group,
+            gap,
+            cache_dir,
+            _scale(run_dir, resume, backend, workers, threads, ray_address, shard_size),
+            notify=_note,
+        )
+        _show(result, o)
 
 
 @app.command("compare")
@@ -716,20 +740,20 @@ def compare_cmd(
     """Compositionality probes (substitutivity, systematicity, over-generalisation) and the two-hop gap across models."""
     from patchlab.workflows import studies
 
-    out = _out_dir(out)
-    names = [n.strip() for n in models.split(",") if n.strip()]
-    ps = _prompt_set(prompt_set, None, None, per_kind) if gap else None
-    result = studies.compare(
-        names,
-        [t.strip() for t in tasks.split(",") if t.strip()],
-        gap,
-        ps,
-        shots,
-        batch_size,
-        _spec(names[0] if names else "", device, dtype, device_map, max_memory),
-        notify=_note,
-    )
-    _show(result, out)
+    with _output(out) as o:
+        names = [n.strip() for n in models.split(",") if n.strip()]
+        ps = _prompt_set(prompt_set, None, None, per_kind) if gap else None
+        result = studies.compare(
+            names,
+            [t.strip() for t in tasks.split(",") if t.strip()],
+            gap,
+            ps,
+            shots,
+            batch_size,
+            _spec(names[0] if names else "", device, dtype, device_map, max_memory),
+            notify=_note,
+        )
+        _show(result, o)
 
 
 # Library parameters that a command exposes under another name (param -> the command's parameter).

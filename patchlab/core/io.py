@@ -1,9 +1,17 @@
-"""Atomic writes: every file patchlab produces appears whole or not at all (temp file + rename).
+"""Atomic writes: every file patchlab produces appears whole or not at all (temp file + rename), and a
+command's output folder is committed as one unit (`OutFolder`: built under a temp name, renamed into place).
 
 A writer holds an exclusive `flock` on its temp file (or temp directory) from creation to rename, so
 `sweep_stale` can tell the temp files of a killed writer (no lock) from those of a live one and
 remove only the former; every atomic write sweeps its folder first. A failure to write (full disk, no
 permission) raises `WriteError`: an `OSError` and a one-line `PatchlabError`, with nothing changed.
+
+A folder replaced whole (`atomic_dir`) is swapped in three steps: the old folder is renamed aside
+(`.patchlab-aside-PID-NAME`, locked by its writer), the new one renamed into place, the old one removed.
+A writer killed between the two renames leaves no folder at the name and a whole old one aside: `recover`
+(run by every writer before it writes, by every lock taken on an output folder and by readers that miss a
+file) puts it back; an aside whose new folder did get in is removed. So after a kill at any point the name
+holds the whole old folder or the whole new one.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +33,8 @@ except ImportError:  # pragma: no cover - not POSIX: temp files are never claime
     fcntl = None  # type: ignore[assignment]
 
 TMP_PREFIX = ".patchlab-tmp-"
+ASIDE_PREFIX = ".patchlab-aside-"  # ASIDE_PREFIX + PID + "-" + NAME: the old NAME, moved aside by writer PID
+LOCK_SUFFIX = ".patchlab-lock"  # .NAME.patchlab-lock beside an output folder NAME: held by its writer
 
 
 class WriteError(PatchlabError, OSError):
@@ -78,6 +88,7 @@ def sweep_stale(folder: str | Path) -> int:
     folder = Path(folder)
     if fcntl is None or not folder.is_dir():
         return 0
+    recover(folder)
     n = 0
     for p in folder.glob(f"{TMP_PREFIX}*"):
         try:
@@ -177,11 +188,113 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_bytes(path, json_bytes(obj))
 
 
+def _unlocked(p: Path) -> int | None:
+    """An fd holding `p`'s flock if no live writer holds it, else None (or when `p` is gone / a link)."""
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _aside_target(p: Path) -> Path | None:
+    pid, sep, name = p.name[len(ASIDE_PREFIX) :].partition("-")
+    return p.with_name(name) if sep and pid.isdigit() and name else None
+
+
+def recover(folder: str | Path) -> int:
+    """Finish what killed writers left in `folder`: an old folder moved aside whose new one never got in is
+    put back under its name; one whose new folder did get in is removed. Asides of live writers are left
+    alone. Returns how many were put back."""
+    folder = Path(folder)
+    if fcntl is None or not folder.is_dir():
+        return 0
+    n = 0
+    for p in sorted(folder.glob(f"{ASIDE_PREFIX}*")):
+        fd = _unlocked(p)
+        if fd is None:
+            continue
+        try:
+            target = _aside_target(p)
+            if target is not None and not os.path.lexists(target):
+                os.replace(p, target)
+                n += 1
+            else:
+                _remove(p)
+        except OSError:
+            pass  # not ours to fix (no permission ...): a later reader or writer tries again
+        finally:
+            os.close(fd)
+    return n
+
+
+def recover_path(path: str | Path) -> None:
+    """Before reading `path`: put back the folders above it that killed writers left aside."""
+    missing = []
+    for p in (Path(path), *Path(path).parents):
+        if os.path.lexists(p):
+            break
+        missing.append(p)
+    for p in reversed(missing):  # the top-most missing folder first
+        if p.parent.is_dir():
+            recover(p.parent)
+        if not os.path.lexists(p):
+            return
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:  # another file system, a file we may not link (protected_hardlinks), no hard links
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _carry(old: Path, new: Path) -> None:
+    """Every entry of `old` that `new` lacks, linked (else copied) into `new`: what the writer did not write
+    (a run folder, checkpoints, a user's notes) stays as it was; what it wrote replaces the old entry whole."""
+    for entry in old.iterdir():
+        if entry.name.startswith((TMP_PREFIX, ASIDE_PREFIX)) or os.path.lexists(new / entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
+        elif entry.is_symlink():
+            os.symlink(os.readlink(entry), new / entry.name)
+        else:
+            _link_or_copy(str(entry), str(new / entry.name))
+
+
+def _swap(tmp: Path, path: Path) -> None:
+    """Rename `tmp` to `path`; an existing `path` is moved aside (locked) first and removed after."""
+    if not os.path.lexists(path):
+        os.replace(tmp, path)
+        return
+    old = path.with_name(f"{ASIDE_PREFIX}{os.getpid()}-{path.name}")
+    old_hold = os.open(path, os.O_RDONLY)
+    try:
+        _claim(old_hold)  # moved aside, it is this live writer's until removed: `recover` leaves it alone
+        os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)  # the second rename failed: put the previous directory back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        os.close(old_hold)
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, carry: bool = False) -> Iterator[Path]:
     """Build a directory under a temp name and rename it into place only if the block succeeds.
 
-    An existing directory at `path` is replaced whole; on error nothing at `path` changes.
+    An existing directory at `path` is replaced whole; on error nothing at `path` changes. With `carry`,
+    every entry of the old directory that the block did not write is carried into the new one (hard
+    links, else copies) before the swap.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,27 +303,87 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the directory the usual mode
         yield tmp
-        if path.exists():
-            old = path.with_name(f"{TMP_PREFIX}old-{path.name}-{os.getpid()}")
-            old_hold = os.open(path, os.O_RDONLY)
-            try:
-                _claim(old_hold)  # moved aside, it is a temp dir of this live writer until removed
-                os.replace(path, old)
-                try:
-                    os.replace(tmp, path)
-                except BaseException:
-                    os.replace(old, path)  # the second rename failed: put the previous directory back
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
-            finally:
-                os.close(old_hold)
-        else:
-            os.replace(tmp, path)
+        try:
+            if carry and path.is_dir():
+                _carry(path, tmp)
+            _swap(tmp, path)
+        except OSError as exc:
+            raise _write_error(exc, path) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         os.close(hold)
+
+
+class OutFolder:
+    """A command's output folder, held for the whole command and written as one unit.
+
+    `with OutFolder(path) as out:` takes the writer lock `.NAME.patchlab-lock` beside the folder (never
+    inside it) and refuses with one line while another process holds it; the lock goes with the block (or
+    the process). `out.write(fill)` calls `fill(stage)` on a fresh temp folder beside `path`; everything
+    it writes lands at `path` in one rename (see `atomic_dir`, with `carry`: entries it did not write —
+    a run folder, checkpoints, other files — stay). A reader sees the whole old folder or the whole new one.
+    """
+
+    def __init__(self, path: str | Path, whole: bool = True):
+        self.path, self.whole = Path(path), whole  # whole=False: only the lock (a writer of single files)
+        self._lock = None
+
+    @property
+    def lock_file(self) -> Path:
+        return self._abs.parent / f".{self._abs.name}{LOCK_SUFFIX}"
+
+    @property
+    def _abs(self) -> Path:
+        return Path(os.path.abspath(self.path))
+
+    def __enter__(self) -> OutFolder:
+        from filelock import FileLock, Timeout
+
+        target = self._abs
+        if os.path.lexists(target) and not target.is_dir():
+            raise PatchlabError("exists and is not a directory", where=str(self.path), param="out")
+        cwd = Path(os.path.abspath(os.getcwd()))
+        if self.whole and (target.parent == target or target == cwd or target in cwd.parents):
+            raise PatchlabError(
+                "is the current folder or holds it: an output folder is replaced whole, give it a folder of its own",
+                where=str(self.path),
+                param="out",
+            )
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(self.lock_file), timeout=0)
+            lock.acquire()
+        except Timeout:
+            raise PatchlabError(
+                f"another patchlab run is writing this folder (it holds {self.lock_file}); "
+                "wait for it to finish or choose another folder",
+                where=str(self.path),
+                param="out",
+            ) from None
+        except OSError as exc:
+            raise _write_error(exc, self.lock_file) from None
+        self._lock = lock
+        recover(target.parent)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def write(self, fill: Callable[[Path], Mapping[str, str | Path]]) -> dict[str, Path]:
+        """Commit what `fill(stage)` writes; returns its {name: path} with each path moved under the folder."""
+        with atomic_dir(self._abs, carry=True) as stage:
+            try:
+                written = dict(fill(stage))
+            except PatchlabError as exc:  # name the folder the user gave, not the staging folder
+                if exc.where and str(stage) in exc.where:
+                    exc.where = exc.where.replace(str(stage), str(self.path))
+                    exc.args = (str(exc.args[0]).replace(str(stage), str(self.path)), *exc.args[1:])
+                raise
+        return {name: self.path / Path(p).relative_to(stage) for name, p in written.items()}
 
 
 def sweep_orphans(folder: str | Path, name: str = "") -> int:

@@ -28,7 +28,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from patchlab.core.errors import PatchlabError
-from patchlab.core.io import atomic_write_bytes
+from patchlab.core.io import atomic_write_bytes, recover_path
 from patchlab.core.prompts import TwoHopItem
 from patchlab.core.spec import Head, HeadSet, columns
 from patchlab.runtime import sites
@@ -438,6 +438,7 @@ def read_signed(path: str | Path, fmt: str, what: str) -> tuple[dict[str, str], 
     from safetensors import safe_open
 
     path = Path(path)
+    recover_path(path)  # a folder a killed writer left aside is put back first
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

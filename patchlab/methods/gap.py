@@ -29,7 +29,9 @@ class GapResult(Result):
     order = 10
     model: str
     prompt_set: str
-    items: list[dict[str, Any]]  # id, kind, hop1/hop2/composed (bool) and their continuations
+    # id, kind, hop1/hop2/composed (bool; None when flagged) and their continuations; a row whose decoding met
+    # NaN / inf logits is flagged (flagged, flag_reason) and left out of the summary, failures and correct items
+    items: list[dict[str, Any]]
     summary: dict[str, dict[str, Any]]  # "all" and every kind -> counts and accuracies
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -64,7 +66,10 @@ class GapResult(Result):
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Counts and accuracies of one group of item rows; gap share is over items with both hops right."""
+    """Counts and accuracies of one group of item rows; gap share is over items with both hops right.
+    Flagged rows (NaN / inf logits) are counted apart and left out of everything else."""
+    flagged = sum(1 for r in rows if r.get("flagged"))
+    rows = [r for r in rows if not r.get("flagged")]
     n = len(rows)
     both = [r for r in rows if r["hop1"] and r["hop2"]]
     gap = sum(not r["composed"] for r in both)
@@ -73,6 +78,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         out[f"{hop}_correct"] = sum(r[hop] for r in rows)
         out[f"{hop}_acc"] = out[f"{hop}_correct"] / n if n else 0.0
     out["gap_share"] = gap / len(both) if both else 0.0
+    if flagged:
+        out["flagged"] = flagged
     return out
 
 
@@ -109,8 +116,17 @@ def gap_rows(
     prompts = [getattr(it, hop) for it in items for hop in HOPS]
     answers = [it.bridges if hop == "hop1" else it.answers for it in items for hop in HOPS]
     names = [f"{source}: item {it.id!r} field '{hop}'" for it in items for hop in HOPS]
+    bad: list[bool] = []
     ok, conts = correct(
-        model, prompts, answers, max_new_tokens, batch_size, fwd_hooks, "evaluating gap" if progress else None, names
+        model,
+        prompts,
+        answers,
+        max_new_tokens,
+        batch_size,
+        fwd_hooks,
+        "evaluating gap" if progress else None,
+        names,
+        nonfinite=bad,
     )
     rows = []
     for i, it in enumerate(items):
@@ -118,6 +134,11 @@ def gap_rows(
         for j, hop in enumerate(HOPS):
             row[hop] = ok[3 * i + j]
             row[f"{hop}_text"] = conts[3 * i + j]
+        met = [hop for j, hop in enumerate(HOPS) if bad[3 * i + j]]
+        if met:  # an answer decoded from NaN / inf logits means nothing: the item is flagged, not counted
+            row.update({hop: None for hop in HOPS})
+            row["flagged"] = True
+            row["flag_reason"] = f"non-finite logits (NaN or inf) while answering {', '.join(met)}"
         rows.append(row)
     return rows
 

@@ -86,8 +86,8 @@ class LensResult(Result):
     order = 20
     model: str
     layers: list[str]
-    items: list[dict[str, Any]]  # id, group, tokens {track: token text}
-    ranks: dict[str, list[list[int]]]  # track -> [item][layer]
+    items: list[dict[str, Any]]  # id, group, tokens {track: token text}, flagged (+ flag_reason)
+    ranks: dict[str, list[list[int]]]  # track -> [item][layer]; None for a flagged item (NaN / inf lens logits)
     probs: dict[str, list[list[float]]]
     summary: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     first_top10: dict[str, dict[str, int | None]] = field(default_factory=dict)
@@ -119,9 +119,15 @@ def _group_stats(ranks: np.ndarray, probs: np.ndarray) -> dict[str, list[float]]
 
 def summarize_lens(result: LensResult) -> None:
     """Fill `summary` and `first_top10` (first layer whose geometric-mean rank is <= 10) per group and track."""
-    groups = sorted({it["group"] for it in result.items})
+    kept = [it for it in result.items if not it.get("flagged")]
+    if not kept and result.items:
+        first = result.items[0]
+        raise PatchlabError(
+            f"every item was flagged (item {first['id']}: {first.get('flag_reason')}): nothing to aggregate"
+        )
+    groups = sorted({it["group"] for it in kept})
     for g in groups:
-        rows = [i for i, it in enumerate(result.items) if it["group"] == g]
+        rows = [i for i, it in enumerate(result.items) if it["group"] == g and not it.get("flagged")]
         result.summary[g] = {}
         result.first_top10[g] = {}
         for t in result.ranks:
@@ -152,12 +158,14 @@ def logit_lens(
     n_layers = model.cfg.n_layers + 1
     ranks = {t: np.zeros((n, n_layers), dtype=np.int64) for t in tracks}
     probs = {t: np.zeros((n, n_layers)) for t in tracks}
+    bad = np.zeros(n, dtype=bool)
     batches = list(length_batches([len(s) for s in seqs], batch_size))
     with torch.inference_mode():
         for rows in track(batches, "logit lens" if progress else None):
             tokens, lengths = pad_right([seqs[i] for i in rows], pad_id(model))
             _, resid = capture_resid(model, tokens.to(model.cfg.device), lengths)
             logits = lens_logits(model, resid[:, :, 0]).float().cpu()  # [layer, b, vocab]
+            bad[rows] = (~torch.isfinite(logits).all(-1)).any(0).numpy()  # a NaN / inf anywhere in the item's lens
             for t, toks in tracks.items():
                 tok = torch.tensor([toks[i] for i in rows])[None].expand(n_layers, -1)
                 r, p = rank_and_prob(logits, tok)
@@ -170,15 +178,21 @@ def logit_lens(
             "group": groups[i] if groups else "all",
             "prompt": prompts[i],
             "tokens": {t: names[t][i] for t in tracks},
+            "flagged": bool(bad[i]),
+            **({"flag_reason": "non-finite lens logits (NaN or inf in the residual stream)"} if bad[i] else {}),
         }
         for i in range(n)
     ]
+
+    def rows_of(v: np.ndarray) -> list:  # a flagged item's row is None throughout, never a made-up rank
+        return [[None] * n_layers if bad[i] else row for i, row in enumerate(v.tolist())]
+
     result = LensResult(
         model=model_name(model),
         layers=layer_labels(model),
         items=items,
-        ranks={t: v.tolist() for t, v in ranks.items()},
-        probs={t: v.tolist() for t, v in probs.items()},
+        ranks={t: rows_of(v) for t, v in ranks.items()},
+        probs={t: rows_of(v) for t, v in probs.items()},
         meta=provenance(model, position="last", tracks=list(tracks)),
     )
     summarize_lens(result)
@@ -318,8 +332,9 @@ class InterventionResult(Result):
     base_prob: list[float]  # per item, no intervention
     bridge_delta: list[list[float]]  # [layer][item] p(answer | bridge removed) - p(answer)
     control_delta: list[list[float]]  # [layer][item] mean over the item's control tokens
-    summary: dict[str, list[float]] = field(default_factory=dict)
+    summary: dict[str, list[float]] = field(default_factory=dict)  # over the unflagged items
     meta: dict[str, Any] = field(default_factory=dict)
+    flagged: list[dict[str, str]] = field(default_factory=list)  # {id, reason}: NaN / inf met; None in its rows
 
     def table(self):
         from patchlab.results import tables
@@ -408,21 +423,31 @@ def bridge_intervention(
                     deltas[li, r] = probs[j, answer[row_item[r]]] - base[row_item[r]]
     per = deltas.view(len(layers), len(items), n_controls + 1)
     bridge_d, control_d = per[:, :, 0], per[:, :, 1:].mean(-1)
-    n = len(items)
+    ok = torch.isfinite(base) & torch.isfinite(per).all(-1).all(0)  # [item]: no NaN / inf met
+    reason = "non-finite probabilities (NaN or inf in the model's output)"
+    if items and not ok.any():
+        raise PatchlabError(f"every item was flagged (item {items[0].id}: {reason}): nothing to aggregate")
+    b_ok, c_ok, n = bridge_d[:, ok], control_d[:, ok], int(ok.sum())
     summary = {
-        "bridge_mean": bridge_d.mean(1).tolist(),
-        "bridge_sem": (bridge_d.std(1) / math.sqrt(n)).tolist() if n > 1 else [0.0] * len(layers),
-        "control_mean": control_d.mean(1).tolist(),
-        "control_sem": (control_d.std(1) / math.sqrt(n)).tolist() if n > 1 else [0.0] * len(layers),
+        "bridge_mean": b_ok.mean(1).tolist(),
+        "bridge_sem": (b_ok.std(1) / math.sqrt(n)).tolist() if n > 1 else [0.0] * len(layers),
+        "control_mean": c_ok.mean(1).tolist(),
+        "control_sem": (c_ok.std(1) / math.sqrt(n)).tolist() if n > 1 else [0.0] * len(layers),
     }
+    keep = ok.tolist()
+
+    def masked(rows: list) -> list:
+        return [[v if keep[i] else None for i, v in enumerate(row)] for row in rows]
+
     return InterventionResult(
         model=model_name(model),
         layers=layers,
         ids=[it.id for it in items],
-        base_prob=base.tolist(),
-        bridge_delta=bridge_d.tolist(),
-        control_delta=control_d.tolist(),
+        base_prob=[v if keep[i] else None for i, v in enumerate(base.tolist())],
+        bridge_delta=masked(bridge_d.tolist()),
+        control_delta=masked(control_d.tolist()),
         summary=summary,
+        flagged=[{"id": it.id, "reason": reason} for it, k in zip(items, keep) if not k],
         meta=provenance(
             model,
             seed=seed,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from patchlab.core.errors import PatchlabError
-from patchlab.core.io import atomic_write_many, json_bytes
+from patchlab.core.io import atomic_write_many, json_bytes, recover_path
 
 R = TypeVar("R", bound="Result")
 
@@ -53,6 +53,7 @@ class Result:
         where = None
         if isinstance(obj, (str, Path)):
             path = where = Path(obj)
+            recover_path(path)  # a folder a killed writer left aside is put back first
             try:
                 obj = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from patchlab.core.errors import PatchlabError
-from patchlab.core.io import atomic_write_text
+from patchlab.core.io import atomic_write_text, recover_path
 from patchlab.results.base import Result
 
 RUN_FILE = "run.json"  # written by `patchlab demo`: the timings and options of the run
@@ -33,12 +33,14 @@ def _load(kind: str, obj: dict[str, Any]) -> Result:
 def find_results(folder: str | Path) -> list[tuple[Path, Result]]:
     """Every readable result of a known type under `folder`, in value-chain order (then by path)."""
     folder = Path(folder)
+    recover_path(folder)
     if not folder.is_dir():
         raise PatchlabError("not a folder of results", where=str(folder))
     sections = Result.sections()
     found = []
     for path in sorted(folder.rglob("*.json")):
-        if len(path.relative_to(folder).parts) > MAX_DEPTH or path.name.startswith("."):
+        rel = path.relative_to(folder).parts
+        if len(rel) > MAX_DEPTH or any(part.startswith(".") for part in rel):  # hidden: a writer's temp folder
             continue
         try:
             obj = json.loads(path.read_text(encoding="utf-8"))
@@ -143,8 +145,10 @@ section{border-top:2px solid #eee;margin-top:2em}.src{color:#888;font-size:.85em
 """
 
 
-def render_report(results: list[tuple[Path, Result]], folder: Path, run: dict[str, Any], title: str) -> str:
-    """The whole page as one HTML string (plotly.js inlined once)."""
+def render_report(
+    results: list[tuple[Path, Result]], folder: Path, run: dict[str, Any], title: str, source: str | Path | None = None
+) -> str:
+    """The whole page as one HTML string (plotly.js inlined once); `source`: the folder it names (default `folder`)."""
     from plotly.offline import get_plotlyjs
 
     nav = "".join(f'<a href="#{_e(r.kind)}">{_e(r.heading)}</a>' for _, r in results)
@@ -152,7 +156,7 @@ def render_report(results: list[tuple[Path, Result]], folder: Path, run: dict[st
     parts = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title><style>{STYLE}</style>",
         f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>",
-        f"<h1>{_e(title)}</h1><p class='sub'>built {stamp} from {_e(folder)}</p><nav>{nav}</nav>",
+        f"<h1>{_e(title)}</h1><p class='sub'>built {stamp} from {_e(source or folder)}</p><nav>{nav}</nav>",
         '<section id="summary"><h2>Summary</h2>',
         _kv_table(_glance(results, run), "at a glance"),
         _kv_table(_versions(results), "model and versions"),
@@ -163,8 +167,11 @@ def render_report(results: list[tuple[Path, Result]], folder: Path, run: dict[st
     return "".join(parts)
 
 
-def build_report(folder: str | Path, out: str | Path | None = None, title: str | None = None) -> Path:
-    """Render every result under `folder` into one self-contained HTML page (default `folder/report.html`)."""
+def build_report(
+    folder: str | Path, out: str | Path | None = None, title: str | None = None, source: str | Path | None = None
+) -> Path:
+    """Render every result under `folder` into one self-contained HTML page (default `folder/report.html`);
+    `source` is the folder the page names (default `folder`)."""
     folder = Path(folder)
     results = find_results(folder)
     if not results:
@@ -175,7 +182,7 @@ def build_report(folder: str | Path, out: str | Path | None = None, title: str |
     run_path = folder / RUN_FILE
     run = json.loads(run_path.read_text(encoding="utf-8")) if run_path.is_file() else {}
     model = next((getattr(r, "model", None) for _, r in results if getattr(r, "model", None)), "a model")
-    page = render_report(results, folder, run, title or f"patchlab report — {model}")
+    page = render_report(results, folder, run, title or f"patchlab report — {model}", source)
     return atomic_write_text(Path(out) if out else folder / REPORT_FILE, page)
 
 

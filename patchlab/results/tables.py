@@ -59,8 +59,10 @@ def gap_table(result) -> TableData:
         ]
         for kind, s in result.summary.items()
     ]
+    flagged = result.summary.get("all", {}).get("flagged", 0)
     return TableData(
-        f"Compositionality gap — {result.model}",
+        f"Compositionality gap — {result.model}"
+        + (f" ({flagged} item(s) flagged: NaN / inf logits, left out)" if flagged else ""),
         ["kind", "n", "hop1", "hop2", "composed", "both hops", "gap", "gap share"],
         rows,
         bold=[kind == "all" for kind in result.summary],

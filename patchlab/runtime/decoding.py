@@ -91,9 +91,30 @@ def _left_padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tenso
     return tokens, mask
 
 
-def _generate_cached(model, seqs: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-    """One batch through Hugging Face's `generate` on the bridge's module: left padding, mask, KV cache."""
-    from transformers import GenerationConfig
+class _NonFinite:
+    """A logits processor that records, per row and step, whether the next-token logits held a NaN / inf."""
+
+    def __init__(self) -> None:
+        self.steps: list[Tensor] = []
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        self.steps.append((~torch.isfinite(scores).all(-1)).cpu())
+        return scores
+
+    def rows(self, new: Sequence[Sequence[int]]) -> list[bool]:
+        """Whether a row's own steps (up to its last kept token) saw a non-finite logit."""
+        if not self.steps:
+            return [False] * len(new)
+        bad = torch.stack(self.steps, 1)  # [row, step]
+        return [bool(bad[j, : max(1, len(t))].any()) for j, t in enumerate(new)]
+
+
+def _generate_cached(
+    model, seqs: Sequence[Sequence[int]], max_new_tokens: int, nonfinite: list[bool] | None = None
+) -> list[list[int]]:
+    """One batch through Hugging Face's `generate` on the bridge's module: left padding, mask, KV cache.
+    `nonfinite` (if given) gets, per row, whether a step it kept saw NaN / inf logits."""
+    from transformers import GenerationConfig, LogitsProcessorList
 
     pad = pad_id(model)
     eos = eos_ids(model)
@@ -102,19 +123,29 @@ def _generate_cached(model, seqs: Sequence[Sequence[int]], max_new_tokens: int) 
     config = GenerationConfig(
         do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=sorted(eos) or None, pad_token_id=pad
     )
+    seen = _NonFinite()
     gen = hf_module(model).generate(
-        input_ids=tokens.to(device), attention_mask=mask.to(device), generation_config=config
+        input_ids=tokens.to(device),
+        attention_mask=mask.to(device),
+        generation_config=config,
+        logits_processor=LogitsProcessorList([seen]),
     )
-    return [cut_at_eos(gen[j, tokens.shape[1] :].tolist(), eos) for j in range(len(seqs))]
+    new = [cut_at_eos(gen[j, tokens.shape[1] :].tolist(), eos) for j in range(len(seqs))]
+    if nonfinite is not None:
+        nonfinite.extend(seen.rows(new))
+    return new
 
 
-def _generate_uncached(model, seqs: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+def _generate_uncached(
+    model, seqs: Sequence[Sequence[int]], max_new_tokens: int, nonfinite: list[bool] | None = None
+) -> list[list[int]]:
     """The reference: one full bridge forward per new token (right padding, each row read at its own end)."""
     eos = eos_ids(model)
     pad = pad_id(model)
     rows = [list(s) for s in seqs]
     new: list[list[int]] = [[] for _ in seqs]
     live = list(range(len(seqs)))
+    bad = [False] * len(seqs)
     for _ in range(max_new_tokens):
         if not live:
             break
@@ -124,11 +155,16 @@ def _generate_uncached(model, seqs: Sequence[Sequence[int]], max_new_tokens: int
             tokens[j, : len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
         logits = model(tokens.to(model.cfg.device))
         ends = torch.tensor([len(rows[i]) - 1 for i in live], device=logits.device)
-        nxt = logits[torch.arange(len(live), device=logits.device), ends].argmax(-1).tolist()
+        last = logits[torch.arange(len(live), device=logits.device), ends]
+        for i, b in zip(live, (~torch.isfinite(last).all(-1)).tolist()):
+            bad[i] = bad[i] or b
+        nxt = last.argmax(-1).tolist()
         for i, t in zip(live, nxt):
             rows[i].append(int(t))
             new[i].append(int(t))
         live = [i for i in live if new[i][-1] not in eos]
+    if nonfinite is not None:
+        nonfinite.extend(bad)
     return new
 
 
@@ -149,8 +185,10 @@ def greedy_tokens(
     fwd_hooks: Hooks = (),
     progress: str | None = None,
     cache: bool = True,
+    nonfinite: list[bool] | None = None,
 ) -> list[list[int]]:
     """The greedy new tokens of each token sequence (cut after an end-of-sequence token), in the caller's order.
+    `nonfinite` (if given) is filled with, per sequence, whether NaN / inf logits met its decoding.
 
     Sequences are batched by length. `cache=True` decodes with the KV cache (Hugging Face's `generate`
     on the bridge's module); `cache=False` runs one full forward per new token, for hooks that index
@@ -158,12 +196,17 @@ def greedy_tokens(
     """
     ensure_decoding(model)
     out: list[list[int]] = [[] for _ in seqs]
+    bad = [False] * len(seqs)
     run = _generate_cached if cache else _generate_uncached
     batches = list(length_batches([len(s) for s in seqs], batch_size))
     with torch.inference_mode(), attached(model, fwd_hooks):
         for rows in track(batches, progress):
-            for i, toks in zip(rows, run(model, [seqs[i] for i in rows], max_new_tokens)):
-                out[i] = toks
+            seen: list[bool] = []
+            new = run(model, [seqs[i] for i in rows], max_new_tokens, seen)
+            for i, toks, b in zip(rows, new, seen):
+                out[i], bad[i] = toks, b
+    if nonfinite is not None:
+        nonfinite[:] = bad
     return out
 
 

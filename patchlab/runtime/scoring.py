@@ -142,6 +142,7 @@ def greedy_continuations(
     progress: str | None = None,
     names: Sequence[str] | None = None,
     cache: bool = True,
+    nonfinite: list[bool] | None = None,
 ) -> list[str]:
     """The greedy continuation text of each prompt: token for token what plain transformers' greedy
     `generate` gives for the same token ids (see `patchlab.decoding`; special tokens dropped).
@@ -149,7 +150,7 @@ def greedy_continuations(
     `names` says where each prompt came from in error messages (default `prompt[i]`); `cache=False`
     decodes with one full forward per token (for hooks that index absolute positions)."""
     seqs = [encode(model, p, where=names[i] if names else f"prompt[{i}]") for i, p in enumerate(prompts)]
-    new = greedy_tokens(model, seqs, max_new_tokens, batch_size, fwd_hooks, progress, cache)
+    new = greedy_tokens(model, seqs, max_new_tokens, batch_size, fwd_hooks, progress, cache, nonfinite)
     return [model.tokenizer.decode(t, skip_special_tokens=True) for t in new]
 
 
@@ -178,7 +179,11 @@ def correct(
     fwd_hooks: Hooks = (),
     progress: str | None = None,
     names: Sequence[str] | None = None,
+    nonfinite: list[bool] | None = None,
 ) -> tuple[list[bool], list[str]]:
-    """Is each prompt answered right (its greedy continuation contains an allowed answer)?"""
-    conts = greedy_continuations(model, prompts, max_new_tokens, batch_size, fwd_hooks, progress, names)
+    """Is each prompt answered right (its greedy continuation contains an allowed answer)? `nonfinite` (if
+    given) is filled with, per prompt, whether NaN / inf logits met its decoding (its answer means nothing)."""
+    conts = greedy_continuations(
+        model, prompts, max_new_tokens, batch_size, fwd_hooks, progress, names, nonfinite=nonfinite
+    )
     return [matches(c, a) for c, a in zip(conts, answer_sets)], conts

@@ -766,6 +766,8 @@ def twohop_groups(model, prompt_set, gap, failed: str = "wrong") -> dict[int, di
     groups: dict[int, dict[str, list[int]]] = {}
     for i, it in enumerate(items):
         r = rows[it.id]
+        if r.get("flagged"):  # NaN / inf logits: no outcome
+            continue
         outcome = "correct" if r["composed"] else "failed" if failed == "wrong" or (r["hop1"] and r["hop2"]) else None
         if outcome:
             groups.setdefault(lens[i], {"correct": [], "failed": []})[outcome].append(i)

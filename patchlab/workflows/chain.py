@@ -46,6 +46,15 @@ class LensRun:
     intervention: Result | None = None
     correct: int = 0  # composed-correct items intervened on
 
+    def save(self, out: Path) -> dict[str, Path]:
+        """result.json + figure.html, positions/ITEM.json + .html, intervention.json + .html into `out`."""
+        written = dict(self.main.save(out))
+        for item_id, view in self.positions:
+            written.update({f"positions/{k}": v for k, v in view.save(Path(out) / "positions", name=item_id).items()})
+        if self.intervention is not None:
+            written.update(self.intervention.save(out, name="intervention"))
+        return written
+
 
 def lens(
     spec: ModelSpec,

@@ -19,8 +19,10 @@ def run_demo(
     out: str | Path,
     quick: bool = False,
     on_result: Callable[[str, Result], None] = lambda name, r: None,
+    shown: str | Path | None = None,
 ) -> Path:
-    """Evaluate, probe, locate and edit on `ps`, save every result under `out`, and return the HTML report's path."""
+    """Evaluate, probe, locate and edit on `ps`, save every result under `out`, and return the HTML report's path
+    (`shown`: the folder the report names as its source, when `out` is a staging folder)."""
     from patchlab.methods import lens as L
     from patchlab.methods.edit import EditConfig, edit_each
     from patchlab.methods.editeval import evaluate_edits, kl_prompts
@@ -75,4 +77,4 @@ def run_demo(
             "timings": timings,
         },
     )
-    return build_report(out)
+    return build_report(out, source=shown)

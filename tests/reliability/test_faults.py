@@ -434,3 +434,125 @@ def test_patching_flags_an_item_with_non_finite_activations_and_stays_finite(tin
     assert any(v is not None for row in result.mean for v in row)
     result.save(tmp_path / "loc")  # strict JSON: writes
     assert diff(before, hook_inventory(tiny)) == [] and weights_hash(tiny) == hashed
+
+
+# --- NaN / inf in one item of evaluate and lens: flagged, the rest saved ---------------------------------
+
+
+class OneItem:
+    """Poisons whole rows of a batch: those whose token ids (seen at `embed.hook_in`, right or left padded)
+    hold `tokens`. Batch rows never mix, so only that item meets the NaN / inf, in batches of any size; in
+    cached decoding only the first step (the whole prompt) is poisoned."""
+
+    def __init__(self, value: float, tokens: list[int]):
+        self.value, self.tokens, self.rows = value, tokens, None
+
+    def ids(self, act, hook):
+        n = len(self.tokens)
+        self.rows = torch.tensor(
+            [act.shape[1] >= n and self.tokens in (act[j, :n].tolist(), act[j, -n:].tolist()) for j in range(len(act))]
+        )
+        return act
+
+    def __call__(self, act, hook):
+        if self.rows is None or not self.rows.any() or len(self.rows) != len(act):
+            return act
+        act = act.clone()
+        act[self.rows] = self.value
+        return act
+
+
+def _poison_one_item(tiny, poisoned, value: float):
+    """Poison item t-1's composed query, wherever it sits in a batch; the other prompts stay clean."""
+    from relhelp import ITEMS
+
+    from patchlab.runtime.scoring import encode
+
+    evaluate_gap(tiny, PromptSet.load(write_set_tmp()), progress=False)  # decoding checked, unpoisoned
+    poison = OneItem(value, encode(tiny, ITEMS[0]["composed"]))
+    poisoned("embed.hook_in", poison.ids)
+    return poisoned("blocks.0.hook_resid_post", poison)
+
+
+def write_set_tmp() -> Path:
+    import tempfile
+
+    return write_set(Path(tempfile.mkdtemp()) / "set.jsonl")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_evaluate_flags_an_item_with_non_finite_logits_and_saves_the_rest(
+    tiny, tiny_dir, poisoned, tmp_path, monkeypatch, capsys, value
+):
+    before, hashed = _poison_one_item(tiny, poisoned, value)
+    prompts = write_set(tmp_path / "set.jsonl")
+    g = evaluate_gap(tiny, PromptSet.load(prompts), progress=False)
+    rows = {r["id"]: r for r in g.items}
+    assert rows["t-1"]["flagged"] and rows["t-1"]["flag_reason"] == (
+        "non-finite logits (NaN or inf) while answering composed"
+    )
+    assert rows["t-1"]["composed"] is None and rows["t-1"]["hop1"] is None
+    assert not rows["t-2"].get("flagged") and isinstance(rows["t-2"]["composed"], bool)
+    assert g.summary["all"]["n"] == 2 and g.summary["all"]["flagged"] == 1 and "flagged" not in g.summary["city"]
+    assert g.summary["landmark"]["n"] == 0 and "t-1" not in g.failures + g.composed_correct
+    g.save(tmp_path / "api")  # strict JSON: writes
+    # the command line: exit 0, the flagged item in result.json, the table says so
+    serve_models(monkeypatch, {str(tiny_dir): tiny})
+    monkeypatch.setenv("PATCHLAB_QUIET", "1")
+    out = tmp_path / "ev"
+    code, lines = cli(["evaluate", "--model", tiny_dir, "--prompt-set", prompts, "--out", out], capsys)
+    assert code == 0, lines
+    saved = GapResult.from_json(out / "result.json")
+    assert [r["id"] for r in saved.items if r.get("flagged")] == ["t-1"] and saved.summary == g.summary
+    assert diff(before, hook_inventory(tiny)) == [] and weights_hash(tiny) == hashed
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_lens_and_the_intervention_flag_an_item_with_non_finite_activations(
+    tiny, tiny_dir, poisoned, tmp_path, monkeypatch, capsys, value
+):
+    from relhelp import ITEMS
+
+    from patchlab.core.prompts import TwoHopItem
+    from patchlab.methods import lens as LN
+
+    items = [TwoHopItem.from_dict(d) for d in ITEMS]
+    gap = gap_result_of(items, tiny.patchlab_name)
+    before, hashed = _poison_one_item(tiny, poisoned, value)
+    res = LN.lens_items(tiny, items, gap=gap, progress=False)
+    flags = {it["id"]: it["flagged"] for it in res.items}
+    assert flags == {"t-1": True, "t-2": False, "t-3": False}
+    assert res.items[0]["flag_reason"].startswith("non-finite lens logits")
+    assert all(v is None for t in res.ranks for v in res.ranks[t][0] + res.probs[t][0])
+    assert all(isinstance(v, int) for t in res.ranks for row in res.ranks[t][1:] for v in row)
+    assert set(res.summary) == {"failed"} and res.summary["failed"]["bridge"]["n"][0] == 2  # t-1 (correct) left out
+    res.save(tmp_path / "lens")
+    # the tiny vocabulary has no word-start tokens to draw controls from: any other token will do here
+    pick = lambda model, token, n, rng, avoid=(): [t for t in range(30) if t != token and t not in avoid][:n]  # noqa: E731
+    monkeypatch.setattr(LN, "control_tokens", pick)
+    iv = LN.bridge_intervention(tiny, items, layers=[0, 1], n_controls=1, progress=False)
+    assert [f["id"] for f in iv.flagged] == ["t-1"] and iv.base_prob[0] is None and iv.base_prob[1] is not None
+    assert all(row[0] is None and row[1] is not None for row in iv.bridge_delta + iv.control_delta)
+    assert all(np.isfinite(v) for s in iv.summary.values() for v in s)
+    iv.save(tmp_path / "iv", name="intervention")
+    # the command line: the lens saves with the item flagged and says so
+    serve_models(monkeypatch, {str(tiny_dir): tiny})
+    monkeypatch.setenv("PATCHLAB_QUIET", "1")
+    gap_file = gap.save(tmp_path / "gap")["result.json"]
+    out = tmp_path / "ln"
+    argv = ["lens", "--model", tiny_dir, "--prompt-set", write_set(tmp_path / "set.jsonl"), "--gap", gap_file]
+    code, lines = cli([*argv, "--no-intervene", "--out", out], capsys)
+    assert code == 0, lines
+    saved = LN.LensResult.from_json(out / "result.json")
+    assert [it["id"] for it in saved.items if it["flagged"]] == ["t-1"]
+    assert diff(before, hook_inventory(tiny)) == [] and weights_hash(tiny) == hashed
+
+
+def gap_result_of(items, model: str) -> GapResult:
+    """t-1 answered right (composed), t-2 and t-3 composed failures with both hops right."""
+    rows = [
+        {"id": it.id, "kind": it.kind, "hop1": True, "hop2": True, "composed": it.id == "t-1"}
+        | {"hop1_text": "", "hop2_text": "", "composed_text": ""}
+        for it in items
+    ]
+    return GapResult(model=model, prompt_set="mem", items=rows, summary={"all": summarize(rows)})

@@ -324,19 +324,19 @@ def heads(
     """Where located heads look from the last position: composed query vs guide prompt, correct vs failed."""
     from patchlab.workflows import chain
 
-    out = _out_dir(out)
-    result = chain.heads(
-        _spec(model, device, dtype, device_map, max_memory),
-        _prompt_set(prompt_set, kinds, None, per_kind),
-        heads,
-        heads_from,
-        top,
-        _ids(ids),
-        max_items,
-        gap,
-        notify=_note,
-    )
-    _show(result, out)
+    with _output(out) as o:
+        result = chain.heads(
+            _spec(model, device, dtype, device_map, max_memory),
+            _prompt_set(prompt_set, kinds, None, per_kind),
+            heads,
+            heads_from,
+            top,
+            _ids(ids),
+            max_items,
+            gap,
+            notify=_note,
+        )
+        _show(result, o)
 
 
 @app.command()

@@ -31,6 +31,7 @@ lint: install
 	$(BIN)/lint-imports
 
 bench: install
+	$(PIP) install -e ".[bench]"
 	$(BIN)/python benchmarks/bench_locate.py
 
 clean:

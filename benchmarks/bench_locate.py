@@ -1,6 +1,9 @@
 """Head patching on the default model: TransformerLens' loop vs patchlab exact vs patchlab attribution, and
 last-position patching (TransformerLens' by-position loop restricted to the last position, vs patchlab's
-cached-prefix path that recomputes only the last token).
+cached-prefix path that recomputes only the last token), and the same all-position head patching written
+with nnsight (`pip install 'patchlab[bench]'`): its documented idiom, one trace per layer with one invoke per
+head (batched; measured 2.5x faster here than one trace per intervention), on a plain Hugging Face model
+loaded from the same weights.
 
 Same prompt pairs, same process, side by side. Prints seconds and ratios, the max abs difference of
 exact vs TransformerLens, the top-10 overlap and Spearman correlation of attribution vs exact, and the
@@ -21,7 +24,7 @@ from transformer_lens import patching
 
 from patchlab.core.prompts import PromptSet
 from patchlab.methods import locate as L
-from patchlab.runtime.models import load_model
+from patchlab.runtime.models import load_model, model_cache_dir
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -33,6 +36,35 @@ def grid(values: dict, n_layers: int, n_heads: int) -> torch.Tensor:
     return torch.tensor([[values[(l, None, h)] for h in range(n_heads)] for l in range(n_layers)])
 
 
+def nnsight_patching(hf_dir, pair, n_layers: int, n_heads: int, d_head: int):
+    """All-position head patching with nnsight: a head's slice of o_proj's input is its z (per-head output)."""
+    from nnsight import LanguageModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm = LanguageModel(AutoModelForCausalLM.from_pretrained(hf_dir), tokenizer=AutoTokenizer.from_pretrained(hf_dir))
+    clean, corrupted = torch.tensor([pair.clean]), torch.tensor([pair.corrupted])
+
+    def run() -> torch.Tensor:
+        zs = []
+        with lm.trace(clean):
+            for layer in range(n_layers):
+                zs.append(lm.model.layers[layer].self_attn.o_proj.input.save())
+        out = torch.zeros(n_layers, n_heads)
+        for layer in range(n_layers):
+            saved = []
+            with lm.trace() as tracer:
+                for h in range(n_heads):
+                    cols = slice(h * d_head, (h + 1) * d_head)
+                    with tracer.invoke(corrupted):
+                        lm.model.layers[layer].self_attn.o_proj.input[:, :, cols] = zs[layer][:, :, cols]
+                        saved.append(lm.lm_head.output[0, -1].save())
+            for h in range(n_heads):
+                out[layer, h] = saved[h][pair.answer] - saved[h][pair.contrast]
+        return out
+
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=3)
@@ -42,7 +74,13 @@ def main() -> None:
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     items = list(PromptSet.shipped())
     pairs = L.template_pairs(model, items[:80], items)[: args.pairs]
-    t_tl = t_ex = t_at = t_tl_last = t_last = 0.0
+    t_tl = t_ex = t_at = t_tl_last = t_last = t_nn = 0.0
+    nn_diffs: list[float] = []
+    try:
+        import nnsight  # noqa: F401
+    except ImportError:
+        nnsight = None
+        print("nnsight is not installed (pip install 'patchlab[bench]'): its column is skipped")
     last_diffs = []
     diffs, overlaps, rhos = [], [], []
     for pair in pairs:
@@ -73,6 +111,12 @@ def main() -> None:
         t_last += time.perf_counter() - start
         last_diffs.append((last.flatten() - tl_last.flatten()).abs().max().item())
         diffs.append((exact - tl).abs().max().item())
+        if nnsight is not None:
+            run = nnsight_patching(model_cache_dir("smollm2-135m"), pair, n_layers, n_heads, model.cfg.d_head)
+            start = time.perf_counter()
+            nn_grid = run()
+            t_nn += time.perf_counter() - start
+            nn_diffs.append((exact - nn_grid).abs().max().item())
         effect = (exact - metric(corrupted.last_logits[None]).item()).flatten().numpy()
         a = attr.flatten().numpy()
         top_e, top_a = set(np.argsort(-np.abs(effect))[:10]), set(np.argsort(-np.abs(a))[:10])
@@ -91,6 +135,9 @@ def main() -> None:
         f"per pair (270 heads, last position): TransformerLens {t_tl_last / n:.2f} s | patchlab cached prefix "
         f"{t_last / n:.3f} s ({t_tl_last / t_last:.0f}x)"
     )
+    if nnsight is not None:
+        print(f"per pair (270 heads, all positions): nnsight {t_nn / n:.2f} s | patchlab exact {t_ex / n:.2f} s "
+              f"({t_nn / t_ex:.1f}x), max|diff| {max(nn_diffs):.2e}")  # fmt: skip
     gap_items = items[:60]
     start = time.perf_counter()
     result = L.locate(model, gap_items[:8], setup="guide", method="both", progress=False)
@@ -100,6 +147,9 @@ def main() -> None:
     print(f"attribution_speedup={t_tl / t_at:.1f}")
     print(f"exact_max_abs_diff={max(diffs):.3g}")
     print(f"lastpos_speedup={t_tl_last / t_last:.1f}")
+    if nnsight is not None:
+        print(f"nnsight_speedup={t_nn / t_ex:.2f}")
+        print(f"nnsight_max_abs_diff={max(nn_diffs):.3g}")
     print(f"lastpos_max_abs_diff={max(last_diffs):.3g}")
     print(f"top10_overlap={np.mean(overlaps):.2f}")
     print(f"spearman={np.mean(rhos):.3f}")

@@ -243,3 +243,11 @@ def test_form_checks_and_windows():
     assert window([it, asks], "plain") == NEW_TOKENS["chat"]
     with pytest.raises(PatchlabError, match="field 'questions': entry 'hop3'"):
         question(TwoHopItem.from_dict({**ITEM, "questions": {"hop3": "?"}}), "hop1")
+
+
+@pytest.mark.parametrize("command", ["evaluate", "locate", "edit"])
+def test_unknown_form_exits_2_before_loading_a_model(tmp_path, capsys, command):
+    extra = ["--failures", "--heads", "1.0"] if command == "edit" else []
+    code = cli(command, "--form", "json", "--model", "no-such-model", *extra, "--out", str(tmp_path / "o"))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "error: --form: unknown prompt form 'json' (forms: plain, qa, chat)"

@@ -39,8 +39,9 @@ def test_qa_and_chat_renderings(smol):
     assert chat.hop2.endswith("<|im_start|>assistant\n")  # SmolLM2's assistant marker, generation prompt added
     assert "<|im_start|>user\nComplete the sentence: The capital of France is<|im_end|>" in chat.hop2
     # the demonstration becomes an earlier user / assistant exchange
-    assert "<|im_start|>user\nWho wrote Hamlet?<|im_end|>\n<|im_start|>assistant\nShakespeare<|im_end|>" in (
-        chat.paraphrases[0]
+    assert (
+        "<|im_start|>user\nWho wrote Hamlet?<|im_end|>\n<|im_start|>assistant\nShakespeare<|im_end|>"
+        in (chat.paraphrases[0])
     )
     assert render_item(smol, chat, "chat") is chat  # idempotent
     with pytest.raises(PatchlabError, match="already in the chat form, not qa"):

@@ -24,7 +24,9 @@ The question of a prompt, for `qa` and `chat`, is in order of preference:
 
 The answer window: a chat model answers in a sentence that usually restates the question before the answer
 ("The capital of France is Paris."), so the chat form reads `NEW_TOKENS["chat"]` = 24 new tokens where the
-plain and qa forms read 6.
+plain and qa forms read 6. In the qa and chat forms the answer is the continuation's first line (`answer_text`):
+a small model often goes on with more lettered options ("Spain\nB: Europe\n") or a new turn, which must not
+count as its answer. The plain form reads the whole window, as it always has.
 
 An item may also carry `"form": "qa"` (or another form): it is then rendered in that form whatever the run's
 form (a set whose items are questions can say so once, per item).
@@ -85,6 +87,13 @@ def cloze_question(text: str) -> str:
     """A cloze as a completion request ("Complete the sentence: The capital of France is"); a question as is."""
     text = text.strip()
     return text if text.endswith("?") else COMPLETE.format(cloze=text)
+
+
+def answer_text(continuation: str, form: str) -> str:
+    """What counts as the answer in a continuation: all of it in the plain form, its first line otherwise."""
+    if form == "plain":
+        return continuation
+    return continuation.lstrip().split("\n", 1)[0]
 
 
 def window(items: Sequence[TwoHopItem], form: str = DEFAULT_FORM) -> int:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from patchlab.core.errors import PatchlabError
-from patchlab.core.forms import DEFAULT_FORM, window
+from patchlab.core.forms import DEFAULT_FORM, answer_text, window
 from patchlab.core.progress import track
 from patchlab.core.prompts import TwoHopItem
 from patchlab.methods.edit import ComputedEdit, Edit
@@ -35,7 +35,14 @@ from patchlab.results.base import Result
 from patchlab.runtime.bridge import model_name
 from patchlab.runtime.forms import render_items
 from patchlab.runtime.identity import provenance
-from patchlab.runtime.scoring import MAX_NEW_TOKENS, answer_token_id, chat_prompt, correct, last_logits
+from patchlab.runtime.scoring import (
+    MAX_NEW_TOKENS,
+    answer_token_id,
+    chat_prompt,
+    greedy_continuations,
+    last_logits,
+    matches,
+)
 from patchlab.runtime.shards import shard_task
 
 SETS = ("correction", "paraphrase", "heldout", "generalization", "irrelevance", "facts")
@@ -75,12 +82,15 @@ def test_sets(
     }
 
 
-def measure(model, queries: Sequence[Query], max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict[str, Any]]:
-    """Greedy correctness (`max_new_tokens` read), the answer's first-token probability and the top token of
-    every query."""
+def measure(
+    model, queries: Sequence[Query], max_new_tokens: int = MAX_NEW_TOKENS, form: str = DEFAULT_FORM
+) -> list[dict[str, Any]]:
+    """Greedy correctness (`max_new_tokens` read; in the qa and chat `form` the first line is the answer, see
+    `patchlab.core.forms.answer_text`), the answer's first-token probability and the top token of every query."""
     if not queries:
         return []
-    ok, conts = correct(model, [q.prompt for q in queries], [q.answers for q in queries], max_new_tokens)
+    conts = greedy_continuations(model, [q.prompt for q in queries], max_new_tokens)
+    ok = [matches(answer_text(c, form), q.answers) for c, q in zip(conts, queries)]
     probs = torch.softmax(last_logits(model, [q.prompt for q in queries]), -1)
     out = []
     for q, o, c, p in zip(queries, ok, conts, probs):
@@ -90,11 +100,15 @@ def measure(model, queries: Sequence[Query], max_new_tokens: int = MAX_NEW_TOKEN
 
 
 def measure_before(
-    model, queries: Sequence[Query], cache: dict[Query, dict[str, Any]], max_new_tokens: int = MAX_NEW_TOKENS
+    model,
+    queries: Sequence[Query],
+    cache: dict[Query, dict[str, Any]],
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    form: str = DEFAULT_FORM,
 ) -> list[dict[str, Any]]:
     """`measure` on the unedited model, each query measured once across all edits (test sets overlap)."""
     todo = list(dict.fromkeys(q for q in queries if q not in cache))
-    got = measure(model, todo, max_new_tokens)
+    got = measure(model, todo, max_new_tokens, form)
     cache.update((q, {k: v for k, v in m.items() if k != "p_all"}) for q, m in zip(todo, got))
     return [cache[q] for q in queries]
 
@@ -188,14 +202,14 @@ def evaluate_edits(
     for items, edit, seconds in track(edits, "evaluating edits" if progress else None):
         rows += edit_rows(
             model, edit, items, pool, right_composed, right_hop2, n_irrelevant, exclude, seen, seconds, frames,
-            tokens,
+            tokens, form,
         )  # fmt: skip
     if held_out:
         edit = edits[0].edit
         queries = [Query(it.composed, it.answers) for it in held_out]
-        before = measure(model, queries, tokens)
+        before = measure(model, queries, tokens, form)
         with edit.applied(model, verify_hash=False):
-            after = measure(model, queries, tokens)
+            after = measure(model, queries, tokens, form)
         for it, b, a in zip(held_out, before, after):
             rows.append(
                 {
@@ -235,6 +249,7 @@ def edit_rows(
     seconds: float = 0.0,
     frames: dict[str, dict] | None = None,
     max_new_tokens: int = MAX_NEW_TOKENS,
+    form: str = DEFAULT_FORM,
 ) -> list[dict[str, Any]]:
     """One row per item an edit was made for: each test set measured unedited (reusing `seen`) and edited."""
     seen = {} if seen is None else seen
@@ -243,9 +258,9 @@ def edit_rows(
         heldout = heldout_prompts(model, (frames or {}).get(it.id))
         sets = test_sets(it, pool, right_composed, right_hop2, n_irrelevant, exclude=exclude, heldout=heldout)
         queries = [q for name in SETS for q in sets[name]]
-        before = measure_before(model, queries, seen, max_new_tokens)
+        before = measure_before(model, queries, seen, max_new_tokens, form)
         with edit.applied(model, verify_hash=False):
-            after = measure(model, queries, max_new_tokens)
+            after = measure(model, queries, max_new_tokens, form)
         i, per = 0, {}
         for name in SETS:
             n = len(sets[name])
@@ -342,4 +357,5 @@ def edit_eval_shard(model, config: dict, items: list[dict], pool: list[dict]) ->
         config["n_irrelevant"],
         set(config["exclude"]),
         max_new_tokens=window(its, form),
+        form=form,
     )

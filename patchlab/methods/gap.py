@@ -7,12 +7,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from patchlab.core.forms import DEFAULT_FORM, window
+from patchlab.core.forms import DEFAULT_FORM, answer_text, item_form, window
 from patchlab.core.prompts import PromptSet, TwoHopItem
 from patchlab.results.base import Result
 from patchlab.runtime.forms import render_items
 from patchlab.runtime.identity import provenance
-from patchlab.runtime.scoring import DEFAULT_BATCH, MAX_NEW_TOKENS, Hooks, correct
+from patchlab.runtime.scoring import DEFAULT_BATCH, Hooks, greedy_continuations, matches
 from patchlab.runtime.shards import shard_task
 
 HOPS = ("hop1", "hop2", "composed")
@@ -107,20 +107,23 @@ def gap_rows(
     items: Sequence[TwoHopItem],
     source: str = "<items>",
     batch_size: int = DEFAULT_BATCH,
-    max_new_tokens: int = MAX_NEW_TOKENS,
+    max_new_tokens: int | None = None,
     fwd_hooks: Hooks = (),
     progress: bool = True,
     form: str = DEFAULT_FORM,
 ) -> list[dict[str, Any]]:
     """One row per item: whether hop1, hop2 and the composed query are answered right, and the continuations
     (each prompt rendered in `form` first)."""
+    max_new_tokens = max_new_tokens or window(items, form)
     items = render_items(model, items, form)
     prompts = [getattr(it, hop) for it in items for hop in HOPS]
     answers = [it.bridges if hop == "hop1" else it.answers for it in items for hop in HOPS]
     names = [f"{source}: item {it.id!r} field '{hop}'" for it in items for hop in HOPS]
-    ok, conts = correct(
-        model, prompts, answers, max_new_tokens, batch_size, fwd_hooks, "evaluating gap" if progress else None, names
+    conts = greedy_continuations(
+        model, prompts, max_new_tokens, batch_size, fwd_hooks, "evaluating gap" if progress else None, names
     )
+    forms = [item_form(it, form) for it in items for _ in HOPS]
+    ok = [matches(answer_text(c, f), a) for c, f, a in zip(conts, forms, answers)]
     rows = []
     for i, it in enumerate(items):
         row: dict[str, Any] = {"id": it.id, "kind": it.kind}

@@ -251,3 +251,11 @@ def test_unknown_form_exits_2_before_loading_a_model(tmp_path, capsys, command):
     code = cli(command, "--form", "json", "--model", "no-such-model", *extra, "--out", str(tmp_path / "o"))
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == "error: --form: unknown prompt form 'json' (forms: plain, qa, chat)"
+
+
+def test_answer_text_is_the_first_line_outside_the_plain_form():
+    from patchlab.core.forms import answer_text
+
+    assert answer_text(" Spain\nB: Europe\n", "qa") == "Spain"
+    assert answer_text("\nThe capital of France is Paris.\nuser", "chat") == "The capital of France is Paris."
+    assert answer_text(" Paris.\n\nThe answer", "plain") == " Paris.\n\nThe answer"

@@ -107,3 +107,18 @@ def test_chat_form_refused_without_a_template(tiny):
         pytest.skip("the tiny model has a chat template")
     with pytest.raises(PatchlabError, match=r"^form: .* tokenizer has no chat template .*use the plain or qa form$"):
         render_items(tiny, [TwoHopItem.from_dict(ITEM)], "chat")
+
+
+def test_edit_evaluation_reads_the_edits_form(smol, shipped):
+    from patchlab.core.spec import HeadSet
+    from patchlab.methods.edit import EditConfig, edit_each
+    from patchlab.methods.editeval import evaluate_edits
+    from patchlab.methods.gap import GapResult
+
+    pool = list(shipped)[:3]
+    rows = [{"id": it.id, "kind": it.kind, "hop1": True, "hop2": True, "composed": i > 0} for i, it in enumerate(pool)]
+    cfg = EditConfig(n_prefixes=1, opt_steps=3, opt_prefixes=0, covariance=False)
+    edits = edit_each(smol, pool[:1], HeadSet.parse("23.4"), cfg, progress=False, form="qa")
+    assert edits[0].items[0].composed.startswith("Q: Complete the sentence: ")  # the items come back rendered
+    report = evaluate_edits(smol, edits, pool, GapResult("m", "p", rows, {}), n_irrelevant=2, progress=False)
+    assert report.meta["method"]["form"] == "qa" and report.summary["correction"]["n"] == 1

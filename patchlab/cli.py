@@ -52,6 +52,11 @@ ThreadsOpt = typer.Option(None, "--threads", help="Torch threads per worker (def
 RayAddressOpt = typer.Option(None, "--ray-address", help="A Ray cluster to join (default: start one here).")
 ShardSizeOpt = typer.Option(8, "--shard-size", help="Items per shard (part of the run id).")
 QuietOpt = typer.Option(False, "--quiet", help="No progress bars (logs only).")
+FormOpt = typer.Option(
+    "plain",
+    "--form",
+    help="Prompt form: plain (the items' cloze text) | qa (Q: question A:) | chat (the model's chat template).",
+)
 
 
 def _output(out: Path):
@@ -154,6 +159,7 @@ def evaluate(
     ray_address: Optional[str] = RayAddressOpt,
     shard_size: int = ShardSizeOpt,
     quiet: bool = QuietOpt,
+    form: str = FormOpt,
 ) -> None:
     """Measure hop1 / hop2 / composed accuracy and the compositionality gap per kind."""
     from patchlab.workflows import chain
@@ -167,6 +173,7 @@ def evaluate(
             _scale(run_dir, resume, backend, workers, threads, ray_address, shard_size),
             batch_size,
             notify=_note,
+            form=form,
         )
         _report_run(result)
         _show(result, o)
@@ -272,6 +279,7 @@ def locate(
     ray_address: Optional[str] = RayAddressOpt,
     shard_size: int = ShardSizeOpt,
     quiet: bool = QuietOpt,
+    form: str = FormOpt,
 ) -> None:
     """Find the heads that carry the composition by activation patching (exact and attribution)."""
     from patchlab.workflows import chain
@@ -293,6 +301,7 @@ def locate(
             _ids(ids),
             gap,
             notify=_note,
+            form=form,
         )
         _report_run(result)
         console.print(result.table(top).to_rich())
@@ -382,6 +391,7 @@ def edit(
     dtype: str = DtypeOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemoryOpt,
+    form: str = FormOpt,
 ) -> None:
     """Fix failed compositions with a rank-one update of the chosen heads' W_O columns, and measure it."""
     from patchlab.methods.edit import EditConfig
@@ -412,6 +422,7 @@ def edit(
             gap,
             routed,
             notify=_note,
+            form=form,
         )
         console.print(run.report.table().to_rich())
         written = o.write(run.save)
@@ -458,6 +469,21 @@ def apply(
         )
         _report_run(report)
         _show(report, o)
+
+
+@app.command()
+def convert(
+    source: Path = typer.Argument(..., help="The peer data file (CREME's or MQuAKE's JSON list)."),
+    source_format: str = typer.Option(..., "--from", help="creme | mquake"),
+    out: Path = typer.Option(..., "--out", "-o", help="The JSONL prompt set to write (atomically)."),
+) -> None:
+    """Convert a peer data set (CREME, MQuAKE) into a patchlab JSONL prompt set."""
+    from patchlab.core.formats import convert as run_convert
+
+    if out.exists() and out.is_dir():
+        raise PatchlabError("is a directory, not a file", where=f"--out {out}")
+    for line in run_convert(source_format, source, out).lines():
+        console.print(line, highlight=False)
 
 
 @app.command()

@@ -268,6 +268,10 @@ def _mquake_case(case: Any, where: str) -> TwoHopItem | None:
         "answer_aliases": [a for a in hops[1].get("answer_alias", []) if isinstance(a, str)],
         "bridge_aliases": [a for a in hops[0].get("answer_alias", []) if isinstance(a, str)],
     }
+    # the hops' own questions, for the qa and chat prompt forms (see patchlab.core.forms)
+    asked = {f: h.get("question") for f, h in zip(("hop1", "hop2"), hops) if isinstance(h.get("question"), str)}
+    if asked:
+        obj["questions"] = {f: q for f, q in asked.items() if q.strip()}
     return TwoHopItem.from_dict(obj, where=where)
 
 
@@ -275,7 +279,8 @@ def load_mquake(path: str | Path) -> PromptSet:
     """Read an MQuAKE JSON file (a list of cases) and keep its 2-hop cases as items.
 
     hop1/hop2 are the cases' single-hop clozes, `composed` the first multi-hop question and the
-    other questions its paraphrases. MQuAKE's composed queries are questions, not clozes.
+    other questions its paraphrases. MQuAKE's composed queries are questions, not clozes; the hops'
+    own questions are kept as `questions` (used by the qa and chat prompt forms, `patchlab.core.forms`).
     """
     path = Path(path)
     try:

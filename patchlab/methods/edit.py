@@ -28,12 +28,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from patchlab.core.errors import PatchlabError
+from patchlab.core.forms import DEFAULT_FORM
 from patchlab.core.io import atomic_write_bytes, recover_path
 from patchlab.core.prompts import TwoHopItem
 from patchlab.core.spec import Head, HeadSet, columns
 from patchlab.runtime import sites
 from patchlab.runtime.bridge import model_name
 from patchlab.runtime.capture import per_prompt
+from patchlab.runtime.forms import render_items
 from patchlab.runtime.identity import applied_edits, base_hash, weights_hash
 from patchlab.runtime.models import cache_root
 from patchlab.runtime.scoring import answer_token_id, answer_token_ids, encode, length_batches, pad_id, pad_right
@@ -515,12 +517,12 @@ def optimize_delta(
     answer token, δ still added at the prompt's last position only.
     """
     W = o_proj(model, layer).weight
-    answer = answer_token_id(model, item.answer, where=f"{item.id}: answer")
+    answer = answer_token_id(model, item.answer, where=f"{item.id}: answer", after=item.composed)
     prompts = [q for b in (bases or [item.composed]) for q in with_prefixes(b, pre)]
     seqs = [encode(model, p) for p in prompts]
     ends = torch.tensor([len(q) for q in seqs])
     if cfg.whole_answer:
-        answer_ids = answer_token_ids(model, item.answer, where=f"{item.id}: answer")
+        answer_ids = answer_token_ids(model, item.answer, where=f"{item.id}: answer", after=item.composed)
         seqs = [q + answer_ids for q in seqs]
     tokens, lengths = pad_right(seqs, pad_id(model))
     resid = _resid_at(model, tokens, layer)
@@ -615,16 +617,20 @@ def compute_edit(
     cfg: EditConfig | None = None,
     unrelated: Sequence[str] = (),
     preserved: Sequence[str] = (),
+    form: str = DEFAULT_FORM,
 ) -> Edit:
     """Compute the head-restricted edit that makes the chosen heads output their targets on `items`.
 
     One item: a rank-one edit per layer (several keys with `cfg.phrasings`). Several items: one
     least-squares update per layer (batch). With `cfg.null_space`, the update is projected off the
     directions that the heads' outputs on `preserved` (and `unrelated`) prompts use (AlphaEdit's null space).
+    `form`: the prompt form the items' prompts are keyed and optimised in (see `patchlab.core.forms`); the
+    context prefixes go before the rendered prompt. `unrelated` and `preserved` are prompts, taken as given.
     """
     cfg = cfg or EditConfig()
     if not items:
         raise PatchlabError("no items to edit")
+    items = render_items(model, items, form)
     if not heads:
         raise PatchlabError("no heads to edit", param="heads")
     base = base_hash(model)
@@ -665,6 +671,7 @@ def compute_edit(
         "batch": len(items) > 1,
         "config": cfg.__dict__,
         "preserved_prompts": len(keep) if moments else 0,
+        **({} if form == DEFAULT_FORM else {"form": form}),  # absent: plain (edit files made before forms)
     }
     return Edit(model_name(model), base, layer_heads, deltas, [it.id for it in items], method)
 
@@ -746,18 +753,21 @@ def edit_each(
     unrelated: Sequence[str] = (),
     progress: bool = True,
     preserved: Sequence[str] | Callable[[list[TwoHopItem]], Sequence[str]] = (),
+    form: str = DEFAULT_FORM,
 ) -> list[ComputedEdit]:
     """One edit per item (or one batch edit for all), each with the seconds it took to compute. `preserved`
-    (prompts, or a function of the edit's items giving them) feeds `cfg.null_space`."""
+    (prompts, or a function of the edit's items giving them) feeds `cfg.null_space`. The items come back
+    rendered in `form` (see `patchlab.runtime.forms`)."""
     import time
 
     from patchlab.core.progress import track
 
+    items = render_items(model, items, form)
     groups = [list(items)] if batch else [[it] for it in items]
     out = []
     for group in track(groups, "computing edits" if progress else None):
         start = time.perf_counter()
         keep = preserved(group) if callable(preserved) else preserved
-        edit = compute_edit(model, group, heads, cfg, unrelated, keep)
+        edit = compute_edit(model, group, heads, cfg, unrelated, keep, form)
         out.append(ComputedEdit(group, edit, time.perf_counter() - start))
     return out

@@ -27,13 +27,22 @@ import numpy as np
 import torch
 
 from patchlab.core.errors import PatchlabError
+from patchlab.core.forms import DEFAULT_FORM, answer_text, window
 from patchlab.core.progress import track
 from patchlab.core.prompts import TwoHopItem
 from patchlab.methods.edit import ComputedEdit, Edit
 from patchlab.results.base import Result
 from patchlab.runtime.bridge import model_name
+from patchlab.runtime.forms import render_items
 from patchlab.runtime.identity import provenance
-from patchlab.runtime.scoring import answer_token_id, chat_prompt, correct, last_logits
+from patchlab.runtime.scoring import (
+    MAX_NEW_TOKENS,
+    answer_token_id,
+    chat_prompt,
+    greedy_continuations,
+    last_logits,
+    matches,
+)
 from patchlab.runtime.shards import shard_task
 
 SETS = ("correction", "paraphrase", "heldout", "generalization", "irrelevance", "facts")
@@ -73,23 +82,34 @@ def test_sets(
     }
 
 
-def measure(model, queries: Sequence[Query]) -> list[dict[str, Any]]:
-    """Greedy correctness, the answer's first-token probability and the top token of every query."""
+def measure(
+    model, queries: Sequence[Query], max_new_tokens: int = MAX_NEW_TOKENS, form: str = DEFAULT_FORM
+) -> list[dict[str, Any]]:
+    """Greedy correctness (`max_new_tokens` read; in the qa and chat `form` the first line is the answer, see
+    `patchlab.core.forms.answer_text`), the answer's first-token probability and the top token of every query."""
     if not queries:
         return []
-    ok, conts = correct(model, [q.prompt for q in queries], [q.answers for q in queries])
+    conts = greedy_continuations(model, [q.prompt for q in queries], max_new_tokens)
+    ok = [matches(answer_text(c, form), q.answers) for c, q in zip(conts, queries)]
     probs = torch.softmax(last_logits(model, [q.prompt for q in queries]), -1)
     out = []
     for q, o, c, p in zip(queries, ok, conts, probs):
-        a = answer_token_id(model, q.answers[0])
+        a = answer_token_id(model, q.answers[0], after=q.prompt)
         out.append({"correct": o, "text": c, "p": p[a].item(), "top": int(p.argmax()), "p_all": p})
     return out
 
 
-def measure_before(model, queries: Sequence[Query], cache: dict[Query, dict[str, Any]]) -> list[dict[str, Any]]:
+def measure_before(
+    model,
+    queries: Sequence[Query],
+    cache: dict[Query, dict[str, Any]],
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    form: str = DEFAULT_FORM,
+) -> list[dict[str, Any]]:
     """`measure` on the unedited model, each query measured once across all edits (test sets overlap)."""
     todo = list(dict.fromkeys(q for q in queries if q not in cache))
-    cache.update((q, {k: v for k, v in m.items() if k != "p_all"}) for q, m in zip(todo, measure(model, todo)))
+    got = measure(model, todo, max_new_tokens, form)
+    cache.update((q, {k: v for k, v in m.items() if k != "p_all"}) for q, m in zip(todo, got))
     return [cache[q] for q in queries]
 
 
@@ -164,24 +184,32 @@ def evaluate_edits(
     held_out: Sequence[TwoHopItem] = (),
     exclude: set[str] = frozenset(),
     frames: dict[str, dict] | None = None,
+    form: str | None = None,
 ) -> EditReport:
     """Measure every `ComputedEdit` (items, edit, seconds) before and after; a batch edit may also be scored on
     held-out items. `frames` ({id: {"frames": {...}, "question": ...}}, see `patchlab.core.protocol`) adds
-    the held-out-frame set, the chat template's rendering of the question included."""
+    the held-out-frame set, the chat template's rendering of the question included. `form`: the prompt form
+    of the items' test sets (default: the form the first edit was made in, see `patchlab.core.forms`); the
+    held-out frames are their own forms."""
+    edits = [c if isinstance(c, ComputedEdit) else ComputedEdit(*c) for c in edits]
+    form = form or edits[0].edit.method.get("form", DEFAULT_FORM)
+    pool, held_out = render_items(model, pool, form), render_items(model, held_out, form)
+    edits = [ComputedEdit(render_items(model, c.items, form), c.edit, c.seconds) for c in edits]
+    tokens = window(pool, form)
     right_composed = {r["id"] for r in gap.items if r["composed"]}
     right_hop2 = {r["id"] for r in gap.items if r["hop2"]}
     rows, seen = [], {}
-    edits = [c if isinstance(c, ComputedEdit) else ComputedEdit(*c) for c in edits]
     for items, edit, seconds in track(edits, "evaluating edits" if progress else None):
         rows += edit_rows(
-            model, edit, items, pool, right_composed, right_hop2, n_irrelevant, exclude, seen, seconds, frames
-        )
+            model, edit, items, pool, right_composed, right_hop2, n_irrelevant, exclude, seen, seconds, frames,
+            tokens, form,
+        )  # fmt: skip
     if held_out:
         edit = edits[0].edit
         queries = [Query(it.composed, it.answers) for it in held_out]
-        before = measure(model, queries)
+        before = measure(model, queries, tokens, form)
         with edit.applied(model, verify_hash=False):
-            after = measure(model, queries)
+            after = measure(model, queries, tokens, form)
         for it, b, a in zip(held_out, before, after):
             rows.append(
                 {
@@ -191,7 +219,8 @@ def evaluate_edits(
                     "sets": {**{s: summarise([], []) for s in SETS}, "held_out": summarise([b], [a])},
                 }
             )
-    meta = provenance(model, seed=0, n_irrelevant=n_irrelevant, method=edits[0].edit.method, metric=METRIC)
+    metric = METRIC if tokens == MAX_NEW_TOKENS else f"greedy {tokens} tokens"
+    meta = provenance(model, seed=0, n_irrelevant=n_irrelevant, method=edits[0].edit.method, metric=metric)
     return report_from_rows(rows, model_name(model), edits[0].edit, float(np.mean([c.seconds for c in edits])), meta)
 
 
@@ -219,6 +248,8 @@ def edit_rows(
     seen: dict | None = None,
     seconds: float = 0.0,
     frames: dict[str, dict] | None = None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    form: str = DEFAULT_FORM,
 ) -> list[dict[str, Any]]:
     """One row per item an edit was made for: each test set measured unedited (reusing `seen`) and edited."""
     seen = {} if seen is None else seen
@@ -227,9 +258,9 @@ def edit_rows(
         heldout = heldout_prompts(model, (frames or {}).get(it.id))
         sets = test_sets(it, pool, right_composed, right_hop2, n_irrelevant, exclude=exclude, heldout=heldout)
         queries = [q for name in SETS for q in sets[name]]
-        before = measure_before(model, queries, seen)
+        before = measure_before(model, queries, seen, max_new_tokens, form)
         with edit.applied(model, verify_hash=False):
-            after = measure(model, queries)
+            after = measure(model, queries, max_new_tokens, form)
         i, per = 0, {}
         for name in SETS:
             n = len(sets[name])
@@ -313,14 +344,18 @@ def edit_eval_shard(model, config: dict, items: list[dict], pool: list[dict]) ->
         ) from None
     if hashlib.sha256(data).hexdigest() != config["edit_sha256"]:
         raise PatchlabError("edit file changed since the run started", where=str(path))
-    its = [TwoHopItem.from_dict(d, where=f"item {d.get('id')}") for d in items]
+    edit = Edit.load(path)
+    form = edit.method.get("form", DEFAULT_FORM)  # the form the edit was made in
+    its = render_items(model, [TwoHopItem.from_dict(d, where=f"item {d.get('id')}") for d in items], form)
     return edit_rows(
         model,
-        Edit.load(path),
+        edit,
         its,
-        [TwoHopItem.from_dict(d) for d in pool],
+        render_items(model, [TwoHopItem.from_dict(d) for d in pool], form),
         set(config["right_composed"]),
         set(config["right_hop2"]),
         config["n_irrelevant"],
         set(config["exclude"]),
+        max_new_tokens=window(its, form),
+        form=form,
     )

@@ -7,10 +7,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from patchlab.core.forms import DEFAULT_FORM, answer_text, item_form, window
 from patchlab.core.prompts import PromptSet, TwoHopItem
 from patchlab.results.base import Result
+from patchlab.runtime.forms import render_items
 from patchlab.runtime.identity import provenance
-from patchlab.runtime.scoring import DEFAULT_BATCH, MAX_NEW_TOKENS, Hooks, correct
+from patchlab.runtime.scoring import DEFAULT_BATCH, Hooks, greedy_continuations, matches
 from patchlab.runtime.shards import shard_task
 
 HOPS = ("hop1", "hop2", "composed")
@@ -87,16 +89,20 @@ def evaluate_gap(
     model,
     prompt_set: PromptSet | Sequence[TwoHopItem],
     batch_size: int = DEFAULT_BATCH,
-    max_new_tokens: int = MAX_NEW_TOKENS,
+    max_new_tokens: int | None = None,
     fwd_hooks: Hooks = (),
     progress: bool = True,
+    form: str = DEFAULT_FORM,
 ) -> GapResult:
-    """Answer every item's hop1, hop2 and composed prompt greedily and measure the compositionality gap."""
+    """Answer every item's hop1, hop2 and composed prompt greedily and measure the compositionality gap.
+    `form`: plain (the items' own text), qa or chat (see `patchlab.core.forms`); `max_new_tokens` defaults
+    to the form's window (6 tokens; 24 in the chat form)."""
     from patchlab.runtime.bridge import model_name
 
     source = getattr(prompt_set, "source", "<items>")
-    rows = gap_rows(model, list(prompt_set), source, batch_size, max_new_tokens, fwd_hooks, progress)
-    meta = provenance(model, max_new_tokens=max_new_tokens, criterion=CRITERION)
+    max_new_tokens = max_new_tokens or window(list(prompt_set), form)
+    rows = gap_rows(model, list(prompt_set), source, batch_size, max_new_tokens, fwd_hooks, progress, form)
+    meta = provenance(model, max_new_tokens=max_new_tokens, criterion=CRITERION, form=form)
     return gap_from_rows(rows, model_name(model), source, meta)
 
 
@@ -108,19 +114,22 @@ def gap_rows(
     items: Sequence[TwoHopItem],
     source: str = "<items>",
     batch_size: int = DEFAULT_BATCH,
-    max_new_tokens: int = MAX_NEW_TOKENS,
+    max_new_tokens: int | None = None,
     fwd_hooks: Hooks = (),
     progress: bool = True,
+    form: str = DEFAULT_FORM,
 ) -> list[dict[str, Any]]:
-    """One row per item: whether hop1, hop2 and the composed query are answered right, and the continuations."""
+    """One row per item: whether hop1, hop2 and the composed query are answered right, and the continuations
+    (each prompt rendered in `form` first)."""
+    max_new_tokens = max_new_tokens or window(items, form)
+    items = render_items(model, items, form)
     prompts = [getattr(it, hop) for it in items for hop in HOPS]
     answers = [it.bridges if hop == "hop1" else it.answers for it in items for hop in HOPS]
     names = [f"{source}: item {it.id!r} field '{hop}'" for it in items for hop in HOPS]
     bad: list[bool] = []
-    ok, conts = correct(
+    conts = greedy_continuations(
         model,
         prompts,
-        answers,
         max_new_tokens,
         batch_size,
         fwd_hooks,
@@ -128,6 +137,8 @@ def gap_rows(
         names,
         nonfinite=bad,
     )
+    forms = [item_form(it, form) for it in items for _ in HOPS]
+    ok = [matches(answer_text(c, f), a) for c, f, a in zip(conts, forms, answers)]
     rows = []
     for i, it in enumerate(items):
         row: dict[str, Any] = {"id": it.id, "kind": it.kind}
@@ -156,4 +167,7 @@ def gap_from_rows(rows: Sequence[dict[str, Any]], model: str, source: str, meta:
 def gap_shard(model, config: dict, items: list[dict], pool: list[dict]) -> list[dict]:
     """One shard of a sharded gap evaluation: the rows of `gap_rows`."""
     its = [TwoHopItem.from_dict(d, where=f"item {d.get('id')}") for d in items]
-    return gap_rows(model, its, config["source"], config["batch_size"], config["max_new_tokens"], progress=False)
+    form = config.get("form", DEFAULT_FORM)  # absent in runs made before forms: plain
+    return gap_rows(
+        model, its, config["source"], config["batch_size"], config["max_new_tokens"], progress=False, form=form
+    )

@@ -25,12 +25,14 @@ import torch
 from torch import Tensor
 
 from patchlab.core.errors import PatchlabError
+from patchlab.core.forms import DEFAULT_FORM
 from patchlab.core.progress import track
 from patchlab.core.prompts import TwoHopItem
 from patchlab.core.spec import Head, HeadSet
 from patchlab.results.base import Result
 from patchlab.runtime import sites
 from patchlab.runtime.bridge import model_name
+from patchlab.runtime.forms import render_items
 from patchlab.runtime.identity import provenance
 from patchlab.runtime.scoring import answer_token_id, encode
 from patchlab.runtime.shards import shard_task
@@ -90,7 +92,7 @@ def guide_pairs(model, items: Sequence[TwoHopItem]) -> list[PatchPair]:
     pairs = []
     for it in items:
         composed = encode(model, it.composed, where=f"{it.id}: composed")
-        answer = answer_token_id(model, it.answer, where=f"{it.id}: answer")
+        answer = answer_token_id(model, it.answer, where=f"{it.id}: answer", after=it.composed)
         with torch.inference_mode():
             logits = model(torch.tensor([composed], device=model.cfg.device))[0, -1].float().cpu()
         pair = PatchPair(
@@ -111,7 +113,7 @@ def template_pairs(model, items: Sequence[TwoHopItem], pool: Sequence[TwoHopItem
     pairs = []
     for it in items:
         clean = encode(model, it.composed, where=f"{it.id}: composed")
-        answer = answer_token_id(model, it.answer, where=f"{it.id}: answer")
+        answer = answer_token_id(model, it.answer, where=f"{it.id}: answer", after=it.composed)
         for other in pool:
             if (
                 other.id == it.id
@@ -121,7 +123,7 @@ def template_pairs(model, items: Sequence[TwoHopItem], pool: Sequence[TwoHopItem
             ):
                 continue
             corrupted = encode(model, other.composed, where=f"{other.id}: composed")
-            contrast = answer_token_id(model, other.answer, where=f"{other.id}: answer")
+            contrast = answer_token_id(model, other.answer, where=f"{other.id}: answer", after=other.composed)
             if len(corrupted) == len(clean) and contrast != answer:
                 pairs.append(PatchPair(it.id, clean, corrupted, answer, contrast, "template"))
                 break
@@ -678,9 +680,13 @@ def locate(
     items: Sequence[TwoHopItem],
     setup: str = "guide",
     pool: Sequence[TwoHopItem] | None = None,
+    form: str = DEFAULT_FORM,
     **kw,
 ) -> LocateResult:
-    """Build the pairs of a setup ('guide': failing composed ← guide; 'template': correct ← other subject) and patch."""
+    """Build the pairs of a setup ('guide': failing composed ← guide; 'template': correct ← other subject) and patch.
+    `form`: the prompt form of every prompt (see `patchlab.core.forms`)."""
+    items = render_items(model, items, form)
+    pool = render_items(model, pool, form) if pool is not None else None
     if setup == "guide":
         pairs = guide_pairs(model, items)
         kw.setdefault("positions", "last")
@@ -688,7 +694,9 @@ def locate(
         pairs = template_pairs(model, items, pool)
     else:
         raise PatchlabError(f"setup must be 'guide' or 'template', got '{setup}'", param="setup")
-    return locate_pairs(model, pairs, **kw)
+    result = locate_pairs(model, pairs, **kw)
+    result.meta["form"] = form
+    return result
 
 
 def heads_from(path, model, top: int) -> HeadSet:
@@ -707,11 +715,12 @@ def heads_from(path, model, top: int) -> HeadSet:
 
 
 def _shard_pairs(model, config: dict, items: list[dict], pool: list[dict]) -> list[PatchPair]:
-    its = [TwoHopItem.from_dict(d, where=f"item {d.get('id')}") for d in items]
+    form = config.get("form", DEFAULT_FORM)  # absent in runs made before forms: plain
+    its = render_items(model, [TwoHopItem.from_dict(d, where=f"item {d.get('id')}") for d in items], form)
     if config["setup"] == "guide":
         pairs = guide_pairs(model, its)
     else:
-        pairs = template_pairs(model, its, [TwoHopItem.from_dict(d) for d in pool])
+        pairs = template_pairs(model, its, render_items(model, [TwoHopItem.from_dict(d) for d in pool], form))
     check_pairs(pairs, config["positions"], allow_empty=True)  # a shard may hold no pair (no template partner)
     return pairs
 

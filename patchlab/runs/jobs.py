@@ -344,21 +344,38 @@ def _fault_from_env() -> dict:
 # --- the sharded commands ---------------------------------------------------------------------------------
 
 
+def _form(form: str) -> dict[str, str]:
+    """The stage config's form entry: none for plain, so runs in the default form keep their run ids."""
+    return {} if form == "plain" else {"form": form}
+
+
 def evaluate(
     run: Run,
     items: Sequence[TwoHopItem],
     source: str = "<items>",
     batch_size: int = 32,
     max_new_tokens: int | None = None,
+    form: str = "plain",
 ):
     """The gap evaluation of `items`, sharded: the same rows and summaries as `patchlab.evaluate.evaluate_gap`."""
+    from patchlab.core.forms import check_forms, window
     from patchlab.methods.gap import CRITERION, gap_from_rows
-    from patchlab.runtime.scoring import MAX_NEW_TOKENS
 
-    max_new_tokens = max_new_tokens or MAX_NEW_TOKENS
-    config = {"source": source, "batch_size": batch_size, "max_new_tokens": max_new_tokens}
+    max_new_tokens = max_new_tokens or window(items, form)
+    config = {
+        "source": source,
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        **_form(check_forms(items, form)),
+    }
     rows = run.stage("gap", config, [it.to_dict() for it in items])
-    meta = {**run.identity["meta"], "max_new_tokens": max_new_tokens, "criterion": CRITERION, "run": run.meta()}
+    meta = {
+        **run.identity["meta"],
+        "max_new_tokens": max_new_tokens,
+        "criterion": CRITERION,
+        "form": form,
+        "run": run.meta(),
+    }
     return gap_from_rows([rows[it.id] for it in items if it.id in rows], run.identity["model"], source, meta)
 
 
@@ -372,9 +389,11 @@ def locate(
     positions: str = "last",
     top_k: int = 10,
     verify: int = 20,
+    form: str = "plain",
 ):
     """Activation patching of `items`, sharded: screen (attribution) and/or verify (exact) stages, then the
     same aggregation as `patchlab.locate.locate_pairs`."""
+    from patchlab.core.forms import check_forms
     from patchlab.methods.locate import (
         METRIC,
         aggregate,
@@ -389,7 +408,7 @@ def locate(
     if setup not in ("guide", "template"):
         raise PatchlabError(f"setup must be 'guide' or 'template', got '{setup}'", param="setup")
     started = time.perf_counter()
-    base = {"setup": setup, "site": site, "positions": positions}
+    base = {"setup": setup, "site": site, "positions": positions, **_form(check_forms([*items, *pool], form))}
     records = [it.to_dict() for it in items]
     partners = [it.to_dict() for it in pool] if setup == "template" else []
     ids = [it.id for it in items]
@@ -406,7 +425,7 @@ def locate(
         rows = [verified[i] for i in ids if i in verified]
     if not rows:
         check_pairs([], positions)
-    meta = {**run.identity["meta"], "metric": METRIC, "run": run.meta()}
+    meta = {**run.identity["meta"], "metric": METRIC, "form": form, "run": run.meta()}
     return aggregate(
         rows,
         run.identity["model"],

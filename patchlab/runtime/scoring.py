@@ -40,30 +40,40 @@ def encode(model, prompt: str, where: str = "prompt") -> list[int]:
     return ids
 
 
-def chat_prompt(model, question: str) -> str | None:
+def chat_prompt(model, question: str, history: Sequence[tuple[str, str]] = ()) -> str | None:
     """`question` as the user turn of the model's own chat template, ready for the assistant's answer (the
-    template's BOS text dropped when the model adds BOS itself); None for a model without a template."""
+    template's BOS text dropped when the model adds BOS itself); None for a model without a template.
+    `history`: earlier (question, answer) turns, e.g. a few-shot prompt's demonstrations."""
     tok = model.tokenizer
     if not getattr(tok, "chat_template", None):
         return None
-    text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    turns = [m for q, a in history for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    messages = [*turns, {"role": "user", "content": question}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     bos = tok.bos_token
     if bos and text.startswith(bos) and getattr(model.cfg, "default_prepend_bos", False):
         text = text[len(bos) :]
     return text
 
 
-def answer_token_ids(model, answer: str, where: str | None = "answer", param: str | None = None) -> list[int]:
-    """Token ids of " " + answer without BOS: how the answer continues a prompt."""
-    ids = model.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
+def answer_token_ids(
+    model, answer: str, where: str | None = "answer", param: str | None = None, after: str | None = None
+) -> list[int]:
+    """Token ids of " " + answer without BOS: how the answer continues a prompt. After a prompt that ends in
+    whitespace (`after`: a chat template's assistant turn ends in a newline) the answer starts a new word
+    without its own space."""
+    lead = "" if after and after[-1].isspace() else " "
+    ids = model.tokenizer(lead + answer.strip(), add_special_tokens=False)["input_ids"]
     if not answer.strip() or not ids:
         raise PatchlabError(f"answer {answer!r} tokenizes to nothing", where=where, param=param)
     return list(ids)
 
 
-def answer_token_id(model, answer: str, where: str | None = "answer", param: str | None = None) -> int:
-    """The first token of " " + answer: the token that patching and lens metrics read."""
-    return answer_token_ids(model, answer, where, param)[0]
+def answer_token_id(
+    model, answer: str, where: str | None = "answer", param: str | None = None, after: str | None = None
+) -> int:
+    """The first token of " " + answer (see `answer_token_ids`): the token that patching and lens metrics read."""
+    return answer_token_ids(model, answer, where, param, after)[0]
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Int[Tensor, "b pos"], Int[Tensor, " b"]]:
@@ -117,7 +127,7 @@ def answer_logprob(
         raise PatchlabError(f"{len(prompts)} prompts but {len(answers)} answers")
     seqs, spans = [], []
     for i, (p, a) in enumerate(zip(prompts, answers)):
-        ids, ans = encode(model, p, where=f"prompt[{i}]"), answer_token_ids(model, a, where=f"answer[{i}]")
+        ids, ans = encode(model, p, where=f"prompt[{i}]"), answer_token_ids(model, a, where=f"answer[{i}]", after=p)
         spans.append((len(ids), len(ans)))
         seqs.append(ids + ans)
     pad = pad_id(model)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from patchlab.core.errors import PatchlabError
+from patchlab.core.forms import DEFAULT_FORM, check_forms
 from patchlab.core.io import atomic_dir
 from patchlab.core.prompts import PromptSet, TwoHopItem
 from patchlab.core.spec import HeadSet, parse_layers
@@ -21,20 +22,28 @@ from patchlab.workflows.setup import ModelSpec, Notify, Scale, file_sha256, gap_
 
 
 def evaluate(
-    spec: ModelSpec, ps: PromptSet, out: Path, scale: Scale = Scale(), batch_size: int = 32, notify: Notify = silent
+    spec: ModelSpec,
+    ps: PromptSet,
+    out: Path,
+    scale: Scale = Scale(),
+    batch_size: int = 32,
+    notify: Notify = silent,
+    form: str = DEFAULT_FORM,
 ):
-    """The compositionality gap of `ps` (sharded when `scale` asks for it)."""
+    """The compositionality gap of `ps` in a prompt `form` (sharded when `scale` asks for it)."""
     from patchlab.methods.gap import evaluate_gap
 
     if batch_size < 1:
         raise PatchlabError(f"batch size must be >= 1, got {batch_size}", param="batch_size")
-    work = workload("evaluate", ps, batch=batch_size)
+    check_forms(list(ps), form)
+    work = workload("evaluate", ps, batch=batch_size, form=form)
     if scale.sharded:
         from patchlab.runs import jobs
 
-        with scale.open("evaluate", {"batch_size": batch_size}, list(ps), out, spec.worker_load(work, notify)) as run:
-            return jobs.evaluate(run, list(ps), ps.source, batch_size)
-    return evaluate_gap(spec.load(work, notify), ps, batch_size=batch_size)
+        config = {"batch_size": batch_size, **({} if form == DEFAULT_FORM else {"form": form})}
+        with scale.open("evaluate", config, list(ps), out, spec.worker_load(work, notify)) as run:
+            return jobs.evaluate(run, list(ps), ps.source, batch_size, form=form)
+    return evaluate_gap(spec.load(work, notify), ps, batch_size=batch_size, form=form)
 
 
 @dataclass
@@ -120,8 +129,10 @@ def locate(
     ids: Sequence[str] | None = None,
     gap: Path | None = None,
     notify: Notify = silent,
+    form: str = DEFAULT_FORM,
 ):
-    """Locate the heads behind the failures (guide) or the correct answers (template) of `ps`."""
+    """Locate the heads behind the failures (guide) or the correct answers (template) of `ps`, every prompt in
+    `form` (the gap that picks the items too)."""
     from patchlab.methods.locate import check_options
     from patchlab.methods.locate import locate as run_locate
 
@@ -129,10 +140,11 @@ def locate(
         if value < 1:
             raise PatchlabError(f"must be >= 1, got {value}", param=name)
     check_options(method, site, top)
+    check_forms(list(ps), form)
     pick = lambda g: (g.failed_items(ps) if setup == "guide" else g.correct_items(ps))[:max_items]  # noqa: E731
     chosen = list(ps.filter(ids=list(ids)))[:max_items] if ids else None
     options = dict(setup=setup, method=method, site=site, positions=positions, top_k=top, verify=verify)
-    work = workload("locate", ps, method=method, with_gap=gap is None and not ids)
+    work = workload("locate", ps, method=method, with_gap=gap is None and not ids, form=form)
     if scale.sharded:
         from patchlab.runs import jobs
 
@@ -141,19 +153,24 @@ def locate(
             "ids": ",".join(ids) if ids else None,
             "max_items": max_items,
             "gap": str(gap) if gap else None,
+            **({} if form == DEFAULT_FORM else {"form": form}),
         }
         with scale.open("locate", config, list(ps), out, spec.worker_load(work, notify)) as run:
             items = (
                 chosen
                 if chosen is not None
-                else pick(saved_gap(gap, run.identity["model"]) if gap else jobs.evaluate(run, list(ps), ps.source))
+                else pick(
+                    saved_gap(gap, run.identity["model"], form)
+                    if gap
+                    else jobs.evaluate(run, list(ps), ps.source, form=form)
+                )
             )
             _no_items(items, setup)
-            return jobs.locate(run, items, list(ps), **options)
+            return jobs.locate(run, items, list(ps), **options, form=form)
     m = spec.load(work, notify)
-    items = chosen if chosen is not None else pick(gap_for(m, ps, gap))
+    items = chosen if chosen is not None else pick(gap_for(m, ps, gap, form))
     _no_items(items, setup)
-    return run_locate(m, items, pool=list(ps), **options)
+    return run_locate(m, items, pool=list(ps), form=form, **options)
 
 
 def chosen_heads(model, heads: str | HeadSet | None, heads_from: Path | None, top: int) -> HeadSet:
@@ -233,11 +250,14 @@ def edit(
     gap: Path | None = None,
     routed: bool = False,
     notify: Notify = silent,
+    form: str = DEFAULT_FORM,
 ) -> EditRun:
-    """Edit the chosen failures (by id, or every failure with both hops right) on the chosen heads, then measure."""
+    """Edit the chosen failures (by id, or every failure with both hops right) on the chosen heads, then measure;
+    every prompt (the gap's, the edit's keys and targets, the test sets) in `form`."""
     from patchlab.core.protocol import heldout_frames
     from patchlab.methods.edit import EditConfig, check_editable, edit_each
     from patchlab.methods.editeval import evaluate_edits, kl_prompts, preserved_prompts
+    from patchlab.runtime.forms import render_items
     from patchlab.studies.mechanisms import modules_for
 
     if (ids is None) == (not failures):
@@ -248,9 +268,12 @@ def edit(
     if isinstance(heads, str):
         heads = HeadSet.parse(heads)  # the syntax now; checked against the model once it is loaded
     n_layers = len(heads.layers) if heads is not None else top
-    m = spec.load(workload("edit", ps, with_gap=gap is None, n_layers_cached=n_layers), notify)
+    check_forms(list(ps), form)
+    m = spec.load(workload("edit", ps, with_gap=gap is None, n_layers_cached=n_layers, form=form), notify)
     chosen = chosen_heads(m, heads, heads_from, top)
-    g = gap_for(m, ps, gap)
+    g = gap_for(m, ps, gap, form)
+    plain = ps
+    ps = PromptSet(render_items(m, list(ps), form), source=ps.source)  # every prompt below is in `form`
     items = list(ps.filter(ids=list(ids))) if ids else g.failed_items(ps)
     rows = {r["id"]: r for r in g.items}
     already = [it.id for it in items if rows.get(it.id, {}).get("composed")]
@@ -264,10 +287,10 @@ def edit(
     unrelated, exclude = kl_prompts(list(ps), g)
     keep, kept = preserved_prompts(list(ps), g, exclude) if cfg.null_space > 0 or cfg.preserve > 0 else ((), set())
     check_editable(m, chosen.layers)
-    edits = edit_each(m, items, chosen, cfg, batch=batch, unrelated=unrelated, preserved=keep)
+    edits = edit_each(m, items, chosen, cfg, batch=batch, unrelated=unrelated, preserved=keep, form=form)
     # the held-out frames (shipped items) are read here, for the evaluation only
     report = evaluate_edits(m, edits, list(ps), g, held_out=kept_out, exclude=exclude | kept,
-                            frames=heldout_frames(list(ps)))  # fmt: skip
+                            frames=heldout_frames(list(plain)), form=form)  # fmt: skip
     modules = modules_for(m, [c.edit for c in edits], list(ps), g)[0] if routed else []
     return EditRun(report, edits, modules, batch)
 
@@ -287,6 +310,7 @@ def apply(
     from patchlab.runtime.identity import base_hash
 
     e = Edit.load(edit_file)
+    form = e.method.get("form", DEFAULT_FORM)  # measured in the form the edit was made in
     items: list[TwoHopItem] = list(ps.filter(ids=e.item_ids))
     work = workload("forward", ps, with_gap=gap is None)
     if scale.sharded:
@@ -294,11 +318,15 @@ def apply(
 
         config = {"edit_sha256": file_sha256(edit_file), "gap": str(gap) if gap else None}
         with scale.open("apply", config, list(ps), out, spec.worker_load(work, notify)) as run:
-            g = saved_gap(gap, run.identity["model"]) if gap else jobs.evaluate(run, list(ps), ps.source)
+            g = (
+                saved_gap(gap, run.identity["model"], form)
+                if gap
+                else jobs.evaluate(run, list(ps), ps.source, form=form)
+            )
             return jobs.evaluate_edit(run, edit_file, items, list(ps), g)
     m = spec.load(work, notify)
     if base_hash(m) != e.weights_sha256:
         raise PatchlabError(
             f"edit was made for '{e.model}' weights {e.weights_sha256[:12]}…, not these", where=str(edit_file)
         )
-    return evaluate_edits(m, [ComputedEdit(items, e, 0.0)], list(ps), gap_for(m, ps, gap))
+    return evaluate_edits(m, [ComputedEdit(items, e, 0.0)], list(ps), gap_for(m, ps, gap, form), form=form)

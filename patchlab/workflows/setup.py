@@ -20,11 +20,17 @@ def silent(_: str) -> None:
     return None
 
 
-def workload(kind: str, items=None, **kw: Any):
-    """A command's memory workload: `kind` over prompt-set items (their longest prompt sets the length)."""
+# bytes a prompt form adds around a prompt, for the memory estimate made before any tokenizer is loaded: the
+# qa cue ("Q: ... what?\nA:"), and a chat template's turns (SmolLM2's default system turn is ~110 bytes)
+FORM_BYTES = {"plain": 0, "qa": 16, "chat": 200}
+
+
+def workload(kind: str, items=None, form: str = "plain", **kw: Any):
+    """A command's memory workload: `kind` over prompt-set items (their longest prompt, in `form`, sets the length)."""
     from patchlab.runtime.memory import Workload
 
-    prompts = [getattr(it, f) for it in items for f in ("hop1", "hop2", "composed")] if items is not None else []
+    pad = " " * FORM_BYTES.get(form, 0)
+    prompts = [getattr(it, f) + pad for it in items for f in ("hop1", "hop2", "composed")] if items is not None else []
     return Workload.for_prompts(kind, prompts, **kw)
 
 
@@ -117,20 +123,25 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def saved_gap(path: Path, model: str | None):
-    """A saved GapResult, refused when it was made on another model."""
+def saved_gap(path: Path, model: str | None, form: str | None = None):
+    """A saved GapResult, refused when it was made on another model (or, given `form`, in another prompt form)."""
     from patchlab.methods.gap import GapResult
 
     gap = GapResult.from_json(path)
     if model is not None and gap.model != model:
         raise PatchlabError(f"gap result was made on '{gap.model}', not this model", param="gap", where=str(path))
+    made = gap.meta.get("form", "plain")  # results made before forms: plain
+    if form is not None and made != form:
+        raise PatchlabError(
+            f"gap result was made in the {made} prompt form, not {form} (see `form`)", param="gap", where=str(path)
+        )
     return gap
 
 
-def gap_for(model, items, path: Path | None):
-    """A saved GapResult (made on this model), or a fresh gap evaluation of `items`."""
+def gap_for(model, items, path: Path | None, form: str = "plain"):
+    """A saved GapResult (made on this model, in `form`), or a fresh gap evaluation of `items` in `form`."""
     from patchlab.methods.gap import evaluate_gap
 
     if path is None:
-        return evaluate_gap(model, items)
-    return saved_gap(path, getattr(model, "patchlab_name", None))
+        return evaluate_gap(model, items, form=form)
+    return saved_gap(path, getattr(model, "patchlab_name", None), form)

@@ -160,6 +160,10 @@ def main() -> None:
             report = V.evaluate_edits(model, made, its_pool, gap, exclude=exclude, frames=frames, progress=False)
             rows[name] = (report.summary, report.seconds_per_edit, len(made))
             results[split][name] = {"summary": report.summary, "s_per_edit": report.seconds_per_edit}
+            print(f"[{split}] {name}: " + ", ".join(f"{k} {cell(report.summary, k, True)}" for k in COLUMNS)
+                  + f", {report.seconds_per_edit:.1f} s/edit", flush=True)  # fmt: skip
+            if args.json:  # what is measured so far survives an interrupted run
+                args.json.write_text(json.dumps(results, indent=1, default=float))
         table(f"{args.model}, {split} split ({len(items)} failures)" + (" — settings are chosen here" if split == "dev"
               else " — held-out frames lead"), rows)  # fmt: skip
     if results["dev"]:

@@ -86,3 +86,24 @@ def test_site_builds_strictly_offline(tmp_path):
     html = (tmp_path / "site" / "api" / "methods" / "index.html").read_text()
     assert "evaluate_gap" in html and "compute_edit" in html  # the API reference was generated
     assert "fonts.googleapis" not in (tmp_path / "site" / "index.html").read_text()
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.timeout(900)
+def test_readme_tour_runs_as_written(smol, monkeypatch):
+    """The README's Python tour, executed as written (on 4 items per kind instead of 10, and the session's
+    model instead of a second load: the same calls, a smaller slice)."""
+    import patchlab
+    from patchlab.core.prompts import PromptSet
+
+    tour = next(b for b in python_blocks((ROOT / "README.md").read_text()) if "evaluate_edits" in b)
+    stratified = PromptSet.stratified
+    monkeypatch.setattr(PromptSet, "stratified", lambda self, per_kind: stratified(self, min(per_kind, 4)))
+    monkeypatch.setattr(patchlab, "load_model", lambda *a, **k: smol)
+    scope: dict = {}
+    exec(compile(tour, "README.md (tour)", "exec"), scope)
+    report = scope["report"]
+    assert report.summary["correction"]["n"] >= 1 and report.summary["correction"]["after"] is not None

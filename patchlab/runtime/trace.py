@@ -194,21 +194,27 @@ def run_from_layer(
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def check_run_from_layer(model, tokens: Tensor, resid: Sequence[Tensor], atol: float = 1e-4) -> bool:
-    """Does starting at a layer reproduce the full forward on this model? (cached per model)"""
-    cached = getattr(model, "_patchlab_skip_ok", None)
+def _reproduces(model, tokens: Tensor, flag: str, from_layer: Callable[[int], Tensor], atol: float) -> bool:
+    """Does `from_layer(l)` (last-position logits when the run starts at block l) equal the full forward at
+    the first, middle and last block? Cached on the model under `flag` once a finite prompt has decided it."""
+    cached = getattr(model, flag, None)
     if cached is not None:
         return cached
     full = model(tokens)[0, -1]
     if not torch.isfinite(full).all():
         return False  # this prompt says nothing about the model: check again on the next one
-    last = torch.tensor([tokens.shape[1] - 1], device=tokens.device)
-    ok = all(
-        (run_from_layer(model, resid[l][None], l, last)[0] - full).abs().max().item() <= atol
-        for l in sorted({0, model.cfg.n_layers // 2, model.cfg.n_layers - 1})
-    )
-    model._patchlab_skip_ok = ok
+    layers = sorted({0, model.cfg.n_layers // 2, model.cfg.n_layers - 1})
+    ok = all((from_layer(l)[0] - full).abs().max().item() <= atol for l in layers)
+    setattr(model, flag, ok)
     return ok
+
+
+def check_run_from_layer(model, tokens: Tensor, resid: Sequence[Tensor], atol: float = 1e-4) -> bool:
+    """Does starting at a layer reproduce the full forward on this model? (cached per model)"""
+    last = torch.tensor([tokens.shape[1] - 1], device=tokens.device)
+    return _reproduces(
+        model, tokens, "_patchlab_skip_ok", lambda l: run_from_layer(model, resid[l][None], l, last), atol
+    )
 
 
 def prefix_cache(model, tokens: Int[Tensor, "1 pos"]):
@@ -228,17 +234,12 @@ def check_prefix_cache(model, tokens: Tensor, resid: Sequence[Tensor], atol: flo
     """Does the last token entering a layer with the prefix's cached keys / values reproduce the full forward
     on this model? (cached per model; where it does not, callers recompute every position)"""
     cached = getattr(model, "_patchlab_prefix_ok", None)
-    if cached is not None:
-        return cached
-    full = model(tokens)[0, -1]
-    if not torch.isfinite(full).all() or tokens.shape[1] < 2:
-        return False
+    if cached is not None or tokens.shape[1] < 2:
+        return bool(cached)
     prefix = prefix_cache(model, tokens[:, :-1])
     first = torch.zeros(1, dtype=torch.long, device=tokens.device)
-    ok = all(
-        (run_from_layer(model, resid[l][None, -1:], l, first, past=repeated(prefix, 1))[0] - full).abs().max().item()
-        <= atol
-        for l in sorted({0, model.cfg.n_layers // 2, model.cfg.n_layers - 1})
-    )
-    model._patchlab_prefix_ok = ok
-    return ok
+
+    def from_layer(l: int) -> Tensor:
+        return run_from_layer(model, resid[l][None, -1:], l, first, past=repeated(prefix, 1))
+
+    return _reproduces(model, tokens, "_patchlab_prefix_ok", from_layer, atol)

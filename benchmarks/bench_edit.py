@@ -1,7 +1,13 @@
 """Editing the default model's failures: layer-level CREME vs head-level patchlab vs fine-tuning the same
 W_O columns, with all test sets and the seconds per edit; then a batch edit with held-out failures.
 
-Usage: python benchmarks/bench_edit.py [--items N]   (default: every failure of the shipped set)
+Then the cost of measuring edits: `evaluate_edits` on the same head edits by the reference path
+(`fast=False`: every continuation decoded to its full window, probabilities from a second forward) and by
+the default one (probabilities from the first decoding step, a query stops once its verdict is settled),
+alternated, best of two each; every item's rates must agree to the last query (`eval_same_rates=1`).
+
+Usage: python benchmarks/bench_edit.py [--items N] [--eval-only] [--eval-items 8]
+(default: every failure of the shipped set). Ends with key=value lines.
 """
 
 from __future__ import annotations
@@ -84,6 +90,8 @@ def row(name, report) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--items", type=int, default=None)
+    ap.add_argument("--eval-only", action="store_true", help="only the edit-measurement speed comparison")
+    ap.add_argument("--eval-items", type=int, default=8)
     args = ap.parse_args()
     model = load_model("smollm2-135m")
     ps = PromptSet.shipped()
@@ -96,6 +104,38 @@ def main() -> None:
     loc = locate(model, fails[:10], setup="guide", method="both", progress=False)
     heads = loc.heads(2)
     print(f"located heads {[str(h) for h in heads]} in {time.perf_counter() - start:.0f} s")
+    if not args.eval_only:
+        compare(model, fails, heads, pool, gap, unrelated, exclude)
+    eval_speed(model, fails[: args.eval_items], heads, pool, gap, unrelated, exclude)
+
+
+def eval_speed(model, fails, heads, pool, gap, unrelated, exclude) -> None:
+    """Reference vs default edit measurement on the same edits: seconds and item-by-item agreement."""
+    edits = E.edit_each(model, fails, heads, E.EditConfig(target="optimize"), unrelated=unrelated, progress=False)
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    reports = {}
+    for fast in (False, True, False, True):
+        start = time.perf_counter()
+        reports[fast] = V.evaluate_edits(model, edits, pool, gap, exclude=exclude, progress=False, fast=fast)
+        seconds[fast].append(time.perf_counter() - start)
+    keys = ("n", "before", "after", "beats_wrong")
+    rates = lambda r: [[(s, [v[s][k] for k in keys]) for s in sorted(v)] for v in (i["sets"] for i in r.items)]  # noqa: E731
+    same = rates(reports[False]) == rates(reports[True])
+    texts = [i["text_after"] for i in reports[False].items] == [i["text_after"] for i in reports[True].items]
+    c_diff = max(
+        abs((a["sets"][s]["C"] or 0) - (b["sets"][s]["C"] or 0)) / max(1.0, abs(a["sets"][s]["C"] or 0))
+        for a, b in zip(reports[False].items, reports[True].items)
+        for s in a["sets"]
+    )
+    ref, fast = min(seconds[False]), min(seconds[True])
+    print(f"\nmeasuring {len(edits)} edits: reference {ref:.1f} s, default {fast:.1f} s; every item's rates equal: "
+          f"{same}; edited continuations equal: {texts}; max relative C difference {c_diff:.1e}")  # fmt: skip
+    print(f"eval_speedup={ref / fast:.2f}")
+    print(f"eval_same_rates={int(same)}")
+    print(f"eval_max_rel_c_diff={c_diff:.2e}")
+
+
+def compare(model, fails, heads, pool, gap, unrelated, exclude) -> None:
     print("\n| method | correction | paraphrase | generalization | irrelevance kept | facts kept | s/edit |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     variants = {

@@ -115,7 +115,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dev-items", type=int, default=12)
     ap.add_argument("--test-items", type=int, default=None)
-    ap.add_argument("--variants", default=None, help="comma-separated substrings of variant names to run")
+    ap.add_argument("--variants", default=None,
+                    help="which variants to run: exact names separated by '|', or comma-separated substrings")  # fmt: skip
     ap.add_argument("--splits", default="dev,test", help="which splits to run: dev (choice), test (report), or both")
     ap.add_argument("--chosen", default=None, help="the dev winner's name (substring), when dev ran separately")
     ap.add_argument("--top", type=int, default=2)
@@ -142,8 +143,10 @@ def main() -> None:
     print(f"heads located on dev failures: {heads}")
     chosen = variants(model, heads)
     if args.variants:
-        wanted = args.variants.split(",")
-        chosen = {k: v for k, v in chosen.items() if any(w in k for w in wanted) or (args.chosen or "\0") in k}
+        exact = "|" in args.variants
+        wanted = args.variants.split("|" if exact else ",")
+        hit = (lambda k: k in wanted) if exact else (lambda k: any(w in k for w in wanted))
+        chosen = {k: v for k, v in chosen.items() if hit(k) or (args.chosen or "\0") in k}
     results: dict = {"model": args.model, "heads": str(heads), "dev": {}, "test": {}}
     made_test = {}
     for split, items, its_pool in (("dev", dev_f[: args.dev_items], dev), ("test", test_f, test)):

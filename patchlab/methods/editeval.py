@@ -42,6 +42,7 @@ from patchlab.runtime.scoring import (
     greedy_continuations,
     last_logits,
     matches,
+    settled,
 )
 from patchlab.runtime.shards import shard_task
 
@@ -83,15 +84,33 @@ def test_sets(
 
 
 def measure(
-    model, queries: Sequence[Query], max_new_tokens: int = MAX_NEW_TOKENS, form: str = DEFAULT_FORM
+    model,
+    queries: Sequence[Query],
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    form: str = DEFAULT_FORM,
+    fast: bool = True,
+    whole: int = 0,
 ) -> list[dict[str, Any]]:
     """Greedy correctness (`max_new_tokens` read; in the qa and chat `form` the first line is the answer, see
-    `patchlab.core.forms.answer_text`), the answer's first-token probability and the top token of every query."""
+    `patchlab.core.forms.answer_text`), the answer's first-token probability and the top token of every query.
+
+    `fast`: the probabilities come from the first decoding step (no second forward) and a query stops
+    decoding once its verdict is settled (`patchlab.runtime.scoring.settled`) — except the first `whole`
+    queries, whose text is read in full. `fast=False` is the reference: full continuations and a separate
+    last-position forward (same verdicts, tested; probabilities equal to float rounding)."""
     if not queries:
         return []
-    conts = greedy_continuations(model, [q.prompt for q in queries], max_new_tokens)
+    prompts = [q.prompt for q in queries]
+    if fast:
+        firsts: list[torch.Tensor] = []
+        stop = lambda i, text: i >= whole and settled(text, queries[i].answers, form)  # noqa: E731
+        conts = greedy_continuations(model, prompts, max_new_tokens, first_logits=firsts, stop_when=stop)
+        logits = torch.stack(firsts)
+    else:
+        conts = greedy_continuations(model, prompts, max_new_tokens)
+        logits = last_logits(model, prompts)
     ok = [matches(answer_text(c, form), q.answers) for c, q in zip(conts, queries)]
-    probs = torch.softmax(last_logits(model, [q.prompt for q in queries]), -1)
+    probs = torch.softmax(logits, -1)
     out = []
     for q, o, c, p in zip(queries, ok, conts, probs):
         a = answer_token_id(model, q.answers[0], after=q.prompt)
@@ -105,10 +124,11 @@ def measure_before(
     cache: dict[Query, dict[str, Any]],
     max_new_tokens: int = MAX_NEW_TOKENS,
     form: str = DEFAULT_FORM,
+    fast: bool = True,
 ) -> list[dict[str, Any]]:
     """`measure` on the unedited model, each query measured once across all edits (test sets overlap)."""
     todo = list(dict.fromkeys(q for q in queries if q not in cache))
-    got = measure(model, todo, max_new_tokens, form)
+    got = measure(model, todo, max_new_tokens, form, fast, whole=0)
     cache.update((q, {k: v for k, v in m.items() if k != "p_all"}) for q, m in zip(todo, got))
     return [cache[q] for q in queries]
 
@@ -185,12 +205,13 @@ def evaluate_edits(
     exclude: set[str] = frozenset(),
     frames: dict[str, dict] | None = None,
     form: str | None = None,
+    fast: bool = True,
 ) -> EditReport:
     """Measure every `ComputedEdit` (items, edit, seconds) before and after; a batch edit may also be scored on
     held-out items. `frames` ({id: {"frames": {...}, "question": ...}}, see `patchlab.core.protocol`) adds
     the held-out-frame set, the chat template's rendering of the question included. `form`: the prompt form
     of the items' test sets (default: the form the first edit was made in, see `patchlab.core.forms`); the
-    held-out frames are their own forms."""
+    held-out frames are their own forms. `fast=False` measures by the reference path (see `measure`)."""
     edits = [c if isinstance(c, ComputedEdit) else ComputedEdit(*c) for c in edits]
     form = form or edits[0].edit.method.get("form", DEFAULT_FORM)
     pool, held_out = render_items(model, pool, form), render_items(model, held_out, form)
@@ -202,14 +223,14 @@ def evaluate_edits(
     for items, edit, seconds in track(edits, "evaluating edits" if progress else None):
         rows += edit_rows(
             model, edit, items, pool, right_composed, right_hop2, n_irrelevant, exclude, seen, seconds, frames,
-            tokens, form,
+            tokens, form, fast,
         )  # fmt: skip
     if held_out:
         edit = edits[0].edit
         queries = [Query(it.composed, it.answers) for it in held_out]
-        before = measure(model, queries, tokens, form)
+        before = measure(model, queries, tokens, form, fast, whole=0)
         with edit.applied(model, verify_hash=False):
-            after = measure(model, queries, tokens, form)
+            after = measure(model, queries, tokens, form, fast, whole=0)
         for it, b, a in zip(held_out, before, after):
             rows.append(
                 {
@@ -250,17 +271,19 @@ def edit_rows(
     frames: dict[str, dict] | None = None,
     max_new_tokens: int = MAX_NEW_TOKENS,
     form: str = DEFAULT_FORM,
+    fast: bool = True,
 ) -> list[dict[str, Any]]:
-    """One row per item an edit was made for: each test set measured unedited (reusing `seen`) and edited."""
+    """One row per item an edit was made for: each test set measured unedited (reusing `seen`) and edited
+    (the edited query's own continuation read in full: it is the row's `text_after`)."""
     seen = {} if seen is None else seen
     rows = []
     for it in items:
         heldout = heldout_prompts(model, (frames or {}).get(it.id))
         sets = test_sets(it, pool, right_composed, right_hop2, n_irrelevant, exclude=exclude, heldout=heldout)
         queries = [q for name in SETS for q in sets[name]]
-        before = measure_before(model, queries, seen, max_new_tokens, form)
+        before = measure_before(model, queries, seen, max_new_tokens, form, fast)
         with edit.applied(model, verify_hash=False):
-            after = measure(model, queries, max_new_tokens, form)
+            after = measure(model, queries, max_new_tokens, form, fast, whole=len(sets["correction"]))
         i, per = 0, {}
         for name in SETS:
             n = len(sets[name])

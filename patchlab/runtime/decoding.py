@@ -21,7 +21,7 @@ needs `cache=False` (one full forward per step, the reference path).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -91,13 +91,22 @@ def _left_padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tenso
     return tokens, mask
 
 
-class _NonFinite:
-    """A logits processor that records, per row and step, whether the next-token logits held a NaN / inf."""
+Decided = Callable[[int, list[int]], bool]
+"""`decided(row, new_tokens)`: whether a row's verdict can no longer change, so its decoding may stop."""
 
-    def __init__(self) -> None:
+
+class _NonFinite:
+    """A logits processor that records, per row and step, whether the next-token logits held a NaN / inf,
+    and keeps the first step's logits (the prompt's last-position logits) when asked."""
+
+    def __init__(self, keep_first: bool = False) -> None:
         self.steps: list[Tensor] = []
+        self.first: Tensor | None = None
+        self.keep_first = keep_first
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.keep_first and not self.steps:
+            self.first = scores.float().cpu()
         self.steps.append((~torch.isfinite(scores).all(-1)).cpu())
         return scores
 
@@ -109,12 +118,33 @@ class _NonFinite:
         return [bool(bad[j, : max(1, len(t))].any()) for j, t in enumerate(new)]
 
 
+class _Stop:
+    """A stopping criterion: a row stops once `decided` says its verdict is settled; the step it stopped at
+    is kept so its tokens are cut there (Hugging Face pads a stopped row from then on)."""
+
+    def __init__(self, decided: Decided, width: int, rows: int) -> None:
+        self.decided, self.width = decided, width
+        self.at: list[int | None] = [None] * rows
+
+    def __call__(self, input_ids: Tensor, scores, **kwargs) -> Tensor:
+        for j, at in enumerate(self.at):
+            if at is None and self.decided(j, input_ids[j, self.width :].tolist()):
+                self.at[j] = input_ids.shape[1] - self.width
+        return torch.tensor([a is not None for a in self.at], device=input_ids.device)
+
+
 def _generate_cached(
-    model, seqs: Sequence[Sequence[int]], max_new_tokens: int, nonfinite: list[bool] | None = None
+    model,
+    seqs: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    nonfinite: list[bool] | None = None,
+    first: list[Tensor] | None = None,
+    decided: Decided | None = None,
 ) -> list[list[int]]:
     """One batch through Hugging Face's `generate` on the bridge's module: left padding, mask, KV cache.
-    `nonfinite` (if given) gets, per row, whether a step it kept saw NaN / inf logits."""
-    from transformers import GenerationConfig, LogitsProcessorList
+    `nonfinite` (if given) gets, per row, whether a step it kept saw NaN / inf logits; `first` the logits of
+    the first step (each prompt's last position); `decided` lets a settled row stop early."""
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
     pad = pad_id(model)
     eos = eos_ids(model)
@@ -123,21 +153,31 @@ def _generate_cached(
     config = GenerationConfig(
         do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=sorted(eos) or None, pad_token_id=pad
     )
-    seen = _NonFinite()
+    seen = _NonFinite(keep_first=first is not None)
+    stop = _Stop(decided, tokens.shape[1], len(seqs)) if decided else None
     gen = hf_module(model).generate(
         input_ids=tokens.to(device),
         attention_mask=mask.to(device),
         generation_config=config,
         logits_processor=LogitsProcessorList([seen]),
+        stopping_criteria=StoppingCriteriaList([stop] if stop else []),
     )
-    new = [cut_at_eos(gen[j, tokens.shape[1] :].tolist(), eos) for j in range(len(seqs))]
+    cut = stop.at if stop else [None] * len(seqs)
+    new = [cut_at_eos(gen[j, tokens.shape[1] :][: cut[j]].tolist(), eos) for j in range(len(seqs))]
     if nonfinite is not None:
         nonfinite.extend(seen.rows(new))
+    if first is not None:
+        first.extend(seen.first)
     return new
 
 
 def _generate_uncached(
-    model, seqs: Sequence[Sequence[int]], max_new_tokens: int, nonfinite: list[bool] | None = None
+    model,
+    seqs: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    nonfinite: list[bool] | None = None,
+    first: list[Tensor] | None = None,
+    decided: Decided | None = None,
 ) -> list[list[int]]:
     """The reference: one full bridge forward per new token (right padding, each row read at its own end)."""
     eos = eos_ids(model)
@@ -146,7 +186,7 @@ def _generate_uncached(
     new: list[list[int]] = [[] for _ in seqs]
     live = list(range(len(seqs)))
     bad = [False] * len(seqs)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         if not live:
             break
         width = max(len(rows[i]) for i in live)
@@ -156,13 +196,15 @@ def _generate_uncached(
         logits = model(tokens.to(model.cfg.device))
         ends = torch.tensor([len(rows[i]) - 1 for i in live], device=logits.device)
         last = logits[torch.arange(len(live), device=logits.device), ends]
+        if first is not None and step == 0:
+            first.extend(last.float().cpu())
         for i, b in zip(live, (~torch.isfinite(last).all(-1)).tolist()):
             bad[i] = bad[i] or b
         nxt = last.argmax(-1).tolist()
         for i, t in zip(live, nxt):
             rows[i].append(int(t))
             new[i].append(int(t))
-        live = [i for i in live if new[i][-1] not in eos]
+        live = [i for i in live if new[i][-1] not in eos and not (decided and decided(i, new[i]))]
     if nonfinite is not None:
         nonfinite.extend(bad)
     return new
@@ -186,9 +228,14 @@ def greedy_tokens(
     progress: str | None = None,
     cache: bool = True,
     nonfinite: list[bool] | None = None,
+    first_logits: list[Tensor] | None = None,
+    decided: Decided | None = None,
 ) -> list[list[int]]:
     """The greedy new tokens of each token sequence (cut after an end-of-sequence token), in the caller's order.
-    `nonfinite` (if given) is filled with, per sequence, whether NaN / inf logits met its decoding.
+    `nonfinite` (if given) is filled with, per sequence, whether NaN / inf logits met its decoding;
+    `first_logits` (if given) with each sequence's last-position logits (the first step's: no second forward
+    needed for them); `decided(i, new_tokens)` (sequence i in the caller's order) lets a sequence stop as soon
+    as its verdict is settled — its tokens are then cut there, which the caller must not read past.
 
     Sequences are batched by length. `cache=True` decodes with the KV cache (Hugging Face's `generate`
     on the bridge's module); `cache=False` runs one full forward per new token, for hooks that index
@@ -197,16 +244,23 @@ def greedy_tokens(
     ensure_decoding(model)
     out: list[list[int]] = [[] for _ in seqs]
     bad = [False] * len(seqs)
+    firsts: list[Tensor | None] = [None] * len(seqs)
     run = _generate_cached if cache else _generate_uncached
     batches = list(length_batches([len(s) for s in seqs], batch_size))
     with torch.inference_mode(), attached(model, fwd_hooks):
         for rows in track(batches, progress):
             seen: list[bool] = []
-            new = run(model, [seqs[i] for i in rows], max_new_tokens, seen)
-            for i, toks, b in zip(rows, new, seen):
+            first: list[Tensor] | None = [] if first_logits is not None else None
+            here = (lambda j, toks, rows=rows: decided(rows[j], toks)) if decided else None
+            new = run(model, [seqs[i] for i in rows], max_new_tokens, seen, first, here)
+            for j, (i, toks, b) in enumerate(zip(rows, new, seen)):
                 out[i], bad[i] = toks, b
+                if first is not None:
+                    firsts[i] = first[j]
     if nonfinite is not None:
         nonfinite[:] = bad
+    if first_logits is not None:
+        first_logits[:] = firsts
     return out
 
 

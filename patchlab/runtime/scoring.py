@@ -18,6 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from patchlab.core.errors import PatchlabError
+from patchlab.core.forms import answer_text
 from patchlab.runtime.decoding import greedy_tokens, length_batches, pad_id
 from patchlab.runtime.trace import Hooks, attached
 
@@ -153,15 +154,23 @@ def greedy_continuations(
     names: Sequence[str] | None = None,
     cache: bool = True,
     nonfinite: list[bool] | None = None,
+    first_logits: list[Tensor] | None = None,
+    stop_when: Callable[[int, str], bool] | None = None,
 ) -> list[str]:
     """The greedy continuation text of each prompt: token for token what plain transformers' greedy
     `generate` gives for the same token ids (see `patchlab.decoding`; special tokens dropped).
 
     `names` says where each prompt came from in error messages (default `prompt[i]`); `cache=False`
-    decodes with one full forward per token (for hooks that index absolute positions)."""
+    decodes with one full forward per token (for hooks that index absolute positions). `first_logits`
+    (if given) gets each prompt's last-position logits, read off the first decoding step; `stop_when(i,
+    text)` lets prompt i stop once its text so far settles what the caller reads (then the text is cut)."""
     seqs = [encode(model, p, where=names[i] if names else f"prompt[{i}]") for i, p in enumerate(prompts)]
-    new = greedy_tokens(model, seqs, max_new_tokens, batch_size, fwd_hooks, progress, cache, nonfinite)
-    return [model.tokenizer.decode(t, skip_special_tokens=True) for t in new]
+    decode = lambda t: model.tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
+    decided = (lambda i, t: stop_when(i, decode(t))) if stop_when else None
+    new = greedy_tokens(
+        model, seqs, max_new_tokens, batch_size, fwd_hooks, progress, cache, nonfinite, first_logits, decided
+    )
+    return [decode(t) for t in new]
 
 
 _PUNCT = re.compile(r"[^\w\s]")
@@ -178,6 +187,21 @@ def matches(continuation: str, answers: Sequence[str]) -> bool:
     """Whether any answer (or alias) occurs as whole words in the continuation."""
     cont = f" {normalize(continuation)} "
     return any(norm and f" {norm} " in cont for norm in (normalize(a) for a in answers))
+
+
+def settled(text: str, answers: Sequence[str], form: str) -> bool:
+    """Can more tokens no longer change whether `text` (a continuation so far) counts as answered in `form`?
+
+    True once an answer matches in the text up to its last whitespace character: words before it are
+    complete, so appended text cannot undo the match (a trailing partial word, even a partial UTF-8
+    character, lies after it). In the qa and chat forms also once the answer line is complete (a newline
+    after some text): only the first line is read."""
+    if form != "plain":
+        head = text.lstrip()
+        if "\n" in head:
+            return True
+    cut = max(text.rfind(c) for c in (" ", "\n", "\t"))
+    return cut > 0 and matches(answer_text(text[:cut], form), answers)
 
 
 def correct(

@@ -130,3 +130,33 @@ def test_guide_target_makes_layer_output_equal_target(smol, shipped):
     with ed.applied(smol):
         W2 = E.o_proj(smol, 23).weight.detach().float()
         torch.testing.assert_close(W2 @ k, v, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("form", ["plain", "qa"])
+def test_edit_measurement_equals_the_reference_path(smol, shipped, form):
+    """The default measurement (first-step probabilities, settled queries stop) gives every item's rates of the
+    reference (full windows, a second forward), the edited query's full continuation, and C to float rounding."""
+    from patchlab.core.spec import HeadSet
+    from patchlab.methods.editeval import evaluate_edits
+    from patchlab.methods.gap import GapResult
+
+    pool = list(shipped.stratified(6))
+    rows = [{"id": it.id, "kind": it.kind, "hop1": True, "hop2": True, "composed": i > 0} for i, it in enumerate(pool)]
+    gap = GapResult("m", "p", rows, {})
+    cfg = E.EditConfig(n_prefixes=1, opt_steps=5, opt_prefixes=0, covariance=False)
+    edits = E.edit_each(smol, pool[:2], HeadSet.parse("23.4,23.5"), cfg, progress=False, form=form)
+    ref = evaluate_edits(smol, edits, pool, gap, n_irrelevant=12, progress=False, fast=False)
+    fast = evaluate_edits(smol, edits, pool, gap, n_irrelevant=12, progress=False)
+    for a, b in zip(ref.items, fast.items):
+        assert a["text_after"] == b["text_after"]
+        for name, s in a["sets"].items():
+            t = b["sets"][name]
+            assert (s["n"], s["before"], s["after"], s["beats_wrong"]) == (
+                t["n"],
+                t["before"],
+                t["after"],
+                t["beats_wrong"],
+            )
+            if s["n"]:
+                assert abs(s["C"] - t["C"]) <= 1e-3 * max(1.0, abs(s["C"]))

@@ -205,3 +205,65 @@ def test_hooked_cached_decoding_equals_hooked_full_forward_loop(smol, shipped):
     uncached = scoring.greedy_continuations(smol, prompts, fwd_hooks=hooks, cache=False)
     assert cached == uncached
     assert cached != plain  # the intervention does change what is decoded
+
+
+# --- reading less: first-step logits and settled rows ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "form", "expected"),
+    [
+        (" Paris", "plain", False),  # the word may still grow (" Parisian")
+        (" Parisian is", "plain", False),
+        (" Paris is", "plain", True),
+        (" Paris.\n", "plain", True),
+        (" the city of Paris", "plain", False),
+        (" Berlin is", "plain", False),  # never settled false in the plain form: the answer may come later
+        (" Berlin\nParis", "qa", True),  # qa reads the first line only: settled (false) once it is complete
+        (" Paris", "qa", False),
+        ("\n", "qa", False),  # nothing on the answer line yet
+    ],
+)
+def test_settled_only_when_more_text_cannot_change_the_verdict(text, form, expected):
+    assert scoring.settled(text, ["Paris"], form) is expected
+
+
+def test_settled_verdict_equals_the_full_continuations(smol, shipped):
+    """For every prefix of real continuations: once `settled` says so, the full text's verdict is the prefix's."""
+    from patchlab.core.forms import answer_text
+
+    items = list(shipped)[:30] * 2
+    prompts = [it.composed for it in items[:30]] + [it.hop2 for it in items[30:]]  # hop-2 facts: mostly right
+    seqs = [scoring.encode(smol, p) for p in prompts]
+    new = decoding.greedy_tokens(smol, seqs, 6, 32)
+    decided = 0
+    for it, toks in zip(items, new):
+        full = scoring.matches(answer_text(smol.tokenizer.decode(toks, skip_special_tokens=True), "plain"), it.answers)
+        for k in range(1, len(toks) + 1):
+            part = smol.tokenizer.decode(toks[:k], skip_special_tokens=True)
+            if scoring.settled(part, it.answers, "plain"):
+                decided += 1
+                assert full, (it.id, part)
+                break
+    assert decided >= 10  # the rule settles most right answers before the window ends
+
+
+def test_first_step_logits_equal_a_separate_forward(smol, shipped):
+    prompts = [it.composed for it in list(shipped)[:24]] + [it.hop2 for it in list(shipped)[:8]]
+    firsts: list = []
+    scoring.greedy_continuations(smol, prompts, 2, first_logits=firsts)
+    ref = scoring.last_logits(smol, prompts)
+    assert len(firsts) == len(prompts)
+    assert (torch.stack(firsts) - ref).abs().max().item() < 1e-3
+    assert torch.equal(torch.stack(firsts).argmax(-1), ref.argmax(-1))
+
+
+def test_stopped_rows_are_cut_and_the_rest_run_on(tiny):
+    prompts = ["the capital of france is", "the eiffel tower is located in", "berlin is the capital of"]
+    full = scoring.greedy_continuations(tiny, prompts, 5)
+    stop = lambda i, text: i == 1 and len(text) > 0  # noqa: E731
+    cut = scoring.greedy_continuations(tiny, prompts, 5, stop_when=stop)
+    assert cut[0] == full[0] and cut[2] == full[2]
+    assert full[1].startswith(cut[1]) and len(tiny.tokenizer.encode(cut[1], add_special_tokens=False)) <= 1
+    ref = scoring.greedy_continuations(tiny, prompts, 5, cache=False, stop_when=stop)
+    assert ref == cut

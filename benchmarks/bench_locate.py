@@ -6,8 +6,10 @@ head (batched; measured 2.5x faster here than one trace per intervention), on a 
 loaded from the same weights.
 
 Same prompt pairs, same process, side by side. Prints seconds and ratios, the max abs difference of
-exact vs TransformerLens, the top-10 overlap and Spearman correlation of attribution vs exact, and the
-peak memory of a `locate` run; ends with machine-readable key=value lines.
+exact vs TransformerLens, the top-10 overlap and Spearman correlation of attribution vs exact, how much of
+the exact top 20 the screens' top 20 and top 40 hold (AtP, and AtP* = AtP with GradDrop over 5 blocks of
+layers, `locate --screen 'atp*'`) and AtP*'s cost in units of AtP's, and the peak memory of a `locate`
+run; ends with machine-readable key=value lines.
 Usage: python benchmarks/bench_locate.py [--pairs 3]
 """
 
@@ -74,7 +76,8 @@ def main() -> None:
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     items = list(PromptSet.shipped())
     pairs = L.template_pairs(model, items[:80], items)[: args.pairs]
-    t_tl = t_ex = t_at = t_tl_last = t_last = t_nn = 0.0
+    t_tl = t_ex = t_at = t_tl_last = t_last = t_nn = t_star = 0.0
+    recall: dict[str, list[float]] = {"atp@20": [], "atp@40": [], "atp*@20": [], "atp*@40": []}
     nn_diffs: list[float] = []
     try:
         import nnsight  # noqa: F401
@@ -97,6 +100,9 @@ def main() -> None:
         start = time.perf_counter()
         attr = grid(L.attribution_patch(model, clean, pair, positions="all"), n_layers, n_heads)
         t_at += time.perf_counter() - start
+        start = time.perf_counter()
+        star = grid(L.atp_star_patch(model, clean, pair, positions="all", groups=5), n_layers, n_heads)
+        t_star += time.perf_counter() - start
         last_index = pd.DataFrame(
             [(l, len(pair.corrupted) - 1, h) for l in range(n_layers) for h in range(n_heads)],
             columns=["layer", "pos", "head"],
@@ -121,6 +127,11 @@ def main() -> None:
         a = attr.flatten().numpy()
         top_e, top_a = set(np.argsort(-np.abs(effect))[:10]), set(np.argsort(-np.abs(a))[:10])
         overlaps.append(len(top_e & top_a) / 10)
+        top20 = set(np.argsort(-np.abs(effect))[:20])
+        for name, est in (("atp", a), ("atp*", star.flatten().numpy())):
+            order = np.argsort(-np.abs(est))
+            for k in (20, 40):
+                recall[f"{name}@{k}"].append(len(top20 & set(order[:k])) / 20)
         rhos.append(spearman(effect, a))
         print(
             f"{pair.id}: {len(pair.clean)} tokens; TL {t_tl:.1f}s cumulative, max|diff| {diffs[-1]:.2e}, "
@@ -135,6 +146,9 @@ def main() -> None:
         f"per pair (270 heads, last position): TransformerLens {t_tl_last / n:.2f} s | patchlab cached prefix "
         f"{t_last / n:.3f} s ({t_tl_last / t_last:.0f}x)"
     )
+    shares = ", ".join(f"{k} {np.mean(v):.2f}" for k, v in recall.items())
+    print(f"share of the exact top 20 in a screen's top 20 / top 40: {shares}; "
+          f"AtP* {t_star / n:.3f} s per pair ({t_star / t_at:.1f}x AtP)")  # fmt: skip
     if nnsight is not None:
         print(f"per pair (270 heads, all positions): nnsight {t_nn / n:.2f} s | patchlab exact {t_ex / n:.2f} s "
               f"({t_nn / t_ex:.1f}x), max|diff| {max(nn_diffs):.2e}")  # fmt: skip
@@ -152,6 +166,10 @@ def main() -> None:
         print(f"nnsight_max_abs_diff={max(nn_diffs):.3g}")
     print(f"lastpos_max_abs_diff={max(last_diffs):.3g}")
     print(f"top10_overlap={np.mean(overlaps):.2f}")
+    print(f"atp_recall20_in40={np.mean(recall['atp@40']):.2f}")
+    print(f"atp_star_recall20={np.mean(recall['atp*@40']):.2f}")
+    print(f"atp_star_recall20_in20={np.mean(recall['atp*@20']):.2f}")
+    print(f"atp_star_cost={t_star / t_at:.2f}")
     print(f"spearman={np.mean(rhos):.3f}")
     print(f"peak_rss_gb={peak_gb:.2f}")
     print(f"threads={torch.get_num_threads()}")

@@ -301,29 +301,92 @@ def attribution_patch(
     model, clean: RunCache, pair: PatchPair, site: str = "z", positions: str = "all"
 ) -> dict[tuple, float]:
     """(a_clean − a_corrupted) · ∂metric/∂a at the corrupted run, for every layer × (position) × head."""
+    per = _attribution_rows(model, clean, pair, site, positions, [])
+    return _keyed({l: v[0] for l, v in per.items()}, positions)
+
+
+def graddrop_groups(n_layers: int, groups: int | None) -> list[list[int]]:
+    """The layers whose contributions one GradDrop pass drops: every layer alone (`groups` None, the paper's
+    L passes) or `groups` contiguous blocks (a cheaper version: `groups` + 1 rows in one batch)."""
+    g = n_layers if groups is None else groups
+    if not 2 <= g <= n_layers:
+        raise PatchlabError(f"must be between 2 and the number of layers ({n_layers}), got {g}", param="groups")
+    return [list(map(int, block)) for block in np.array_split(np.arange(n_layers), g)]
+
+
+def atp_star_patch(
+    model, clean: RunCache, pair: PatchPair, site: str = "z", positions: str = "all", groups: int | None = None
+) -> dict[tuple, float]:
+    """AtP* (Kramár et al. 2024, "AtP*: An efficient and scalable method for localizing LLM behaviour to
+    components") on head outputs: attribution patching with GradDrop.
+
+    Plain AtP, ĉ(n) = (n_clean − n_corrupted) · ∂m/∂n, misses nodes whose direct and indirect effects cancel
+    in the gradient. GradDrop repeats the estimate with the gradient through one layer ℓ's contribution to the
+    residual stream (its attention and MLP outputs) set to zero, ĉ_ℓ(n), and scores
+
+        ĉ_GD(n) = 1 / (G − 1) · Σ_ℓ |ĉ_ℓ(n)|
+
+    over the G dropped layers (or blocks of layers, `groups`): equal to |ĉ(n)| when nothing cancels, and
+    non-zero when a path that cancels another is cut. The node's own layer gives 0 (its output's gradient
+    is dropped), hence G − 1. All G passes run as rows of one batch (the forward values are untouched: a
+    dropped contribution is detached, not removed). The paper's other fix, recomputing the attention softmax
+    for patched queries and keys, has nothing to correct at this site: a head-output patch sets the head's
+    output itself, softmax included, so the estimate is linear only downstream of it.
+    Returns magnitudes (≥ 0), for ranking what to verify exactly."""
+    blocks = graddrop_groups(model.cfg.n_layers, groups)
+    rows = len(blocks) + 1  # row 0: plain AtP, row g + 1: block g dropped
+    drop = []
+    for g, block in enumerate(blocks):
+        mask = torch.zeros(rows, dtype=torch.bool)
+        mask[g + 1] = True
+        for layer in block:
+            drop += [(sites.attn_out(layer), _detach_rows(mask)), (sites.mlp_out(layer), _detach_rows(mask))]
+    per = _attribution_rows(model, clean, pair, site, positions, drop, rows)
+    return _keyed({l: v[1:].abs().sum(0) / (len(blocks) - 1) for l, v in per.items()}, positions)
+
+
+def _detach_rows(rows: Tensor):
+    """A hook that cuts the gradient through the activation in the chosen batch rows (values unchanged)."""
+
+    def hook(act, hook):
+        m = rows.to(act.device).reshape(-1, *([1] * (act.dim() - 1)))
+        return torch.where(m, act.detach(), act)
+
+    return hook
+
+
+def _attribution_rows(
+    model, clean: RunCache, pair: PatchPair, site: str, positions: str, patch: list, rows: int = 1
+) -> dict[int, Tensor]:
+    """Per layer, [rows, P, (heads)] estimates (a_clean − a_corrupted) · ∂metric/∂a of each node (P: every
+    position for `positions` each, else one: the last, or the sum over positions), each row of the corrupted
+    prompt's batch with its own `patch` hooks (the metric is summed over rows: rows do not mix)."""
     n, n_pos = model.cfg.n_layers, len(pair.corrupted)
-    tokens = torch.tensor([pair.corrupted], device=model.cfg.device)
+    tokens = torch.tensor([pair.corrupted] * rows, device=model.cfg.device)
 
     def start_graph(act, hook):
         return act.detach().requires_grad_(True)
 
     names = [SITES[site](l) for l in range(n)]
     with frozen(model), torch.enable_grad():
-        t = trace(model, tokens, names, patch=[(sites.resid_pre(0), start_graph)], graph=True, retain_grad=True)
-        logits = t.logits[0, -1]
-        (logits[pair.answer] - logits[pair.contrast]).backward()
-    acts = {l: t[names[l]] for l in range(n)}
-    out: dict[tuple, float] = {}
+        t = trace(model, tokens, names, patch=[(sites.resid_pre(0), start_graph), *patch], graph=True, retain_grad=True)
+        logits = t.logits[:, -1]
+        (logits[:, pair.answer] - logits[:, pair.contrast]).sum().backward()
+    out = {}
     for layer in range(n):
-        a = acts[layer]
+        a = t[names[layer]]
         diff = _aligned(clean.acts[site][layer], n_pos, positions) - a.detach()[0]
-        contrib = (diff * a.grad[0]).float()  # [pos, heads, d_head] or [pos, d]
-        per = contrib.sum(-1)  # [pos, heads] or [pos]
-        if positions == "each":
-            for p in range(n_pos):
-                _put(out, layer, p, per[p])
-        else:
-            _put(out, layer, None, per[-1] if positions == "last" else per.sum(0))
+        v = (diff[None] * a.grad).float().sum(-1)  # [rows, pos, heads] or [rows, pos]
+        out[layer] = v if positions == "each" else v[:, -1:] if positions == "last" else v.sum(1, keepdim=True)
+    return out
+
+
+def _keyed(per: dict[int, Tensor], positions: str) -> dict[tuple, float]:
+    """{(layer, pos, head): estimate} from per-layer [P, (heads)] node estimates (see `_attribution_rows`)."""
+    out: dict[tuple, float] = {}
+    for layer, v in per.items():
+        for p in range(v.shape[0]):
+            _put(out, layer, p if positions == "each" else None, v[p])
     return out
 
 
@@ -407,23 +470,25 @@ def locate_pairs(
     top_k: int = 10,
     verify: int = 20,
     progress: bool = True,
+    screen: str = "atp",
 ) -> LocateResult:
     """Patch every pair and aggregate normalised effects per head (or layer).
 
     A pair whose effect is undefined — answer and contrast share a token, a non-finite metric, or clean ≈
     corrupted — is flagged, left out of the means (and of the attribution screen) and never divided by.
     Each pair's runs are cached, patched and dropped in turn: memory does not grow with the number of
-    pairs (method 'both' runs each pair twice: once for the screen, once to verify).
+    pairs (method 'both' runs each pair twice: once for the screen, once to verify). `screen`: the estimate
+    that ranks heads for method attribution and picks the `verify` heads of method both (see `screen_rows`).
     """
     import time
 
-    check_options(method, site, top_k)
+    check_options(method, site, top_k, screen)
     check_pairs(pairs, positions)
     start = time.perf_counter()
-    screen = screen_rows(model, pairs, site, positions, progress) if method != "exact" else []
-    att_mean = attribution_mean(screen)
+    screened = screen_rows(model, pairs, site, positions, progress, screen) if method != "exact" else []
+    att_mean = attribution_mean(screened)
     if method == "attribution":
-        rows = screen
+        rows = screened
     else:
         heads = screened_heads(att_mean, max(verify, top_k), model.cfg.n_heads, site) if method == "both" else None
         rows = verify_rows(model, pairs, site, positions, heads, progress)
@@ -446,8 +511,10 @@ def locate_pairs(
 METRIC = "logit(answer) - logit(contrast), last position, normalised"
 
 
-def check_options(method: str, site: str, top_k: int) -> None:
-    """Refuse an unknown method or site and a non-positive top-k, naming the option."""
+def check_options(method: str, site: str, top_k: int, screen: str = "atp") -> None:
+    """Refuse an unknown method, site or screen and a non-positive top-k, naming the option."""
+    if screen not in SCREENS:
+        raise PatchlabError(f"must be one of {', '.join(SCREENS)}, got '{screen}'", param="screen")
     if method not in ("exact", "attribution", "both"):
         raise PatchlabError(f"method must be exact, attribution or both, got '{method}'", param="method")
     if site not in SITES:
@@ -469,9 +536,18 @@ def check_pairs(pairs: Sequence[PatchPair], positions: str, allow_empty: bool = 
             raise PatchlabError("clean and corrupted differ in length; use `positions` last", where=f"item {p.id}")
 
 
-def screen_rows(model, pairs: Sequence[PatchPair], site: str, positions: str, progress: bool = True) -> list[dict]:
+SCREENS = ("atp", "atp*")
+
+
+def screen_rows(
+    model, pairs: Sequence[PatchPair], site: str, positions: str, progress: bool = True, screen: str = "atp"
+) -> list[dict]:
     """Attribution rows, one per pair: the normalised estimate as `effect`, the raw one as `attribution`
-    (the screen's input; None when the pair is flagged). Each pair is cached, estimated and dropped in turn."""
+    (the screen's input; None when the pair is flagged). Each pair is cached, estimated and dropped in turn.
+    `screen`: atp (attribution patching, signed) or atp* (`atp_star_patch`: magnitudes, 2.5x the cost)."""
+    if screen not in SCREENS:
+        raise PatchlabError(f"must be one of {', '.join(SCREENS)}, got '{screen}'", param="screen")
+    estimate = attribution_patch if screen == "atp" else atp_star_patch
     n_layers, units = model.cfg.n_layers, site_units(site, model.cfg.n_heads)
     rows = []
     for p, clean, _, c, k, reason in _pair_runs(model, pairs, site, "attribution" if progress else None):
@@ -479,7 +555,7 @@ def screen_rows(model, pairs: Sequence[PatchPair], site: str, positions: str, pr
             rows.append({**_flagged_row(p, c, k, reason, n_layers, units), "attribution": None})
             continue
         att = _reduce_positions(
-            attribution_patch(model, clean, p, site, positions), n_layers, units, positions, len(p.corrupted)
+            estimate(model, clean, p, site, positions), n_layers, units, positions, len(p.corrupted)
         )
         rows.append(
             {
@@ -729,7 +805,12 @@ def _shard_pairs(model, config: dict, items: list[dict], pool: list[dict]) -> li
 def screen_shard(model, config: dict, items: list[dict], pool: list[dict]) -> list[dict]:
     """One shard of a sharded locate's attribution screen."""
     return screen_rows(
-        model, _shard_pairs(model, config, items, pool), config["site"], config["positions"], progress=False
+        model,
+        _shard_pairs(model, config, items, pool),
+        config["site"],
+        config["positions"],
+        progress=False,
+        screen=config.get("screen", "atp"),
     )
 
 

@@ -1,6 +1,7 @@
 """Scale-out on one machine: `evaluate` + `locate --method attribution` on the default model, three ways.
 
   plain   1 process x 2 threads: the default single-process path (no shards)
+  plain1  1 process x 1 thread: the same, on one core (what 2 one-thread workers should double)
   local   2 spawned worker processes x 1 thread (`--workers 2 --threads 1`), sharded
   ray     2 Ray actors x 1 thread (`--backend ray --workers 2 --threads 1`), a local Ray started here
 
@@ -13,7 +14,7 @@ Then a projection for N machines from the measured per-worker rate and overheads
 measurement.
 
 Each round runs every configuration once; the best round of each counts (the least disturbed by other work).
-Usage: python benchmarks/bench_scale.py [--per-kind N] [--configs plain,local,ray] [--repeat 2] [--json out.json]
+Usage: python benchmarks/bench_scale.py [--per-kind N] [--configs plain,plain1,local,ray] [--repeat 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ from patchlab.runs.backends import peak_rss_mib as rss_mib  # VmHWM: ru_maxrss w
 ps = PromptSet.shipped()
 items = list(ps.stratified(per_kind)) if per_kind else list(ps)
 out = {"config": config, "items": len(items), "load_before": os.getloadavg()[0], "busy_before": float(sys.argv[4])}
-if config == "plain":
-    torch.set_num_threads(2)
+if config.startswith("plain"):
+    threads = 1 if config == "plain1" else 2
+    torch.set_num_threads(threads)
     from patchlab.methods.gap import evaluate_gap
     from patchlab.methods.locate import locate
     from patchlab.runtime.models import load_model
@@ -54,7 +56,7 @@ if config == "plain":
     found = locate(model, fails, method="attribution", progress=False)
     compute = time.perf_counter() - t1
     out.update(startup_s=t1 - t0, compute_s=compute, merge_s=0.0, cpu_s=time.process_time() - cpu,
-               peak_rss_mib_per_worker=rss_mib(), workers=1, threads=2)
+               peak_rss_mib_per_worker=rss_mib(), workers=1, threads=threads)
 else:
     from patchlab.runs import jobs
     from patchlab.runs.backends import Load
@@ -144,7 +146,7 @@ def projection(results: list[dict], items: int = 10_000) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--per-kind", type=int, default=0, help="items per kind (0: the whole shipped set)")
-    ap.add_argument("--configs", default="plain,local,ray")
+    ap.add_argument("--configs", default="plain,plain1,local,ray")
     ap.add_argument("--repeat", type=int, default=2, help="rounds (configurations interleaved); the best counts")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -158,16 +160,20 @@ def main() -> None:
         print("best of the rounds (least disturbed)")
         table(results)
     busy = any(r["busy_before"] > 0.3 for r in results)
-    plain = next((r for r in results if r["config"] == "plain"), None)
     if busy:
         print("\nthe machine was busy before a run (> 0.3 cores used by other processes): no speed-up is reported")
-    elif plain:
+    for base in ("plain", "plain1"):
+        ref = next((r for r in results if r["config"] == base), None)
+        if busy or ref is None:
+            continue
         for r in results:
-            if r is not plain:
+            if r["config"] in ("local", "ray"):
                 print(
-                    f"speed-up {r['config']} vs plain (compute): {plain['compute_s'] / r['compute_s']:.2f}x; "
-                    f"end to end: {plain['wall_s'] / r['wall_s']:.2f}x"
+                    f"speed-up {r['config']} (2 x 1 thread) vs {base} ({ref['threads']} thread(s)), compute: "
+                    f"{ref['compute_s'] / r['compute_s']:.2f}x; end to end: {ref['wall_s'] / r['wall_s']:.2f}x"
                 )
+                if base == "plain1":
+                    print(f"{r['config']}_vs_1x1={ref['compute_s'] / r['compute_s']:.2f}")
     projection(results)
     if args.json:
         args.json.write_text(json.dumps({"rounds": rounds, "best": results}, indent=2))

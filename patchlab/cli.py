@@ -391,12 +391,21 @@ def edit(
     dtype: str = DtypeOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemoryOpt,
+    run_dir: Optional[Path] = RunDirOpt,
+    resume: Optional[Path] = ResumeOpt,
+    backend: str = BackendOpt,
+    workers: int = WorkersOpt,
+    threads: Optional[int] = ThreadsOpt,
+    ray_address: Optional[str] = RayAddressOpt,
+    shard_size: int = ShardSizeOpt,
+    quiet: bool = QuietOpt,
     form: str = FormOpt,
 ) -> None:
     """Fix failed compositions with a rank-one update of the chosen heads' W_O columns, and measure it."""
     from patchlab.methods.edit import EditConfig
     from patchlab.workflows import chain
 
+    _quiet(quiet)
     with _output(out) as o:
         run = chain.edit(
             _spec(model, device, dtype, device_map, max_memory),
@@ -423,7 +432,10 @@ def edit(
             routed,
             notify=_note,
             form=form,
+            scale=_scale(run_dir, resume, backend, workers, threads, ray_address, shard_size),
+            out=out,
         )
+        _report_run(run.report)
         console.print(run.report.table().to_rich())
         written = o.write(run.save)
         console.print(

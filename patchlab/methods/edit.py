@@ -39,6 +39,7 @@ from patchlab.runtime.forms import render_items
 from patchlab.runtime.identity import applied_edits, base_hash, weights_hash
 from patchlab.runtime.models import cache_root
 from patchlab.runtime.scoring import answer_token_id, answer_token_ids, encode, length_batches, pad_id, pad_right
+from patchlab.runtime.shards import shard_task
 from patchlab.runtime.trace import frozen, run_from_layer, trace
 
 FORMAT = "patchlab-edit/1"
@@ -432,7 +433,18 @@ def write_signed(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, s
 
     meta = {**meta, "tensors_sha256": tensors_hash(tensors)}
     meta["meta_sha256"] = meta_hash(meta)
-    return atomic_write_bytes(path, save(tensors, metadata=meta))
+    return atomic_write_bytes(path, canonical_safetensors(save(tensors, metadata=meta)))
+
+
+def canonical_safetensors(blob: bytes) -> bytes:
+    """`blob` with its JSON header written with sorted keys: safetensors writes the metadata in hash-map order,
+    which differs between processes, so the same tensors and metadata would give different bytes. The data
+    offsets count from the end of the header, so re-padding it (spaces, to 8 bytes) moves nothing."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8 : 8 + n]), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    raw = header.encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + blob[8 + n :]
 
 
 def read_signed(path: str | Path, fmt: str, what: str) -> tuple[dict[str, str], dict[str, Tensor]]:
@@ -771,3 +783,59 @@ def edit_each(
         edit = compute_edit(model, group, heads, cfg, unrelated, keep, form)
         out.append(ComputedEdit(group, edit, time.perf_counter() - start))
     return out
+
+
+# --- edit creation as a sharded job (`patchlab.runs.jobs.compute_edits`) -------------------------------
+
+
+def shard_config(
+    heads: Sequence[Head], cfg: EditConfig, unrelated: Sequence[str], preserved: Sequence[str] | None, form: str
+) -> dict[str, Any]:
+    """The config of the sharded "edit" stage: the heads (as `14.3,17.9`), the EditConfig's fields, the KL
+    prompts, the preserved prompts shared by every item (None: each item record carries its own), the form."""
+    return {
+        "heads": str(HeadSet(heads)),
+        "cfg": dict(cfg.__dict__),
+        "unrelated": list(unrelated),
+        **({} if preserved is None else {"preserved": list(preserved)}),
+        **({} if form == DEFAULT_FORM else {"form": form}),
+    }
+
+
+@shard_task("edit")
+def edit_shard(model, config: dict, items: list[dict], pool: list[dict]) -> list[dict]:
+    """One shard of a sharded `edit_each` (per-item edits; a batch edit is one computation and is not
+    sharded): each record {"id", "item", ["preserved"]} gets its own `compute_edit`, returned as a row with
+    the deltas as tensors (`delta.LAYER`), the edit's identity and method, and the seconds it took. Each item's
+    edit reads only the item, the config and the unedited model, so it does not depend on the shard or worker."""
+    import time
+
+    cfg = EditConfig(**config["cfg"])
+    heads = HeadSet.parse(config["heads"], model.cfg.n_layers, model.cfg.n_heads)
+    form = config.get("form", DEFAULT_FORM)
+    rows = []
+    for record in items:
+        item = TwoHopItem.from_dict(record["item"], where=f"item {record['id']}")
+        start = time.perf_counter()
+        keep = record.get("preserved", config.get("preserved", []))
+        edit = compute_edit(model, [item], heads, cfg, config["unrelated"], keep, form)
+        rows.append(
+            {
+                "id": record["id"],
+                "seconds": time.perf_counter() - start,
+                "model": edit.model,
+                "weights_sha256": edit.weights_sha256,
+                "heads": [[layer, hs] for layer, hs in edit.heads.items()],
+                "item_ids": edit.item_ids,
+                "method": edit.method,
+                **{f"delta.{layer}": delta.contiguous() for layer, delta in edit.deltas.items()},
+            }
+        )
+    return rows
+
+
+def edit_from_row(row: dict) -> Edit:
+    """The `Edit` an "edit" shard row holds (its deltas read back from the row's tensors)."""
+    heads = {int(layer): [int(h) for h in hs] for layer, hs in row["heads"]}
+    deltas = {layer: row[f"delta.{layer}"] for layer in heads}
+    return Edit(row["model"], row["weights_sha256"], heads, deltas, list(row["item_ids"]), row["method"])

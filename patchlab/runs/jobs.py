@@ -1,4 +1,4 @@
-"""Sharded, resumable runs of the per-item computations (`evaluate`, `locate`).
+"""Sharded, resumable runs of the per-item computations (`evaluate`, `locate`, edit creation and evaluation).
 
 A job is a command's config + the model's identity + the prompt set; its run id hashes all three (and
 the patchlab / torch versions and dtype), so a run directory belongs to exactly one run. Items are keyed
@@ -480,6 +480,33 @@ def evaluate_edit(
         "run": run.meta(),
     }
     return report_from_rows([rows[it.id] for it in items if it.id in rows], run.identity["model"], edit, 0.0, meta)
+
+
+def compute_edits(
+    run: Run,
+    items: Sequence[TwoHopItem],
+    heads,
+    cfg=None,
+    unrelated: Sequence[str] = (),
+    preserved=(),
+    form: str = "plain",
+):
+    """One edit per item, computed in shards: the same `ComputedEdit`s (items, edit, seconds), in `items`' order,
+    as `patchlab.methods.edit.edit_each(..., batch=False)` — bit-identical deltas when the workers use as many
+    torch threads as the serial run. `preserved`: prompts, or a function of an edit's items giving them (as
+    `edit_each`; evaluated here, per item, and stored with its record). A quarantined item has no edit."""
+    from patchlab.methods.edit import ComputedEdit, EditConfig, edit_from_row, shard_config
+
+    cfg = cfg or EditConfig()
+    if not items:
+        raise PatchlabError("no items to edit")
+    each = callable(preserved)
+    records = [
+        {"id": it.id, "item": it.to_dict(), **({"preserved": list(preserved([it]))} if each else {})} for it in items
+    ]
+    config = shard_config(heads, cfg, unrelated, None if each else preserved, form)
+    rows = run.stage("edit", config, records)
+    return [ComputedEdit([it], edit_from_row(rows[it.id]), rows[it.id]["seconds"]) for it in items if it.id in rows]
 
 
 class ShardedCapture:

@@ -251,9 +251,16 @@ def edit(
     routed: bool = False,
     notify: Notify = silent,
     form: str = DEFAULT_FORM,
+    scale: Scale = Scale(),
+    out: Path | None = None,
 ) -> EditRun:
     """Edit the chosen failures (by id, or every failure with both hops right) on the chosen heads, then measure;
-    every prompt (the gap's, the edit's keys and targets, the test sets) in `form`."""
+    every prompt (the gap's, the edit's keys and targets, the test sets) in `form`.
+
+    With a sharded `scale` the per-item edits are computed by the run's workers (run folder: `scale`'s, else
+    OUT/run), bit-identical to this process's when the workers use as many torch threads; the gap, the choice
+    of items and the measurement stay in this process, on its own copy of the model. A `batch` edit is one
+    computation and is refused with a sharded `scale`."""
     from patchlab.core.protocol import heldout_frames
     from patchlab.methods.edit import EditConfig, check_editable, edit_each
     from patchlab.methods.editeval import evaluate_edits, kl_prompts, preserved_prompts
@@ -264,12 +271,21 @@ def edit(
         raise PatchlabError("give exactly one of `ids` or `failures`", param="ids")
     if not 0.0 <= held_out < 1.0 or (held_out and not batch):
         raise PatchlabError(f"must be in [0, 1) and needs `batch`, got {held_out}", param="held_out")
+    if batch and scale.sharded:
+        raise PatchlabError(
+            "a batch edit is one least-squares computation and cannot be sharded: drop `batch`, or run it in "
+            "one process (no `workers`, `backend`, `run_dir` or `resume`)",
+            param="workers",
+        )
+    if scale.sharded and out is None and scale.run_dir is None and scale.resume is None:
+        raise PatchlabError("a sharded edit needs `out` (its run folder is OUT/run) or `run_dir`", param="run_dir")
     cfg = cfg or EditConfig()
     if isinstance(heads, str):
         heads = HeadSet.parse(heads)  # the syntax now; checked against the model once it is loaded
     n_layers = len(heads.layers) if heads is not None else top
     check_forms(list(ps), form)
-    m = spec.load(workload("edit", ps, with_gap=gap is None, n_layers_cached=n_layers, form=form), notify)
+    work = workload("edit", ps, with_gap=gap is None, n_layers_cached=n_layers, form=form)
+    m = spec.load(work, notify)
     chosen = chosen_heads(m, heads, heads_from, top)
     g = gap_for(m, ps, gap, form)
     plain = ps
@@ -287,10 +303,38 @@ def edit(
     unrelated, exclude = kl_prompts(list(ps), g)
     keep, kept = preserved_prompts(list(ps), g, exclude) if cfg.null_space > 0 or cfg.preserve > 0 else ((), set())
     check_editable(m, chosen.layers)
-    edits = edit_each(m, items, chosen, cfg, batch=batch, unrelated=unrelated, preserved=keep, form=form)
+    run_meta = None
+    if scale.sharded:
+        from patchlab.runs import jobs
+        from patchlab.runtime.identity import base_hash
+
+        config = {
+            "heads": str(chosen),
+            "ids": ",".join(ids) if ids else None,
+            "max_items": max_items,
+            "gap": str(gap) if gap else None,
+            "cfg": dict(cfg.__dict__),
+            **({} if form == DEFAULT_FORM else {"form": form}),
+        }
+        with scale.open("edit", config, list(plain), out, spec.worker_load(work, notify)) as run:
+            if run.identity["weights_sha256"] != base_hash(m):
+                raise PatchlabError(
+                    f"the workers loaded other weights ({run.identity['weights_sha256'][:12]}) than this process: "
+                    "every worker must see the same model files"
+                )
+            edits = jobs.compute_edits(run, items, chosen, cfg, unrelated, keep, form)
+            run_meta = run.meta()
+        if not edits:
+            raise PatchlabError(
+                "no edit was computed: every item was quarantined (it killed two workers)", where=str(run.dir.path)
+            )
+    else:
+        edits = edit_each(m, items, chosen, cfg, batch=batch, unrelated=unrelated, preserved=keep, form=form)
     # the held-out frames (shipped items) are read here, for the evaluation only
     report = evaluate_edits(m, edits, list(ps), g, held_out=kept_out, exclude=exclude | kept,
                             frames=heldout_frames(list(plain)), form=form)  # fmt: skip
+    if run_meta is not None:
+        report.meta["run"] = run_meta
     modules = modules_for(m, [c.edit for c in edits], list(ps), g)[0] if routed else []
     return EditRun(report, edits, modules, batch)
 

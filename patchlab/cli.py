@@ -262,6 +262,9 @@ def locate(
     positions: str = typer.Option("last", "--positions", help="last | all | each (each: per position)."),
     top: int = typer.Option(10, "--top", help="Heads shown, and k of the per-item top-k share."),
     verify: int = typer.Option(20, "--verify", help="With --method both: heads verified exactly."),
+    screen: str = typer.Option(
+        "atp", "--screen", help="atp | atp* (AtP with GradDrop: better recall, 2.5x the screen's cost)."
+    ),
     max_items: int = typer.Option(40, "--max-items", help="Patch at most this many items."),
     ids: Optional[str] = typer.Option(None, "--ids", help="Comma-separated item ids (default: all eligible)."),
     kinds: Optional[str] = KindsOpt,
@@ -300,6 +303,7 @@ def locate(
             max_items,
             _ids(ids),
             gap,
+            screen=screen,
             notify=_note,
             form=form,
         )

@@ -390,6 +390,7 @@ def locate(
     top_k: int = 10,
     verify: int = 20,
     form: str = "plain",
+    screen: str = "atp",
 ):
     """Activation patching of `items`, sharded: screen (attribution) and/or verify (exact) stages, then the
     same aggregation as `patchlab.locate.locate_pairs`."""
@@ -404,11 +405,13 @@ def locate(
         site_units,
     )
 
-    check_options(method, site, top_k)
+    check_options(method, site, top_k, screen)
     if setup not in ("guide", "template"):
         raise PatchlabError(f"setup must be 'guide' or 'template', got '{setup}'", param="setup")
     started = time.perf_counter()
     base = {"setup": setup, "site": site, "positions": positions, **_form(check_forms([*items, *pool], form))}
+    if screen != "atp":  # the default stays out of the config: earlier runs keep their ids
+        base["screen"] = screen
     records = [it.to_dict() for it in items]
     partners = [it.to_dict() for it in pool] if setup == "template" else []
     ids = [it.id for it in items]

@@ -128,6 +128,7 @@ def locate(
     max_items: int = 40,
     ids: Sequence[str] | None = None,
     gap: Path | None = None,
+    screen: str = "atp",
     notify: Notify = silent,
     form: str = DEFAULT_FORM,
 ):
@@ -139,11 +140,11 @@ def locate(
     for name, value in (("top", top), ("verify", verify), ("max_items", max_items)):
         if value < 1:
             raise PatchlabError(f"must be >= 1, got {value}", param=name)
-    check_options(method, site, top)
+    check_options(method, site, top, screen)
     check_forms(list(ps), form)
     pick = lambda g: (g.failed_items(ps) if setup == "guide" else g.correct_items(ps))[:max_items]  # noqa: E731
     chosen = list(ps.filter(ids=list(ids)))[:max_items] if ids else None
-    options = dict(setup=setup, method=method, site=site, positions=positions, top_k=top, verify=verify)
+    options = dict(setup=setup, method=method, site=site, positions=positions, top_k=top, verify=verify, screen=screen)
     work = workload("locate", ps, method=method, with_gap=gap is None and not ids, form=form)
     if scale.sharded:
         from patchlab.runs import jobs

@@ -118,21 +118,6 @@ class _NonFinite:
         return [bool(bad[j, : max(1, len(t))].any()) for j, t in enumerate(new)]
 
 
-class _Stop:
-    """A stopping criterion: a row stops once `decided` says its verdict is settled; the step it stopped at
-    is kept so its tokens are cut there (Hugging Face pads a stopped row from then on)."""
-
-    def __init__(self, decided: Decided, width: int, rows: int) -> None:
-        self.decided, self.width = decided, width
-        self.at: list[int | None] = [None] * rows
-
-    def __call__(self, input_ids: Tensor, scores, **kwargs) -> Tensor:
-        for j, at in enumerate(self.at):
-            if at is None and self.decided(j, input_ids[j, self.width :].tolist()):
-                self.at[j] = input_ids.shape[1] - self.width
-        return torch.tensor([a is not None for a in self.at], device=input_ids.device)
-
-
 def _generate_cached(
     model,
     seqs: Sequence[Sequence[int]],
@@ -143,8 +128,12 @@ def _generate_cached(
 ) -> list[list[int]]:
     """One batch through Hugging Face's `generate` on the bridge's module: left padding, mask, KV cache.
     `nonfinite` (if given) gets, per row, whether a step it kept saw NaN / inf logits; `first` the logits of
-    the first step (each prompt's last position); `decided` lets a settled row stop early."""
-    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+    the first step (each prompt's last position). Rows that may stop early (`decided`) go to
+    `_generate_pruned`."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    if decided is not None:
+        return _generate_pruned(model, seqs, max_new_tokens, nonfinite, first, decided)
 
     pad = pad_id(model)
     eos = eos_ids(model)
@@ -154,20 +143,70 @@ def _generate_cached(
         do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=sorted(eos) or None, pad_token_id=pad
     )
     seen = _NonFinite(keep_first=first is not None)
-    stop = _Stop(decided, tokens.shape[1], len(seqs)) if decided else None
     gen = hf_module(model).generate(
         input_ids=tokens.to(device),
         attention_mask=mask.to(device),
         generation_config=config,
         logits_processor=LogitsProcessorList([seen]),
-        stopping_criteria=StoppingCriteriaList([stop] if stop else []),
     )
-    cut = stop.at if stop else [None] * len(seqs)
-    new = [cut_at_eos(gen[j, tokens.shape[1] :][: cut[j]].tolist(), eos) for j in range(len(seqs))]
+    new = [cut_at_eos(gen[j, tokens.shape[1] :].tolist(), eos) for j in range(len(seqs))]
     if nonfinite is not None:
         nonfinite.extend(seen.rows(new))
     if first is not None:
         first.extend(seen.first)
+    return new
+
+
+def _generate_pruned(
+    model,
+    seqs: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    nonfinite: list[bool] | None = None,
+    first: list[Tensor] | None = None,
+    decided: Decided | None = None,
+) -> list[list[int]]:
+    """`_generate_cached`'s greedy decoding, written out so that finished rows leave the batch: a row that
+    ends (EOS) or is `decided` is dropped from the KV cache, mask and positions, and later steps compute only
+    the rows still open. Same inputs as Hugging Face's `generate` gives the model (left padding, mask,
+    positions from the mask's cumulative sum, the prompt's logits read at its last position only)."""
+    from transformers import DynamicCache
+
+    hf = hf_module(model)
+    pad, eos = pad_id(model), eos_ids(model)
+    tokens, mask = (t.to(model.cfg.device) for t in _left_padded(seqs, pad))
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    cache = DynamicCache(config=hf.config)
+    out = hf(input_ids=tokens, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+             logits_to_keep=1)  # fmt: skip
+    live = list(range(len(seqs)))
+    last = pos[:, -1]
+    new: list[list[int]] = [[] for _ in seqs]
+    bad = [False] * len(seqs)
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        if step == 0 and first is not None:
+            first.extend(logits.cpu())
+        nxt = logits.argmax(-1)
+        finite = torch.isfinite(logits).all(-1).tolist()
+        keep = []
+        for j, (i, t) in enumerate(zip(live, nxt.tolist())):
+            new[i].append(int(t))
+            bad[i] = bad[i] or not finite[j]
+            if t not in eos and not (decided and decided(i, new[i])):
+                keep.append(j)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(live):
+            index = torch.tensor(keep, device=tokens.device)
+            cache.batch_select_indices(index)
+            mask, last, nxt = mask[index], last[index], nxt[index]
+            live = [live[j] for j in keep]
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], -1)
+        last = last + 1
+        out = hf(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None], past_key_values=cache,
+                 use_cache=True)  # fmt: skip
+    if nonfinite is not None:
+        nonfinite.extend(bad)
     return new
 
 
@@ -235,7 +274,8 @@ def greedy_tokens(
     `nonfinite` (if given) is filled with, per sequence, whether NaN / inf logits met its decoding;
     `first_logits` (if given) with each sequence's last-position logits (the first step's: no second forward
     needed for them); `decided(i, new_tokens)` (sequence i in the caller's order) lets a sequence stop as soon
-    as its verdict is settled — its tokens are then cut there, which the caller must not read past.
+    as its verdict is settled — its tokens are then cut there, which the caller must not read past; with the
+    cache, rows that stop leave the batch (`_generate_pruned`).
 
     Sequences are batched by length. `cache=True` decodes with the KV cache (Hugging Face's `generate`
     on the bridge's module); `cache=False` runs one full forward per new token, for hooks that index

@@ -246,6 +246,12 @@ def test_settled_verdict_equals_the_full_continuations(smol, shipped):
                 assert full, (it.id, part)
                 break
     assert decided >= 10  # the rule settles most right answers before the window ends
+    # the pruning loop (settled rows leave the batch) decodes what generate decodes, cut where a row settled
+    assert decoding.greedy_tokens(smol, seqs, 6, 32, decided=lambda i, t: False) == new
+    settle = lambda i, t: scoring.settled(smol.tokenizer.decode(t, skip_special_tokens=True), items[i].answers, "plain")  # noqa: E731
+    pruned = decoding.greedy_tokens(smol, seqs, 6, 32, decided=settle)
+    assert all(full[: len(p)] == p for full, p in zip(new, pruned))
+    assert sum(len(p) < len(full) for full, p in zip(new, pruned)) >= 10
 
 
 def test_first_step_logits_equal_a_separate_forward(smol, shipped):

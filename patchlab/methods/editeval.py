@@ -33,6 +33,7 @@ from patchlab.core.prompts import TwoHopItem
 from patchlab.methods.edit import ComputedEdit, Edit
 from patchlab.results.base import Result
 from patchlab.runtime.bridge import model_name
+from patchlab.runtime.decoding import Prefixes
 from patchlab.runtime.forms import render_items
 from patchlab.runtime.identity import provenance
 from patchlab.runtime.scoring import (
@@ -90,21 +91,27 @@ def measure(
     form: str = DEFAULT_FORM,
     fast: bool = True,
     whole: int = 0,
+    prefixes: Prefixes | None = None,
+    reuse: bool = False,
 ) -> list[dict[str, Any]]:
     """Greedy correctness (`max_new_tokens` read; in the qa and chat `form` the first line is the answer, see
     `patchlab.core.forms.answer_text`), the answer's first-token probability and the top token of every query.
 
     `fast`: the probabilities come from the first decoding step (no second forward) and a query stops
     decoding once its verdict is settled (`patchlab.runtime.scoring.settled`) — except the first `whole`
-    queries, whose text is read in full. `fast=False` is the reference: full continuations and a separate
-    last-position forward (same verdicts, tested; probabilities equal to float rounding)."""
+    queries, whose text is read in full; `prefixes` records the unedited prompts' state below the edited
+    layer, which the edited pass then starts from (`reuse`; see `patchlab.runtime.decoding.Prefixes`).
+    `fast=False` is the reference: full continuations and a separate last-position forward (same verdicts,
+    tested; probabilities equal to float rounding)."""
     if not queries:
         return []
     prompts = [q.prompt for q in queries]
     if fast:
         firsts: list[torch.Tensor] = []
         stop = lambda i, text: i >= whole and settled(text, queries[i].answers, form)  # noqa: E731
-        conts = greedy_continuations(model, prompts, max_new_tokens, first_logits=firsts, stop_when=stop)
+        conts = greedy_continuations(
+            model, prompts, max_new_tokens, first_logits=firsts, stop_when=stop, prefixes=prefixes, reuse=reuse
+        )
         logits = torch.stack(firsts)
     else:
         conts = greedy_continuations(model, prompts, max_new_tokens)
@@ -125,10 +132,11 @@ def measure_before(
     max_new_tokens: int = MAX_NEW_TOKENS,
     form: str = DEFAULT_FORM,
     fast: bool = True,
+    prefixes: Prefixes | None = None,
 ) -> list[dict[str, Any]]:
     """`measure` on the unedited model, each query measured once across all edits (test sets overlap)."""
     todo = list(dict.fromkeys(q for q in queries if q not in cache))
-    got = measure(model, todo, max_new_tokens, form, fast, whole=0)
+    got = measure(model, todo, max_new_tokens, form, fast, whole=0, prefixes=prefixes)
     cache.update((q, {k: v for k, v in m.items() if k != "p_all"}) for q, m in zip(todo, got))
     return [cache[q] for q in queries]
 
@@ -220,17 +228,19 @@ def evaluate_edits(
     right_composed = {r["id"] for r in gap.items if r["composed"]}
     right_hop2 = {r["id"] for r in gap.items if r["hop2"]}
     rows, seen = [], {}
+    low = min(min(c.edit.heads) for c in edits)  # every edit leaves the blocks below `low` as they were
+    prefixes = Prefixes(low) if fast and low > 0 else None
     for items, edit, seconds in track(edits, "evaluating edits" if progress else None):
         rows += edit_rows(
             model, edit, items, pool, right_composed, right_hop2, n_irrelevant, exclude, seen, seconds, frames,
-            tokens, form, fast,
+            tokens, form, fast, prefixes,
         )  # fmt: skip
     if held_out:
         edit = edits[0].edit
         queries = [Query(it.composed, it.answers) for it in held_out]
-        before = measure(model, queries, tokens, form, fast, whole=0)
+        before = measure(model, queries, tokens, form, fast, whole=0, prefixes=prefixes)
         with edit.applied(model, verify_hash=False):
-            after = measure(model, queries, tokens, form, fast, whole=0)
+            after = measure(model, queries, tokens, form, fast, whole=0, prefixes=prefixes, reuse=True)
         for it, b, a in zip(held_out, before, after):
             rows.append(
                 {
@@ -272,6 +282,7 @@ def edit_rows(
     max_new_tokens: int = MAX_NEW_TOKENS,
     form: str = DEFAULT_FORM,
     fast: bool = True,
+    prefixes: Prefixes | None = None,
 ) -> list[dict[str, Any]]:
     """One row per item an edit was made for: each test set measured unedited (reusing `seen`) and edited
     (the edited query's own continuation read in full: it is the row's `text_after`)."""
@@ -281,9 +292,9 @@ def edit_rows(
         heldout = heldout_prompts(model, (frames or {}).get(it.id))
         sets = test_sets(it, pool, right_composed, right_hop2, n_irrelevant, exclude=exclude, heldout=heldout)
         queries = [q for name in SETS for q in sets[name]]
-        before = measure_before(model, queries, seen, max_new_tokens, form, fast)
+        before = measure_before(model, queries, seen, max_new_tokens, form, fast, prefixes)
         with edit.applied(model, verify_hash=False):
-            after = measure(model, queries, max_new_tokens, form, fast, whole=len(sets["correction"]))
+            after = measure(model, queries, max_new_tokens, form, fast, len(sets["correction"]), prefixes, reuse=True)
         i, per = 0, {}
         for name in SETS:
             n = len(sets[name])

@@ -22,14 +22,16 @@ needs `cache=False` (one full forward per step, the reference path).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from patchlab.core.errors import PatchlabError
 from patchlab.core.progress import track
+from patchlab.runtime import sites
 from patchlab.runtime.bridge import hf_module
-from patchlab.runtime.trace import Hooks, attached
+from patchlab.runtime.trace import Hooks, attached, prefill_from_layer, recording
 
 CHECK_PROMPT = "The capital of France is"
 CHECK_TOKENS = 3
@@ -91,6 +93,18 @@ def _left_padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tenso
     return tokens, mask
 
 
+@dataclass
+class Prefixes:
+    """Unedited prompt state below block `layer`, per token sequence: the residual stream entering `layer`
+    and every lower block's keys / values. Captured on a pass of the unedited model (`reuse=False`), then
+    reused by passes whose weights differ only from `layer` on (an edit of heads at layers ≥ `layer`): their
+    prompt pass starts at `layer` (`reuse=True`). Where the model's cache has other layer kinds (sliding
+    windows) or the start does not reproduce a full prompt pass (checked once per model), prompts run whole."""
+
+    layer: int
+    store: dict[tuple[int, ...], tuple[Tensor, list[Tensor], list[Tensor]]] = field(default_factory=dict)
+
+
 Decided = Callable[[int, list[int]], bool]
 """`decided(row, new_tokens)`: whether a row's verdict can no longer change, so its decoding may stop."""
 
@@ -125,15 +139,17 @@ def _generate_cached(
     nonfinite: list[bool] | None = None,
     first: list[Tensor] | None = None,
     decided: Decided | None = None,
+    prefixes: Prefixes | None = None,
+    reuse: bool = False,
 ) -> list[list[int]]:
     """One batch through Hugging Face's `generate` on the bridge's module: left padding, mask, KV cache.
     `nonfinite` (if given) gets, per row, whether a step it kept saw NaN / inf logits; `first` the logits of
-    the first step (each prompt's last position). Rows that may stop early (`decided`) go to
-    `_generate_pruned`."""
+    the first step (each prompt's last position). Rows that may stop early (`decided`) and prompt state kept
+    across passes (`prefixes`) go to `_generate_pruned`."""
     from transformers import GenerationConfig, LogitsProcessorList
 
-    if decided is not None:
-        return _generate_pruned(model, seqs, max_new_tokens, nonfinite, first, decided)
+    if decided is not None or prefixes is not None:
+        return _generate_pruned(model, seqs, max_new_tokens, nonfinite, first, decided, prefixes, reuse)
 
     pad = pad_id(model)
     eos = eos_ids(model)
@@ -157,6 +173,78 @@ def _generate_cached(
     return new
 
 
+def _plain_layers(cache) -> bool:
+    return all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers)
+
+
+def _prefill(model, seqs, tokens, mask, pos, cache, prefixes: Prefixes | None, reuse: bool) -> Tensor:
+    """The prompts' last-position logits, filling `cache`: a whole pass (recording the prefixes when asked to
+    capture), or, reusing stored prefixes, a pass from `prefixes.layer` with the lower slots filled."""
+    hf = hf_module(model)
+    keys = [tuple(s) for s in seqs]
+    if prefixes is not None and reuse and _plain_layers(cache) and all(k in prefixes.store for k in keys):
+        if _start_ok(model, seqs, tokens, mask, pos, prefixes):
+            return _prefill_reused(model, keys, mask, pos, cache, prefixes)
+    if prefixes is None or reuse or not _plain_layers(cache):
+        return hf(input_ids=tokens, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                  logits_to_keep=1).logits[:, -1]  # fmt: skip
+    site = sites.resid_pre(prefixes.layer)
+    with recording(model, [site]) as acts:
+        logits = hf(input_ids=tokens, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                    logits_to_keep=1).logits[:, -1]  # fmt: skip
+    width = tokens.shape[1]
+    for r, k in enumerate(keys):
+        start = width - len(k)
+        prefixes.store[k] = (
+            acts[site][r, start:].clone(),
+            [cache.layers[l].keys[r, :, start:].clone() for l in range(prefixes.layer)],
+            [cache.layers[l].values[r, :, start:].clone() for l in range(prefixes.layer)],
+        )
+    return logits
+
+
+def _prefill_reused(model, keys, mask, pos, cache, prefixes: Prefixes) -> Tensor:
+    """A prompt pass from `prefixes.layer`: the stored residual streams, left-padded, enter that block and the
+    stored keys / values fill the lower blocks' cache slots (padding: zeros, masked like any padding)."""
+    width = mask.shape[1]
+    first = prefixes.store[keys[0]]
+    resid = first[0].new_zeros(len(keys), width, first[0].shape[-1])
+    low_k = [k.new_zeros(len(keys), k.shape[0], width, k.shape[-1]) for k in first[1]]
+    low_v = [v.new_zeros(len(keys), v.shape[0], width, v.shape[-1]) for v in first[2]]
+    for r, key in enumerate(keys):
+        res, ks, vs = prefixes.store[key]
+        start = width - len(key)
+        resid[r, start:] = res
+        for l in range(prefixes.layer):
+            low_k[l][r, :, start:], low_v[l][r, :, start:] = ks[l], vs[l]
+    logits = prefill_from_layer(model, resid, prefixes.layer, mask, pos, cache)
+    for l in range(prefixes.layer):
+        cache.layers[l].update(low_k[l], low_v[l])
+    return logits
+
+
+def _start_ok(model, seqs, tokens, mask, pos, prefixes: Prefixes, atol: float = 1e-4) -> bool:
+    """Does a pass from the stored prefixes give the whole pass's logits and cache on this model? Checked
+    once per model, on the first batch that asks (its weights may be edited: both passes see the same)."""
+    from transformers import DynamicCache
+
+    ok = getattr(model, "_patchlab_start_ok", None)
+    if ok is None:
+        hf = hf_module(model)
+        full_cache, start_cache = DynamicCache(config=hf.config), DynamicCache(config=hf.config)
+        full = hf(input_ids=tokens, attention_mask=mask, position_ids=pos, past_key_values=full_cache,
+                  use_cache=True, logits_to_keep=1).logits[:, -1]  # fmt: skip
+        got = _prefill_reused(model, [tuple(s) for s in seqs], mask, pos, start_cache, prefixes)
+        real = mask.bool()[:, None, :, None]
+        same_kv = all(
+            (torch.where(real, a.keys - b.keys, 0).abs().max() <= atol).item()
+            for a, b in zip(full_cache.layers, start_cache.layers)
+        )
+        ok = bool(torch.isfinite(full).all()) and (got - full).abs().max().item() <= atol and same_kv
+        model._patchlab_start_ok = ok
+    return ok
+
+
 def _generate_pruned(
     model,
     seqs: Sequence[Sequence[int]],
@@ -164,11 +252,14 @@ def _generate_pruned(
     nonfinite: list[bool] | None = None,
     first: list[Tensor] | None = None,
     decided: Decided | None = None,
+    prefixes: Prefixes | None = None,
+    reuse: bool = False,
 ) -> list[list[int]]:
     """`_generate_cached`'s greedy decoding, written out so that finished rows leave the batch: a row that
     ends (EOS) or is `decided` is dropped from the KV cache, mask and positions, and later steps compute only
     the rows still open. Same inputs as Hugging Face's `generate` gives the model (left padding, mask,
-    positions from the mask's cumulative sum, the prompt's logits read at its last position only)."""
+    positions from the mask's cumulative sum, the prompt's logits read at its last position only).
+    `prefixes`: capture the prompts' unedited state below a layer, or (`reuse`) start the prompt pass there."""
     from transformers import DynamicCache
 
     hf = hf_module(model)
@@ -176,14 +267,13 @@ def _generate_pruned(
     tokens, mask = (t.to(model.cfg.device) for t in _left_padded(seqs, pad))
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     cache = DynamicCache(config=hf.config)
-    out = hf(input_ids=tokens, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-             logits_to_keep=1)  # fmt: skip
+    step_logits = _prefill(model, seqs, tokens, mask, pos, cache, prefixes, reuse)
     live = list(range(len(seqs)))
     last = pos[:, -1]
     new: list[list[int]] = [[] for _ in seqs]
     bad = [False] * len(seqs)
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1].float()
+        logits = step_logits.float()
         if step == 0 and first is not None:
             first.extend(logits.cpu())
         nxt = logits.argmax(-1)
@@ -203,8 +293,8 @@ def _generate_pruned(
             live = [live[j] for j in keep]
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], -1)
         last = last + 1
-        out = hf(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None], past_key_values=cache,
-                 use_cache=True)  # fmt: skip
+        step_logits = hf(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None],
+                         past_key_values=cache, use_cache=True).logits[:, -1]  # fmt: skip
     if nonfinite is not None:
         nonfinite.extend(bad)
     return new
@@ -269,13 +359,16 @@ def greedy_tokens(
     nonfinite: list[bool] | None = None,
     first_logits: list[Tensor] | None = None,
     decided: Decided | None = None,
+    prefixes: Prefixes | None = None,
+    reuse: bool = False,
 ) -> list[list[int]]:
     """The greedy new tokens of each token sequence (cut after an end-of-sequence token), in the caller's order.
     `nonfinite` (if given) is filled with, per sequence, whether NaN / inf logits met its decoding;
     `first_logits` (if given) with each sequence's last-position logits (the first step's: no second forward
     needed for them); `decided(i, new_tokens)` (sequence i in the caller's order) lets a sequence stop as soon
     as its verdict is settled — its tokens are then cut there, which the caller must not read past; with the
-    cache, rows that stop leave the batch (`_generate_pruned`).
+    cache, rows that stop leave the batch (`_generate_pruned`). `prefixes` (cache only): record each prompt's
+    unedited state below a layer, or with `reuse` start each prompt pass there (see `Prefixes`).
 
     Sequences are batched by length. `cache=True` decodes with the KV cache (Hugging Face's `generate`
     on the bridge's module); `cache=False` runs one full forward per new token, for hooks that index
@@ -285,14 +378,17 @@ def greedy_tokens(
     out: list[list[int]] = [[] for _ in seqs]
     bad = [False] * len(seqs)
     firsts: list[Tensor | None] = [None] * len(seqs)
-    run = _generate_cached if cache else _generate_uncached
     batches = list(length_batches([len(s) for s in seqs], batch_size))
     with torch.inference_mode(), attached(model, fwd_hooks):
         for rows in track(batches, progress):
             seen: list[bool] = []
             first: list[Tensor] | None = [] if first_logits is not None else None
             here = (lambda j, toks, rows=rows: decided(rows[j], toks)) if decided else None
-            new = run(model, [seqs[i] for i in rows], max_new_tokens, seen, first, here)
+            batch = [seqs[i] for i in rows]
+            if cache:
+                new = _generate_cached(model, batch, max_new_tokens, seen, first, here, prefixes, reuse)
+            else:
+                new = _generate_uncached(model, batch, max_new_tokens, seen, first, here)
             for j, (i, toks, b) in enumerate(zip(rows, new, seen)):
                 out[i], bad[i] = toks, b
                 if first is not None:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from patchlab.core.errors import PatchlabError
 from patchlab.core.forms import answer_text
-from patchlab.runtime.decoding import greedy_tokens, length_batches, pad_id
+from patchlab.runtime.decoding import Prefixes, greedy_tokens, length_batches, pad_id
 from patchlab.runtime.trace import Hooks, attached
 
 DEFAULT_BATCH = 32
@@ -156,6 +156,8 @@ def greedy_continuations(
     nonfinite: list[bool] | None = None,
     first_logits: list[Tensor] | None = None,
     stop_when: Callable[[int, str], bool] | None = None,
+    prefixes: Prefixes | None = None,
+    reuse: bool = False,
 ) -> list[str]:
     """The greedy continuation text of each prompt: token for token what plain transformers' greedy
     `generate` gives for the same token ids (see `patchlab.decoding`; special tokens dropped).
@@ -163,13 +165,15 @@ def greedy_continuations(
     `names` says where each prompt came from in error messages (default `prompt[i]`); `cache=False`
     decodes with one full forward per token (for hooks that index absolute positions). `first_logits`
     (if given) gets each prompt's last-position logits, read off the first decoding step; `stop_when(i,
-    text)` lets prompt i stop once its text so far settles what the caller reads (then the text is cut)."""
+    text)` lets prompt i stop once its text so far settles what the caller reads (then the text is cut);
+    `prefixes` / `reuse`: see `patchlab.runtime.decoding.Prefixes`."""
     seqs = [encode(model, p, where=names[i] if names else f"prompt[{i}]") for i, p in enumerate(prompts)]
     decode = lambda t: model.tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
     decided = (lambda i, t: stop_when(i, decode(t))) if stop_when else None
     new = greedy_tokens(
-        model, seqs, max_new_tokens, batch_size, fwd_hooks, progress, cache, nonfinite, first_logits, decided
-    )
+        model, seqs, max_new_tokens, batch_size, fwd_hooks, progress, cache, nonfinite, first_logits, decided,
+        prefixes, reuse,
+    )  # fmt: skip
     return [decode(t) for t in new]
 
 

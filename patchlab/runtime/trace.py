@@ -185,13 +185,31 @@ def run_from_layer(
     (blocks < start are not run). With `past` (a `prefix_cache` of b rows), `resid` holds only the positions
     after that prefix: they attend to the prefix's cached keys / values instead of recomputing them."""
     base, layers = _decoder(model)
-    hf = hf_module(model)
     with _skipping(layers, start), attached(model, patch):
         hidden = base(inputs_embeds=resid, past_key_values=past, use_cache=False).last_hidden_state
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    logits = hf.get_output_embeddings()(hidden[rows if last.dim() == 1 else rows[:, None], last])
+    return _unembed(model, hidden[rows if last.dim() == 1 else rows[:, None], last])
+
+
+def _unembed(model, hidden: Tensor) -> Tensor:
+    """Logits of final hidden states (after the final norm), with the model's logit soft-capping if any."""
+    hf = hf_module(model)
+    logits = hf.get_output_embeddings()(hidden)
     cap = getattr(hf.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def prefill_from_layer(
+    model, resid: Float[Tensor, "b pos d"], start: int, mask: Tensor, positions: Tensor, cache
+) -> Float[Tensor, "b vocab"]:
+    """Last-position logits of a left-padded batch whose residual stream `resid` enters block `start` (blocks
+    below are not run); blocks from `start` on fill their slots of `cache` (a fresh Hugging Face
+    DynamicCache), the caller fills the slots below with their keys / values of the same prompts."""
+    base, layers = _decoder(model)
+    with _skipping(layers, start):
+        out = base(inputs_embeds=resid, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True)  # fmt: skip
+    return _unembed(model, out.last_hidden_state[:, -1])
 
 
 def _reproduces(model, tokens: Tensor, flag: str, from_layer: Callable[[int], Tensor], atol: float) -> bool:

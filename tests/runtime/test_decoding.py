@@ -273,3 +273,28 @@ def test_stopped_rows_are_cut_and_the_rest_run_on(tiny):
     assert full[1].startswith(cut[1]) and len(tiny.tokenizer.encode(cut[1], add_special_tokens=False)) <= 1
     ref = scoring.greedy_continuations(tiny, prompts, 5, cache=False, stop_when=stop)
     assert ref == cut
+
+
+def test_edited_pass_started_at_the_edited_layer_decodes_as_a_whole_pass(smol, shipped):
+    """Prompt state captured unedited below layer 23 and reused under an edit of layer 23 gives the tokens and
+    first-step logits of whole passes under that edit (and the self-check accepts the start on SmolLM2)."""
+    from patchlab.core.spec import HeadSet
+    from patchlab.methods.edit import EditConfig, compute_edit
+
+    items = list(shipped)[:20]
+    seqs = [scoring.encode(smol, it.composed) for it in items] + [scoring.encode(smol, it.hop2) for it in items]
+    prefixes = decoding.Prefixes(23)
+    decoding.greedy_tokens(smol, seqs, 1, 32, prefixes=prefixes)  # unedited: captures
+    assert len(prefixes.store) == len({tuple(s) for s in seqs})
+    cfg = EditConfig(n_prefixes=1, opt_steps=5, opt_prefixes=0, covariance=False)
+    edit = compute_edit(smol, items[:1], HeadSet.parse("23.4,23.5"), cfg)
+    with edit.applied(smol, verify_hash=False):
+        whole_first: list = []
+        whole = decoding.greedy_tokens(smol, seqs, 4, 32, first_logits=whole_first, decided=lambda i, t: False)
+        start_first: list = []
+        started = decoding.greedy_tokens(
+            smol, seqs, 4, 32, first_logits=start_first, decided=lambda i, t: False, prefixes=prefixes, reuse=True
+        )
+    assert smol._patchlab_start_ok is True
+    assert started == whole
+    assert (torch.stack(start_first) - torch.stack(whole_first)).abs().max().item() < 1e-4

@@ -211,7 +211,8 @@ def exact_patch(
     positions: "all" (TransformerLens' *_all_pos), "each" (*_by_pos) or "last" (aligned last
     positions; prompts may differ in length). `heads` restricts each layer to some heads. Copies of
     up to `span` consecutive layers share one batch of at most `max_batch` rows, started at the
-    lowest of those layers (a few layers recomputed, far fewer small forward passes).
+    lowest of those layers (a few layers recomputed, far fewer small forward passes). A metric with `reads`
+    (`LogitDiff`) gets logits whose other vocabulary entries are 0: only its columns are unembedded.
     """
     if positions not in POSITIONS:
         raise PatchlabError(f"positions must be one of {POSITIONS}, got '{positions}'")
@@ -227,6 +228,7 @@ def exact_patch(
     # the corrupted run's cache and only the last token is recomputed, from the patched layer up
     kv = fast and positions == "last" and n_pos > 1 and check_prefix_cache(model, corrupted.tokens, corrupted.resid)
     prefix = prefix_cache(model, corrupted.tokens[:, :-1]) if kv else None
+    reads = getattr(metric, "reads", None)  # a metric that names its vocabulary entries: only those unembedded
     jobs = []  # (layer, mask, key)
     for layer in layers:
         masks, index = patch_masks(site, positions, n_pos, model.cfg.n_heads, (heads or {}).get(layer))
@@ -242,9 +244,9 @@ def exact_patch(
             hooks.append((SITES[site](layer), _patch_hook(masks, clean_act)))
         with torch.inference_mode():
             if prefix is None:
-                logits = _patched_logits(model, corrupted, chunk[0][0], len(chunk), hooks, fast)
+                logits = _patched_logits(model, corrupted, chunk[0][0], len(chunk), hooks, fast, reads)
             else:
-                logits = _last_token_logits(model, corrupted, chunk[0][0], len(chunk), hooks, prefix)
+                logits = _last_token_logits(model, corrupted, chunk[0][0], len(chunk), hooks, prefix, reads)
         for (_, _, key), v in zip(chunk, metric(logits.float()).tolist()):
             out[key] = v
     return out
@@ -271,27 +273,48 @@ def _aligned(act: Tensor, n_pos: int, positions: str) -> Tensor:
     return placed
 
 
-def _last_token_logits(model, corrupted: RunCache, layer: int, copies: int, hooks: list, prefix) -> Tensor:
+def _last_token_logits(
+    model, corrupted: RunCache, layer: int, copies: int, hooks: list, prefix, reads: Sequence[int] | None = None
+) -> Tensor:
     """Last-position logits of `copies` corrupted runs patched at the last position only: the last token enters
     `layer` with the corrupted residual and attends to the cached prefix (exact: causal attention)."""
     resid = corrupted.resid[layer][-1:][None].expand(copies, -1, -1).clone()
     last = torch.zeros(copies, dtype=torch.long, device=resid.device)
-    return run_from_layer(model, resid, layer, last, hooks, past=repeated(prefix, copies))
+    return run_from_layer(model, resid, layer, last, hooks, past=repeated(prefix, copies), columns=reads)
 
 
-def _patched_logits(model, corrupted: RunCache, layer: int, copies: int, hooks: list, fast: bool) -> Tensor:
+def _patched_logits(
+    model, corrupted: RunCache, layer: int, copies: int, hooks: list, fast: bool, reads: Sequence[int] | None = None
+) -> Tensor:
     """Last-position logits of `copies` corrupted runs with `hooks` active, starting at `layer` if fast."""
     n_pos = corrupted.tokens.shape[1]
     last = torch.full((copies,), n_pos - 1, device=corrupted.tokens.device)
     if fast:
-        return run_from_layer(model, corrupted.resid[layer][None].expand(copies, -1, -1).clone(), layer, last, hooks)
+        resid = corrupted.resid[layer][None].expand(copies, -1, -1).clone()
+        return run_from_layer(model, resid, layer, last, hooks, columns=reads)
     with attached(model, hooks):
         return model(corrupted.tokens.expand(copies, -1))[:, -1]
 
 
-def logit_diff_metric(answer: int, contrast: int) -> Callable[[Tensor], Tensor]:
+@dataclass(frozen=True)
+class LogitDiff:
+    """logit(answer) − logit(contrast) for a batch of last-position logits [b, vocab]; `reads` tells
+    `exact_patch` the only vocabulary entries it needs to compute."""
+
+    answer: int
+    contrast: int
+
+    @property
+    def reads(self) -> tuple[int, int]:
+        return (self.answer, self.contrast)
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return logits[:, self.answer] - logits[:, self.contrast]
+
+
+def logit_diff_metric(answer: int, contrast: int) -> LogitDiff:
     """logit(answer) − logit(contrast) for a batch of last-position logits [b, vocab]."""
-    return lambda logits: logits[:, answer] - logits[:, contrast]
+    return LogitDiff(answer, contrast)
 
 
 # --- attribution patching ------------------------------------------------------------------------

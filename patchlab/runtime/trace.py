@@ -179,22 +179,38 @@ def _skipping(layers: torch.nn.ModuleList, start: int) -> Iterator[None]:
 
 
 def run_from_layer(
-    model, resid: Float[Tensor, "b pos d"], start: int, last: Int[Tensor, " b"], patch: Hooks = (), past=None
+    model,
+    resid: Float[Tensor, "b pos d"],
+    start: int,
+    last: Int[Tensor, " b"],
+    patch: Hooks = (),
+    past=None,
+    columns: Sequence[int] | None = None,
 ) -> Float[Tensor, "b vocab"]:
     """Logits at positions `last` ([b], or [b, k] for k positions per row) when `resid` enters block `start`
     (blocks < start are not run). With `past` (a `prefix_cache` of b rows), `resid` holds only the positions
-    after that prefix: they attend to the prefix's cached keys / values instead of recomputing them."""
+    after that prefix: they attend to the prefix's cached keys / values instead of recomputing them. With
+    `columns`, only those vocabulary entries are computed (the rest of the logits are 0)."""
     base, layers = _decoder(model)
     with _skipping(layers, start), attached(model, patch):
         hidden = base(inputs_embeds=resid, past_key_values=past, use_cache=False).last_hidden_state
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return _unembed(model, hidden[rows if last.dim() == 1 else rows[:, None], last])
+    return _unembed(model, hidden[rows if last.dim() == 1 else rows[:, None], last], columns)
 
 
-def _unembed(model, hidden: Tensor) -> Tensor:
-    """Logits of final hidden states (after the final norm), with the model's logit soft-capping if any."""
+def _unembed(model, hidden: Tensor, columns: Sequence[int] | None = None) -> Tensor:
+    """Logits of final hidden states (after the final norm), with the model's logit soft-capping if any; with
+    `columns`, only those entries are computed and the others left 0 (the unembedding is then a sliver)."""
     hf = hf_module(model)
-    logits = hf.get_output_embeddings()(hidden)
+    head = hf.get_output_embeddings()
+    if columns is None:
+        logits = head(hidden)
+    else:
+        cols = torch.tensor(sorted(set(columns)), device=hidden.device)
+        bias = head.bias[cols] if getattr(head, "bias", None) is not None else None
+        part = torch.nn.functional.linear(hidden, head.weight[cols], bias)
+        logits = hidden.new_zeros(*hidden.shape[:-1], head.weight.shape[0])
+        logits[..., cols] = part
     cap = getattr(hf.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 

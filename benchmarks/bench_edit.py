@@ -4,7 +4,8 @@ W_O columns, with all test sets and the seconds per edit; then a batch edit with
 Then the cost of measuring edits: `evaluate_edits` on the same head edits by the reference path
 (`fast=False`: every continuation decoded to its full window, probabilities from a second forward) and by
 the default one (probabilities from the first decoding step, a query stops once its verdict is settled and
-leaves the batch, edited prompts start at the edited layer), alternated, best of two each; every item's rates must agree to the last query (`eval_same_rates=1`).
+leaves the batch, edited prompts start at the edited layer), alternated, best of two each; every item's
+rates must agree to the last query (`eval_same_rates=1`).
 
 Usage: python benchmarks/bench_edit.py [--items N] [--eval-only] [--eval-items 8]
 (default: every failure of the shipped set). Ends with key=value lines.

@@ -229,7 +229,9 @@ def evaluate_edits(
     right_hop2 = {r["id"] for r in gap.items if r["hop2"]}
     rows, seen = [], {}
     low = min(min(c.edit.heads) for c in edits)  # every edit leaves the blocks below `low` as they were
-    prefixes = Prefixes(low) if fast and low > 0 else None
+    prefixes = (
+        Prefixes(low) if fast and 0 < low < model.cfg.n_layers else None
+    )  # (an edit of other shapes: refused when applied)
     for items, edit, seconds in track(edits, "evaluating edits" if progress else None):
         rows += edit_rows(
             model, edit, items, pool, right_composed, right_hop2, n_irrelevant, exclude, seen, seconds, frames,

@@ -245,6 +245,20 @@ def _start_ok(model, seqs, tokens, mask, pos, prefixes: Prefixes, atol: float = 
     return ok
 
 
+def _greedy_step(logits: Tensor, live: list[int], new: list[list[int]], bad: list[bool], eos: set[int],
+                 decided: Decided | None) -> list[int]:  # fmt: skip
+    """One greedy step for the `live` rows (their last-position `logits`): append each row's token to `new`,
+    note non-finite logits in `bad`; the indices into `live` of the rows still open (no EOS, not decided)."""
+    finite = torch.isfinite(logits).all(-1).tolist()
+    keep = []
+    for j, (i, t) in enumerate(zip(live, logits.argmax(-1).tolist())):
+        new[i].append(int(t))
+        bad[i] = bad[i] or not finite[j]
+        if t not in eos and not (decided and decided(i, new[i])):
+            keep.append(j)
+    return keep
+
+
 def _generate_pruned(
     model,
     seqs: Sequence[Sequence[int]],
@@ -276,21 +290,15 @@ def _generate_pruned(
         logits = step_logits.float()
         if step == 0 and first is not None:
             first.extend(logits.cpu())
-        nxt = logits.argmax(-1)
-        finite = torch.isfinite(logits).all(-1).tolist()
-        keep = []
-        for j, (i, t) in enumerate(zip(live, nxt.tolist())):
-            new[i].append(int(t))
-            bad[i] = bad[i] or not finite[j]
-            if t not in eos and not (decided and decided(i, new[i])):
-                keep.append(j)
+        keep = _greedy_step(logits, live, new, bad, eos, decided)
         if not keep or step == max_new_tokens - 1:
             break
         if len(keep) < len(live):
             index = torch.tensor(keep, device=tokens.device)
             cache.batch_select_indices(index)
-            mask, last, nxt = mask[index], last[index], nxt[index]
+            mask, last = mask[index], last[index]
             live = [live[j] for j in keep]
+        nxt = torch.tensor([new[i][-1] for i in live], device=tokens.device)
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], -1)
         last = last + 1
         step_logits = hf(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None],
@@ -311,29 +319,22 @@ def _generate_uncached(
     """The reference: one full bridge forward per new token (right padding, each row read at its own end)."""
     eos = eos_ids(model)
     pad = pad_id(model)
-    rows = [list(s) for s in seqs]
     new: list[list[int]] = [[] for _ in seqs]
     live = list(range(len(seqs)))
     bad = [False] * len(seqs)
     for step in range(max_new_tokens):
         if not live:
             break
-        width = max(len(rows[i]) for i in live)
-        tokens = torch.full((len(live), width), pad, dtype=torch.long)
-        for j, i in enumerate(live):
-            tokens[j, : len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
+        rows = [[*seqs[i], *new[i]] for i in live]
+        tokens = torch.full((len(live), max(map(len, rows))), pad, dtype=torch.long)
+        for j, row in enumerate(rows):
+            tokens[j, : len(row)] = torch.tensor(row, dtype=torch.long)
         logits = model(tokens.to(model.cfg.device))
-        ends = torch.tensor([len(rows[i]) - 1 for i in live], device=logits.device)
+        ends = torch.tensor([len(row) - 1 for row in rows], device=logits.device)
         last = logits[torch.arange(len(live), device=logits.device), ends]
         if first is not None and step == 0:
             first.extend(last.float().cpu())
-        for i, b in zip(live, (~torch.isfinite(last).all(-1)).tolist()):
-            bad[i] = bad[i] or b
-        nxt = last.argmax(-1).tolist()
-        for i, t in zip(live, nxt):
-            rows[i].append(int(t))
-            new[i].append(int(t))
-        live = [i for i in live if new[i][-1] not in eos and not (decided and decided(i, new[i]))]
+        live = [live[j] for j in _greedy_step(last, live, new, bad, eos, decided)]
     if nonfinite is not None:
         nonfinite.extend(bad)
     return new

@@ -7,7 +7,7 @@ loaded from the same weights.
 
 Same prompt pairs, same process, side by side. Prints seconds and ratios, the max abs difference of
 exact vs TransformerLens, the top-10 overlap and Spearman correlation of attribution vs exact, how much of
-the exact top 20 the screens' top 20 and top 40 hold (AtP, and AtP* = AtP with GradDrop over 5 blocks of
+the exact top 20 the screens' top 20 and top 40 hold (AtP, and AtP* = AtP with GradDrop over GRADDROP_GROUPS = 8 blocks of
 layers, `locate --screen 'atp*'`) and AtP*'s cost in units of AtP's, and the peak memory of a `locate`
 run; ends with machine-readable key=value lines.
 Usage: python benchmarks/bench_locate.py [--pairs 3]
@@ -101,7 +101,7 @@ def main() -> None:
         attr = grid(L.attribution_patch(model, clean, pair, positions="all"), n_layers, n_heads)
         t_at += time.perf_counter() - start
         start = time.perf_counter()
-        star = grid(L.atp_star_patch(model, clean, pair, positions="all", groups=5), n_layers, n_heads)
+        star = grid(L.atp_star_patch(model, clean, pair, positions="all"), n_layers, n_heads)
         t_star += time.perf_counter() - start
         last_index = pd.DataFrame(
             [(l, len(pair.corrupted) - 1, h) for l in range(n_layers) for h in range(n_heads)],

@@ -173,13 +173,13 @@ def test_attribution_tracks_exact_on_real_model(smol, shipped):
     assert np.corrcoef(e, a)[0, 1] > 0.5
     top_e, top_a = set(np.argsort(-np.abs(e))[:10]), set(np.argsort(-np.abs(a))[:10])
     assert len(top_e & top_a) >= 5
-    # AtP* (GradDrop over 5 blocks): its top 40 holds the exact top 20 (0.95 measured on this pair; AtP: 0.95)
-    star = L.atp_star_patch(smol, clean, pair, groups=5)
+    # AtP* (GradDrop over the default 8 blocks): its top 40 holds the exact top 20 (1.00 measured on this pair)
+    star = L.atp_star_patch(smol, clean, pair)
     s = np.array([star[k] for k in keys])
     top20 = set(np.argsort(-np.abs(e))[:20])
     assert len(top20 & set(np.argsort(-s)[:40])) >= 18
     # the last block's heads have no later layer to drop: their score is |AtP|
-    last = [i for i, k in enumerate(keys) if k[0] >= L.graddrop_groups(smol.cfg.n_layers, 5)[-1][0]]
+    last = [i for i, k in enumerate(keys) if k[0] >= L.graddrop_groups(smol.cfg.n_layers, L.GRADDROP_GROUPS)[-1][0]]
     np.testing.assert_allclose(s[last], np.abs(a[last]), rtol=1e-4, atol=1e-6)
     # the attribution passes leave the model's parameters trainable and without gradients
     assert all(p.requires_grad and p.grad is None for p in smol.parameters())
@@ -224,12 +224,30 @@ def test_atp_star_graddrop_equals_one_backward_per_dropped_layer_tiny(tiny):
         grads = [torch.zeros_like(a) if a.grad is None else a.grad for a in z]  # the dropped layer: no gradient
         est = [((clean.acts["z"][l] - z[l][0].detach()) * grads[l][0]).sum((0, -1)) for l in range(n)]
         per_drop.append({(l, None, h): est[l][h].item() for l in range(n) for h in range(tiny.cfg.n_heads)})
-    star = L.atp_star_patch(tiny, clean, pair)
+    star = L.atp_star_patch(tiny, clean, pair, groups=None)
     for key, v in star.items():
         assert v == pytest.approx(sum(abs(d[key]) for d in per_drop) / (n - 1), rel=1e-4, abs=1e-7)
     # a head in the last layer has nothing after it to drop: its score is |AtP|; one below it is not
     atp = L.attribution_patch(tiny, clean, pair)
     assert all(star[k] == pytest.approx(abs(atp[k]), rel=1e-4) for k in star if k[0] == n - 1)
     assert any(abs(star[k] - abs(atp[k])) > 1e-4 for k in star if k[0] < n - 1)
+    assert L.atp_star_patch(tiny, clean, pair) == star  # the default's 8 blocks: one per layer on this model
+    blocks = L.graddrop_groups(30, L.GRADDROP_GROUPS)
+    assert len(blocks) == 8 and sum(blocks, []) == list(range(30))
     with pytest.raises(PatchlabError, match="groups"):
         L.graddrop_groups(n, 1)
+
+
+def test_all_position_patching_recomputes_only_after_the_shared_prefix(tiny, monkeypatch):
+    pair = tiny_pair(tiny)
+    clean, corrupted = L.run_cache(tiny, pair.clean), L.run_cache(tiny, pair.corrupted)
+    shared = L._shared_prefix(clean.tokens, corrupted.tokens)
+    assert pair.clean[:shared] == pair.corrupted[:shared] and pair.clean[shared] != pair.corrupted[shared]
+    assert L._shared_prefix(clean.tokens, clean.tokens) == len(pair.clean) - 1  # at least the last is recomputed
+    starts = []
+    real = L._suffix_logits
+    monkeypatch.setattr(
+        L, "_suffix_logits", lambda m, c, layer, start, *a: starts.append(start) or real(m, c, layer, start, *a)
+    )
+    L.exact_patch(tiny, clean, corrupted, L.logit_diff_metric(pair.answer, pair.contrast))
+    assert starts and set(starts) == {shared}

@@ -379,11 +379,11 @@ def atp_star_patch(
 
     over the G dropped layers (`groups` None, the paper's) or G contiguous blocks of layers (`groups`,
     default `GRADDROP_GROUPS`: about 2.7x AtP's cost on SmolLM2 against 6.6x for every layer): equal to
-    |ĉ(n)| when nothing cancels, and non-zero when a path that cancels another is cut. The node's own layer gives 0 (its output's gradient
-    is dropped), hence G − 1. All G passes run as rows of one batch (the forward values are untouched: a
-    dropped contribution is detached, not removed). The paper's other fix, recomputing the attention softmax
-    for patched queries and keys, has nothing to correct at this site: a head-output patch sets the head's
-    output itself, softmax included, so the estimate is linear only downstream of it.
+    |ĉ(n)| when nothing cancels, and non-zero when a path that cancels another is cut. The node's own layer
+    gives 0 (its output's gradient is dropped), hence G − 1. All G passes run as rows of one batch (the forward
+    values are untouched: a dropped contribution is detached, not removed). The paper's other fix, recomputing
+    the attention softmax for patched queries and keys, has nothing to correct at this site: a head-output patch
+    sets the head's output itself, softmax included, so the estimate is linear only downstream of it.
     Returns magnitudes (≥ 0), for ranking what to verify exactly."""
     blocks = graddrop_groups(model.cfg.n_layers, groups)
     rows = len(blocks) + 1  # row 0: plain AtP, row g + 1: block g dropped

@@ -267,6 +267,12 @@ def locate(
         "--screen",
         help="atp | atp* (AtP with GradDrop over 8 blocks of layers: better recall, ~2.7x the screen's cost).",
     ),
+    audit: int = typer.Option(
+        20,
+        "--audit",
+        help="With --method both: heads the screen left out, drawn at random and patched exactly "
+        "(the bound on missed heads; 0: none).",
+    ),
     max_items: int = typer.Option(40, "--max-items", help="Patch at most this many items."),
     ids: Optional[str] = typer.Option(None, "--ids", help="Comma-separated item ids (default: all eligible)."),
     kinds: Optional[str] = KindsOpt,
@@ -308,9 +314,17 @@ def locate(
             screen=screen,
             notify=_note,
             form=form,
+            audit=audit,
         )
         _report_run(result)
         console.print(result.table(top).to_rich())
+        if result.audit:
+            a = result.audit
+            console.print(
+                f"[dim]audit: {len(a['sampled'])} of the {a['left_out']} heads the screen left out patched exactly; "
+                f"{len(a['above_threshold'])} reach the top {top}; missed heads <= {a['heads_bound']:.0f} "
+                f"({a['confidence']:.0%} bound)[/dim]"
+            )
         console.print(
             f"[dim]{result.n} items patched in {result.seconds:.1f} s; "
             f"{sum(r['flagged'] for r in result.items)} flagged[/dim]"

@@ -478,6 +478,7 @@ class LocateResult(Result):
     ranking: list[dict[str, Any]]  # unit, mean, std, share_top_k; best first (by |mean|)
     top_k: int
     attribution_mean: list[list[float]] | None = None
+    audit: dict[str, Any] | None = None  # method both: the false-negative bound of the screen (`audit_bound`)
     seconds: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -523,6 +524,7 @@ def locate_pairs(
     verify: int = 20,
     progress: bool = True,
     screen: str = "atp",
+    audit: int = 20,
 ) -> LocateResult:
     """Patch every pair and aggregate normalised effects per head (or layer).
 
@@ -531,6 +533,8 @@ def locate_pairs(
     Each pair's runs are cached, patched and dropped in turn: memory does not grow with the number of
     pairs (method 'both' runs each pair twice: once for the screen, once to verify). `screen`: the estimate
     that ranks heads for method attribution and picks the `verify` heads of method both (see `screen_rows`).
+    `audit`: with method both, this many heads the screen left out, drawn at random, are patched exactly too;
+    `result.audit` holds the false-negative bound they give (`audit_bound`).
     """
     import time
 
@@ -539,12 +543,16 @@ def locate_pairs(
     start = time.perf_counter()
     screened = screen_rows(model, pairs, site, positions, progress, screen) if method != "exact" else []
     att_mean = attribution_mean(screened)
+    audited: dict[int, list] = {}
     if method == "attribution":
         rows = screened
     else:
         heads = screened_heads(att_mean, max(verify, top_k), model.cfg.n_heads, site) if method == "both" else None
+        if heads:
+            audited = audit_sample(att_mean, heads, audit, model.cfg.n_heads, site)
+            heads = merged_heads(heads, audited)
         rows = verify_rows(model, pairs, site, positions, heads, progress)
-    return aggregate(
+    result = aggregate(
         rows,
         model_name(model),
         model.cfg.n_layers,
@@ -558,6 +566,9 @@ def locate_pairs(
         time.perf_counter() - start,
         provenance(model, metric=METRIC),
     )
+    if audited:
+        result.audit = audit_bound(result, audited)
+    return result
 
 
 METRIC = "logit(answer) - logit(contrast), last position, normalised"
@@ -646,6 +657,65 @@ def screened_heads(att_mean: np.ndarray | None, n: int, n_heads: int, site: str)
         l, u = divmod(int(flat), len(units))
         heads.setdefault(l, []).append(units[u])
     return heads
+
+
+def audit_sample(
+    att_mean: np.ndarray | None, screened: dict[int, list], n: int, n_heads: int, site: str, seed: int = 0
+) -> dict[int, list]:
+    """`n` units the screen did not pick, drawn uniformly at random (seeded: the same run draws the same), to be
+    patched exactly beside the screened ones: the sample `audit_bound` turns into a false-negative bound."""
+    if att_mean is None or n < 1:
+        return {}
+    units = site_units(site, n_heads)
+    picked = {(l, u) for l, us in screened.items() for u in us}
+    rest = [(l, u) for l in range(att_mean.shape[0]) for u in units if (l, u) not in picked]
+    heads: dict[int, list] = {}
+    for i in sorted(np.random.default_rng(seed).choice(len(rest), size=min(n, len(rest)), replace=False)):
+        l, u = rest[int(i)]
+        heads.setdefault(l, []).append(u)
+    return heads
+
+
+def merged_heads(a: dict[int, list], b: dict[int, list]) -> dict[int, list]:
+    return {l: sorted({*a.get(l, []), *b.get(l, [])}, key=lambda u: -1 if u is None else u) for l in sorted({*a, *b})}
+
+
+def binomial_upper(k: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided Clopper–Pearson upper bound on a proportion after k successes in n draws: the p at which
+    P(X <= k | n, p) = 1 − confidence (bisection; k = 0 gives 1 − (1 − confidence)^(1/n))."""
+    if k >= n:
+        return 1.0
+    cdf = lambda p: sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))  # noqa: E731
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) > 1 - confidence else (lo, mid)
+    return hi
+
+
+def audit_bound(result: LocateResult, audited: dict[int, list], confidence: float = 0.95) -> dict[str, Any]:
+    """The false-negative bound of a screen → verify run (the diagnostic of Kramár et al. 2024, sec. 5, in its
+    simplest form): of the units the screen left out, a uniform random sample was patched exactly. With
+    threshold t = the smallest |mean effect| in the reported top k, and m of the s sampled units at or above t,
+    the share of left-out units that would enter the top k is at most `binomial_upper(m, s)` at `confidence`
+    (times the number left out: a bound on the heads missed)."""
+    names = {_unit_name(l, u) for l, us in audited.items() for u in us}
+    ranked = [r for r in result.ranking if r["unit"] not in names]
+    sampled = [r for r in result.ranking if r["unit"] in names]
+    threshold = abs(ranked[min(result.top_k, len(ranked)) - 1]["mean"]) if ranked else float("inf")
+    above = sorted(r["unit"] for r in sampled if abs(r["mean"]) >= threshold)
+    left_out = result.n_layers * result.n_heads - len(ranked)
+    share = binomial_upper(len(above), len(sampled), confidence) if sampled else 1.0
+    return {
+        "sampled": sorted(names),
+        "left_out": left_out,
+        "threshold": threshold,
+        "above_threshold": above,
+        "max_abs_effect": max((abs(r["mean"]) for r in sampled), default=None),
+        "confidence": confidence,
+        "share_bound": share,
+        "heads_bound": share * left_out,
+    }
 
 
 def verify_rows(

@@ -391,16 +391,20 @@ def locate(
     verify: int = 20,
     form: str = "plain",
     screen: str = "atp",
+    audit: int = 20,
 ):
     """Activation patching of `items`, sharded: screen (attribution) and/or verify (exact) stages, then the
-    same aggregation as `patchlab.locate.locate_pairs`."""
+    same aggregation (and audit of the screen) as `patchlab.locate.locate_pairs`."""
     from patchlab.core.forms import check_forms
     from patchlab.methods.locate import (
         METRIC,
         aggregate,
         attribution_mean,
+        audit_bound,
+        audit_sample,
         check_options,
         check_pairs,
+        merged_heads,
         screened_heads,
         site_units,
     )
@@ -419,17 +423,21 @@ def locate(
     screen_rows = [screen[i] for i in ids if i in screen]
     att_mean = attribution_mean(screen_rows)
     rows = screen_rows
+    audited: dict = {}
     if method != "attribution":
         heads = (
             screened_heads(att_mean, max(verify, top_k), run.identity["n_heads"], site) if method == "both" else None
         )
+        if heads:
+            audited = audit_sample(att_mean, heads, audit, run.identity["n_heads"], site)
+            heads = merged_heads(heads, audited)
         config = {**base, "heads": sorted(heads.items()) if heads is not None else None}
         verified = run.stage("verify", config, records, partners)
         rows = [verified[i] for i in ids if i in verified]
     if not rows:
         check_pairs([], positions)
     meta = {**run.identity["meta"], "metric": METRIC, "form": form, "run": run.meta()}
-    return aggregate(
+    result = aggregate(
         rows,
         run.identity["model"],
         run.identity["n_layers"],
@@ -443,6 +451,9 @@ def locate(
         time.perf_counter() - started,
         meta,
     )
+    if audited:
+        result.audit = audit_bound(result, audited)
+    return result
 
 
 def evaluate_edit(

@@ -131,6 +131,7 @@ def locate(
     screen: str = "atp",
     notify: Notify = silent,
     form: str = DEFAULT_FORM,
+    audit: int = 20,
 ):
     """Locate the heads behind the failures (guide) or the correct answers (template) of `ps`, every prompt in
     `form` (the gap that picks the items too)."""
@@ -140,11 +141,15 @@ def locate(
     for name, value in (("top", top), ("verify", verify), ("max_items", max_items)):
         if value < 1:
             raise PatchlabError(f"must be >= 1, got {value}", param=name)
+    if audit < 0:
+        raise PatchlabError(f"must be >= 0, got {audit}", param="audit")
     check_options(method, site, top, screen)
     check_forms(list(ps), form)
     pick = lambda g: (g.failed_items(ps) if setup == "guide" else g.correct_items(ps))[:max_items]  # noqa: E731
     chosen = list(ps.filter(ids=list(ids)))[:max_items] if ids else None
     options = dict(setup=setup, method=method, site=site, positions=positions, top_k=top, verify=verify, screen=screen)
+    if audit != 20:  # the default stays out of a sharded run's config: earlier runs keep their ids
+        options["audit"] = audit
     work = workload("locate", ps, method=method, with_gap=gap is None and not ids, form=form)
     if scale.sharded:
         from patchlab.runs import jobs

@@ -251,3 +251,29 @@ def test_all_position_patching_recomputes_only_after_the_shared_prefix(tiny, mon
     )
     L.exact_patch(tiny, clean, corrupted, L.logit_diff_metric(pair.answer, pair.contrast))
     assert starts and set(starts) == {shared}
+
+
+def test_binomial_upper_bound_matches_its_closed_form_and_tail():
+    import math
+
+    assert L.binomial_upper(0, 20) == pytest.approx(1 - 0.05 ** (1 / 20), rel=1e-9)  # 0.139
+    p = L.binomial_upper(2, 30)
+    tail = sum(math.comb(30, i) * p**i * (1 - p) ** (30 - i) for i in range(3))
+    assert tail == pytest.approx(0.05, rel=1e-6) and L.binomial_upper(30, 30) == 1.0
+
+
+def test_screen_then_verify_audits_heads_the_screen_left_out(tiny):
+    pair = tiny_pair(tiny)
+    result = L.locate_pairs(tiny, [pair], method="both", positions="all", verify=2, top_k=2, audit=3, progress=False)
+    a = result.audit
+    screened = L.screened_heads(np.array(result.attribution_mean, dtype=float), 2, tiny.cfg.n_heads, "z")
+    names = {f"{l}.{h}" for l, hs in screened.items() for h in hs}
+    assert len(a["sampled"]) == 3 and not names & set(a["sampled"])
+    # every sampled head was patched exactly: it has a mean in the ranking, like the screened ones
+    assert {r["unit"] for r in result.ranking} == names | set(a["sampled"])
+    assert a["left_out"] == tiny.cfg.n_layers * tiny.cfg.n_heads - 2
+    assert a["share_bound"] == pytest.approx(L.binomial_upper(len(a["above_threshold"]), 3))
+    again = L.LocateResult.from_json(json.loads(json.dumps(result.to_json())))
+    assert again.audit == a
+    none = L.locate_pairs(tiny, [pair], method="both", positions="all", verify=2, top_k=2, audit=0, progress=False)
+    assert none.audit is None and len(none.ranking) == 2

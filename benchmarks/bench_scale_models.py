@@ -21,16 +21,16 @@ peak memory (VmHWM; on CUDA also the peak allocated), and whether patchlab's fas
 layer; last token on the cached prefix) passed their self-check on the model.
 
 Then a cost model. Exact patching starts each batch of patched copies at the lowest layer it patches and runs
-it to the top, so a pair costs Σ over batches of copies × (n_layers − start layer) layer-passes over T tokens
-(≈ n_heads · n_layers² / 2 layer-passes), each ≈ T · P multiply-adds (P: weights per layer, attention + gated
-MLP; plus the T² attention terms), and one unembedding (d_model · vocab) per copy. Each column's work W
-(multiply-adds) and weights read R (one read of a layer's weights per batched call of it) are counted that way
-from the shape (`costs`), and seconds ≈ W / compute rate + R / weight-read rate is fitted per column (both
-rates >= 0, least squares on relative error), with each model's residual: TransformerLens' loop runs one
-prompt at a time, so on a CPU its small matmuls are bound by reading the weights as much as by arithmetic;
-patchlab's batches of up to 64 copies are compute-bound. Exact patching's closed form, n_heads · n_layers²/2 ·
-T · P over one fitted rate, is printed too. Rows for a longer prompt (`name@N`: N shared filler tokens in front
-of both prompts) test the tokens term.
+it to the top over the S positions after the prompts' shared prefix (of T), so a pair costs Σ over batches of
+copies × (n_layers − start layer) layer-passes (≈ n_heads · n_layers² / 2), each ≈ S · P multiply-adds (P:
+weights per layer, attention + gated MLP; plus the T² attention terms), and the metric's two vocabulary
+columns per copy. Each column's work W (multiply-adds) and weights read R (one read of a layer's weights per
+batched call of it) are counted that way from the shape (`costs`), and seconds ≈ W / compute rate + R /
+weight-read rate is fitted per column (both rates >= 0, least squares on relative error), with each model's
+residual: TransformerLens' loop runs one prompt at a time, so on a CPU its small matmuls are bound by reading
+the weights as much as by arithmetic; patchlab's batches of up to 64 copies are compute-bound. Exact
+patching's closed form, n_heads · n_layers²/2 · S · P over one fitted rate, is printed too. Rows for a longer
+prompt (`name@N`: N shared filler tokens in front of both prompts) test the tokens term.
 
 Usage: python benchmarks/bench_scale_models.py [--models smollm2-135m,qwen2.5-0.5b,llama-3.2-1b,gemma-2-2b]
        [--pairs 1] [--tl-layers 2] [--threads 1] [--device cpu|cuda] [--dtype float32|bfloat16] [--json out.json]
@@ -119,11 +119,12 @@ def _locate():
     return locate
 
 
-# One line per column. (AtP* goes here too, with its own function, baseline "tl_all", exact False, work "grad".)
+# One line per column.
 METHODS: dict[str, Method] = {
     "exact": Method("patchlab exact", lambda m, c: _locate().exact_patch(m, c.clean, c.corrupted, c.metric, positions="all"), "tl_all", True, "exact"),  # noqa: E501
     "last": Method("patchlab last position", lambda m, c: _locate().exact_patch(m, c.clean, c.corrupted, c.metric, positions="last"), "tl_last", True, "last"),  # noqa: E501
     "atp": Method("attribution (AtP)", lambda m, c: _locate().attribution_patch(m, c.clean, c.pair, positions="all"), "tl_all", False, "grad"),  # noqa: E501
+    "atp*": Method("AtP* (GradDrop blocks)", lambda m, c: _locate().atp_star_patch(m, c.clean, c.pair, positions="all"), "tl_all", False, "grad*"),  # noqa: E501
 }  # fmt: skip
 
 TL_LOOPS = {
@@ -264,7 +265,8 @@ def child(spec: str, args) -> dict:
             p.clean, p.corrupted = prefix + p.clean, prefix + p.corrupted
     k = min(args.tl_layers, n_layers)
     tl_layers = sorted({round(i * (n_layers - 1) / max(k - 1, 1)) for i in range(k)})
-    row.update(tokens=[len(p.clean) for p in pairs], tl_layers=tl_layers)
+    shared = [L._shared_prefix(torch.tensor([p.clean]), torch.tensor([p.corrupted])) for p in pairs]
+    row.update(tokens=[len(p.clean) for p in pairs], shared=shared, tl_layers=tl_layers)
     loops = ["tl_all", "tl_last"] if args.tl_last else ["tl_all"]
     seconds = {key: 0.0 for key in [*loops, *METHODS]}
     diffs: dict[str, float] = {key: 0.0 for key, m in METHODS.items() if m.exact and m.baseline in loops}
@@ -319,6 +321,7 @@ def costs(r: dict, term: str) -> tuple[float, float]:
     """(W, R) of one pair for a work term: multiply-adds, and weights read (one read of a layer's weights per
     batched call of that layer), counted from the shape and patchlab's own batching (`_chunks`)."""
     n_layers, n_heads, T = r["n_layers"], r["n_heads"], round(float(np.mean(r["tokens"])))
+    S = T - round(float(np.mean(r.get("shared", [0]))))  # positions an all-position patch recomputes
     p, attn, unembed = per_layer_macs(r), n_heads * r["d_head"], r["d_model"] * r["vocab"]
     forward = n_layers * T * (p + attn * (T + 1)) + T * unembed  # every position unembedded
     weights = n_layers * p + unembed
@@ -326,16 +329,20 @@ def costs(r: dict, term: str) -> tuple[float, float]:
         return n_heads * n_layers * forward, n_heads * n_layers * weights
     if term == "grad":  # one forward and one backward to the activations (the fitted rate absorbs the backward)
         return forward, 2 * weights
+    if term == "grad*":  # the same, for AtP's row and one row per GradDrop block, in one batch
+        rows = min(_locate().GRADDROP_GROUPS, n_layers) + 1
+        return rows * forward, 2 * weights
     defaults = inspect.signature(_locate().exact_patch).parameters
-    jobs = [(layer, None, None) for layer in range(n_layers) for _ in range(n_heads)]
+    jobs = [(layer, None, None, 0) for layer in range(n_layers) for _ in range(n_heads)]
     work = reads = 0.0
     for chunk in _locate()._chunks(jobs, defaults["max_batch"].default, defaults["span"].default):
         passes = len(chunk) * (n_layers - chunk[0][0])
-        reads += (n_layers - chunk[0][0]) * p + unembed
-        if term == "exact":  # every position recomputed, the last one unembedded
-            work += passes * T * (p + attn * (T + 1)) + len(chunk) * unembed
+        reads += (n_layers - chunk[0][0]) * p
+        # only the metric's 2 vocabulary columns are unembedded (LogitDiff.reads)
+        if term == "exact":  # the positions after the shared prefix recomputed
+            work += passes * S * (p + attn * (T + 1)) + len(chunk) * 2 * r["d_model"]
         else:  # "last": the last token only, attending to the cached prefix
-            work += passes * (p + 2 * attn * T) + len(chunk) * unembed
+            work += passes * (p + 2 * attn * T) + len(chunk) * 2 * r["d_model"]
     return work, reads
 
 
@@ -393,8 +400,10 @@ def fit(rows: list[dict]) -> dict:
 
 
 def closed_form_macs(r: dict) -> float:
-    """n_heads · n_layers² / 2 · T · P: exact patching's layer-passes times each one's multiply-adds."""
-    return r["n_heads"] * r["n_layers"] ** 2 / 2 * float(np.mean(r["tokens"])) * per_layer_macs(r)
+    """n_heads · n_layers² / 2 · S · P: exact patching's layer-passes times each one's multiply-adds (S: the
+    positions after the prompts' shared prefix)."""
+    suffix = float(np.mean(r["tokens"])) - float(np.mean(r.get("shared", [0])))
+    return r["n_heads"] * r["n_layers"] ** 2 / 2 * suffix * per_layer_macs(r)
 
 
 COST_FORMS = """\
@@ -402,13 +411,15 @@ Per pair: W multiply-adds and R weights read (P = weights per layer = d·d_head�
 T tokens; V vocab; a batch's pass through a layer reads that layer's weights once, whatever its rows):
   TL loop   one full forward per head        W = n_heads·n_layers · [n_layers·T·(P + n_heads·d_head·(T+1)) + T·d·V]
                                              R = n_heads·n_layers · (n_layers·P + d·V)
-  exact     batches of copies start at the   W = Σ_batches copies·(n_layers − start)·T·(P + n_heads·d_head·(T+1))
-            layer they patch, run to the top     + copies·d·V  ≈  n_heads · n_layers²/2 · T · P
-                                             R = Σ_batches ((n_layers − start)·P + d·V)
-  last      the last token on the cached     W = Σ_batches copies·(n_layers − start)·(P + 2·n_heads·d_head·T) + copies·d·V
+  exact     batches of copies start at the   W = Σ_batches copies·(n_layers − start)·S·(P + n_heads·d_head·(T+1))
+            layer they patch, run to the top     + copies·2·d  ≈  n_heads · n_layers²/2 · S · P
+            over the S positions after the   R = Σ_batches (n_layers − start)·P
+            prompts' shared prefix; 2 vocabulary columns unembedded
+  last      the last token on the cached     W = Σ_batches copies·(n_layers − start)·(P + 2·n_heads·d_head·T) + copies·2·d
             prefix                           R as exact
   grad      attribution: one forward and     W = n_layers·T·(P + n_heads·d_head·(T+1)) + T·d·V (the rate absorbs the
             one backward                         backward), R = 2·(n_layers·P + d·V)
+  grad*     AtP*: the same in G + 1 rows     W = (G + 1) × grad's, R as grad
 seconds ≈ W / compute rate + R / weight-read rate; both rates >= 0, fitted per column by least squares on relative
 error over the measured models (a rate shown as — is not needed: that column's fit is better without its term)."""
 
@@ -430,7 +441,7 @@ def exact_closed_form(fitted: dict) -> str | None:
         return None
     res = ", ".join(f"{spec} {v:+.0%}" for spec, v in f["residuals"].items())
     return (
-        f"closed form, {METHODS['exact'].label}: seconds per pair ≈ n_heads · n_layers²/2 · T · P / "
+        f"closed form, {METHODS['exact'].label}: seconds per pair ≈ n_heads · n_layers²/2 · S · P / "
         f"({f['gmac_per_s']:.1f}e9 multiply-adds per second); residuals {res}"
     )
 

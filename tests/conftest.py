@@ -23,6 +23,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def ray_alone():
+    """One Ray cluster on this machine at a time: the suite runs in two pytest-xdist workers (`make test`),
+    and two local Ray clusters started together contend for the same default ports."""
+    import tempfile
+
+    from filelock import FileLock
+
+    with FileLock(str(Path(tempfile.gettempdir()) / "patchlab-tests-ray.lock")):
+        yield
+
+
 @pytest.fixture(scope="session")
 def smol():
     """The real default model (de-quantized once per machine, then read from the patchlab cache)."""

@@ -102,7 +102,7 @@ def test_ray_missing_says_what_to_install(tiny_dir, tmp_path, monkeypatch, capsy
     assert code == 2 and lines == ["error: --backend ray: Ray is not installed: pip install 'patchlab[ray]'"]
 
 
-def test_a_ray_node_removed_mid_run_changes_nothing(smol, shipped, tmp_path):
+def test_a_ray_node_removed_mid_run_changes_nothing(smol, shipped, tmp_path, ray_alone):
     """A two-node Ray cluster on loopback (Ray's own Cluster utility), one actor per node; the second node is
     removed after the first shard is written. Its shard is re-run on the surviving node: same rows, none twice."""
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'patchlab[ray]')")

@@ -145,7 +145,7 @@ def test_two_local_processes_give_bit_identical_results(serial, slice_items, tmp
     assert found.meta["run"]["workers"] == 2 and found.meta["run"]["threads_per_worker"] == 1
 
 
-def test_two_ray_actors_give_bit_identical_results(serial, slice_items, tmp_path):
+def test_two_ray_actors_give_bit_identical_results(serial, slice_items, tmp_path, ray_alone):
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'patchlab[ray]')")
     try:
         gap, found = _run(tmp_path, "run", slice_items, jobs.Backend("ray", 2, 1))

@@ -22,8 +22,12 @@ install: $(STAMP)
 demo: install
 	$(BIN)/patchlab demo $(DEMO_ARGS)
 
+# Two pytest-xdist workers of one torch thread each (tests/conftest.py), a test file per worker at a time:
+# the small matmuls of most tests leave a two-thread process's second core idle.
+TEST_WORKERS ?= 2
+
 test: install lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

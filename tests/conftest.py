@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-torch.set_num_threads(max(1, torch.get_num_threads()))
+# under pytest-xdist (`make test`: 2 workers) each worker gets one torch thread: two workers of two threads on
+# two cores would spin against each other
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, torch.get_num_threads()))
 
 
 @pytest.fixture

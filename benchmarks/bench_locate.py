@@ -156,6 +156,11 @@ def main() -> None:
     start = time.perf_counter()
     result = L.locate(model, gap_items[:8], setup="guide", method="both", progress=False)
     print(f"locate (guide, both, 8 items): {time.perf_counter() - start:.1f} s, top heads {result.heads(4)}")
+    audit = result.audit or {}
+    if audit:
+        print(f"audit of the screen: {len(audit['sampled'])} of {audit['left_out']} left-out heads patched exactly, "
+              f"{len(audit['above_threshold'])} reach the top {result.top_k}; missed heads <= "
+              f"{audit['heads_bound']:.0f} ({audit['confidence']:.0%})")  # fmt: skip
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     print(f"exact_speedup={t_tl / t_ex:.2f}")
     print(f"attribution_speedup={t_tl / t_at:.1f}")
@@ -171,6 +176,9 @@ def main() -> None:
     print(f"atp_star_recall20_in20={np.mean(recall['atp*@20']):.2f}")
     print(f"atp_star_cost={t_star / t_at:.2f}")
     print(f"spearman={np.mean(rhos):.3f}")
+    if audit:
+        print(f"audit_above_threshold={len(audit['above_threshold'])}")
+        print(f"audit_share_bound={audit['share_bound']:.3f}")
     print(f"peak_rss_gb={peak_gb:.2f}")
     print(f"threads={torch.get_num_threads()}")
 

@@ -13,7 +13,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 # under pytest-xdist (`make test`: 2 workers) each worker gets one torch thread: two workers of two threads on
 # two cores would spin against each other
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, torch.get_num_threads()))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # and so do the kernels, CLIs and examples the tests start as subprocesses
+else:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
 
 
 @pytest.fixture
